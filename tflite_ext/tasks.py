@@ -1,0 +1,50 @@
+"""Reference tasks that work offline: scikit-learn's bundled handwritten digits.
+
+Example:
+    >>> from tflite_ext import tasks
+    >>> data = tasks.digits()                 # 8x8x1 in [0, 1], the split of references.md
+    >>> data.x_train.shape, data.x_test.shape
+    ((1257, 8, 8, 1), (540, 8, 8, 1))
+    >>> big = tasks.digits(size=32, channels=3)   # ResNet-8 input, upsampled and repeated
+"""
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A train/test split of images (NHWC float32 in [0, 1]) and integer labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self):
+        return self.x_train.shape[1:]
+
+
+def digits(size=8, channels=1, test_size=0.3, seed=0):
+    """The 1,797 real 8x8 digits, split 70/30 stratified with `random_state=seed`.
+
+    `size` upsamples by pixel repetition (size must be a multiple of 8); `channels` repeats the
+    grey channel, so ResNet-8 (32x32x3) can train on the same real data.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if size % 8 or size <= 0:
+        raise ValueError(f"size must be a positive multiple of 8. Received: size={size}")
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype("float32")[..., None]
+    if size != 8:
+        x = x.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+    if channels != 1:
+        x = np.repeat(x, channels, axis=-1)
+    y = bunch.target.astype("int32")
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_size, stratify=y, random_state=seed)
+    return Split(x_tr, y_tr, x_te, y_te, num_classes=10)

@@ -1,0 +1,316 @@
+"""Keras 3 model to a verified TFLite flatbuffer.
+
+The default is full integer: int8 weights and activations, int8 model I/O, no float fallback.
+After conversion the flatbuffer is re-opened through the official schema and every float op or
+tensor that the caller did not explicitly allow is a `ConversionError` — never a silently
+half-float model.
+
+Example:
+    >>> import tflite_ext as tx
+    >>> result = tx.convert.to_tflite(model, representative_data=x_train[:200])
+    >>> result.report["full_integer"], len(result.flatbuffer)
+    (True, 277968)
+    >>> result.save("build/model.tflite")
+"""
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from tflite_ext import inspect
+from tflite_ext.errors import ConversionError, InputError, ModelFileError
+from tflite_ext.files import atomic_write
+
+MODES = ("int8", "int16x8", "float16", "dynamic", "float32")
+_IO_DTYPES = {"int8": ("int8", "uint8", "float32"), "int16x8": ("int16", "float32"),
+              "float16": ("float32",), "dynamic": ("float32",), "float32": ("float32",)}
+_INTEGER_MODES = ("int8", "int16x8")
+# Ops that convert between float I/O and integer internals; allowed when I/O is float32.
+_IO_OPS = ("QUANTIZE", "DEQUANTIZE")
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """What `to_tflite` made: the flatbuffer and what verification found in it.
+
+    `report` is `inspect.summary(flatbuffer)` plus `mode`, `io_dtype`, `allowed_float` and
+    `float_leaks` (empty for a verified full-integer model).
+    """
+
+    flatbuffer: bytes
+    report: dict
+
+    def save(self, path):
+        """Writes the flatbuffer atomically; returns the path."""
+        return atomic_write(path, self.flatbuffer)
+
+
+def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
+              allow_float=(), num_calibration_samples=300, batch_size=1):
+    """Converts a Keras 3 model (object, `.keras` file or SavedModel folder) to TFLite.
+
+    Args:
+        model: a `keras.Model`, a path to a `.keras` file, or a SavedModel directory.
+        representative_data: calibration inputs for post-training quantization: a numpy array
+            (N, *input_shape), a list of arrays for several inputs, a `tf.data.Dataset`, a
+            generator or a callable returning one, or a `.npy`/`.npz` path. Not needed for a
+            quantization-aware (fake-quant) model or for float16/dynamic/float32 modes.
+        mode: "int8" (full integer), "int16x8" (int16 activations, int8 weights), "float16",
+            "dynamic" (int8 weights, float activations) or "float32".
+        io_dtype: model input/output type; "int8" (default), "uint8" or "float32" for int8
+            mode; "int16" or "float32" for int16x8; float modes keep "float32".
+        allow_float: op types (e.g. "LOG_SOFTMAX") or tensor names that may stay in float.
+            Integer modes refuse float fallback unless something is allowed here.
+        num_calibration_samples: at most this many samples are used for calibration.
+        batch_size: fixed batch dimension of the converted model (1 suits MCUs and phones);
+            None keeps it dynamic.
+
+    Returns:
+        A `ConversionResult`.
+    """
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}. Received: mode={mode!r}")
+    io_dtype = io_dtype or _IO_DTYPES[mode][0]
+    if io_dtype not in _IO_DTYPES[mode]:
+        raise InputError(f"io_dtype for mode={mode} must be one of "
+                         f"{', '.join(_IO_DTYPES[mode])}. Received: io_dtype={io_dtype!r}")
+    allow_float = tuple(allow_float)
+
+    with tempfile.TemporaryDirectory(prefix="tflite_ext-") as workdir:
+        flatbuffer = _convert(model, representative_data, mode, io_dtype, allow_float,
+                              num_calibration_samples, batch_size, workdir)
+
+    report = inspect.summary(flatbuffer)
+    allowed = list(allow_float)
+    if io_dtype == "float32":
+        allowed += [t["name"] for t in report["inputs"] + report["outputs"]] + list(_IO_OPS)
+    leaks = inspect.float_leaks(report, allowed) if mode in _INTEGER_MODES else []
+    report.update(mode=mode, io_dtype=io_dtype, allowed_float=list(allow_float),
+                  float_leaks=leaks)
+    if leaks:
+        raise ConversionError(
+            f"Conversion left {len(leaks)} float op(s)/tensor(s) in a mode={mode} model: "
+            f"{', '.join(leaks[:5])}{' ...' if len(leaks) > 5 else ''}. Pass "
+            f"allow_float=[...] with these op types to accept them.")
+    return ConversionResult(flatbuffer, report)
+
+
+def _convert(model, representative_data, mode, io_dtype, allow_float, num_samples, batch_size,
+             workdir):
+    import tensorflow as tf
+
+    converter, input_specs = _make_converter(model, batch_size, workdir)
+    if mode in _INTEGER_MODES or mode == "dynamic" or mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in _INTEGER_MODES:
+        fallback = [tf.lite.OpsSet.TFLITE_BUILTINS] if allow_float else []
+        if mode == "int8":
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *fallback]
+        else:
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                *fallback]
+        converter.inference_input_type = getattr(tf, io_dtype)
+        converter.inference_output_type = getattr(tf, io_dtype)
+        if representative_data is not None:
+            samples = _calibration_samples(representative_data, input_specs, num_samples)
+            converter.representative_dataset = lambda: ([s] if not isinstance(s, list) else s
+                                                        for s in samples)
+
+    with _captured_stderr() as log:
+        try:
+            flatbuffer = converter.convert()
+        except Exception as e:
+            if "representative_dataset" in str(e) and representative_data is None:
+                # Only a quantization-aware (fake-quant) model carries its own ranges.
+                raise InputError(
+                    f"mode={mode} needs representative_data to calibrate activation ranges "
+                    f"(or a quantization-aware model). Received: representative_data=None"
+                ) from None
+            raise ConversionError(_conversion_message(e, log(), mode)) from None
+    return flatbuffer
+
+
+def load_model(path):
+    """Loads a `.keras` file with the project's custom layers registered."""
+    import keras
+
+    _register_custom_objects()
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:
+        raise ModelFileError(f"Cannot load Keras model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). Received: {path!r}") from None
+
+
+def _register_custom_objects():
+    # Importing registers the wrappers with Keras' serialization, so saved models load.
+    for module in ("tflite_ext.pruning", "tflite_ext.quantization"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+
+
+def _make_converter(model, batch_size, workdir):
+    """A TFLiteConverter for a model object or path, and the model's input specs."""
+    import keras
+    import tensorflow as tf
+
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise ModelFileError(f"Model path does not exist. Received: {path!r}")
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, "saved_model.pb")):
+                raise ModelFileError(f"Folder is not a SavedModel (no saved_model.pb). "
+                                     f"Received: {path!r}")
+            return _saved_model_converter(path, batch_size)
+        if not path.endswith(".keras"):
+            raise ModelFileError(f"Expected a .keras file or a SavedModel folder. "
+                                 f"Received: {path!r}")
+        model = load_model(path)
+    if not isinstance(model, keras.Model):
+        raise InputError(f"Expected a keras.Model or a model path. Received: "
+                         f"{type(model).__name__}")
+    if not model.inputs:
+        raise InputError(f"Model {model.name!r} has no defined inputs: build it on a "
+                         f"keras.Input (functional or Sequential with an input shape).")
+    specs = [tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype, name=t.name.split(":")[0])
+             for t in model.inputs]
+    # Through a SavedModel written by Keras' own ExportArchive with an inference-mode endpoint:
+    # the converter freezes Keras 3 variables reliably only from there.
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
+                         [specs[0] if len(specs) == 1 else specs])
+    with _captured_stderr():
+        archive.write_out(workdir, verbose=False)
+    return _saved_model_converter(workdir, batch_size)[0], specs
+
+
+def _saved_model_converter(path, batch_size):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise ModelFileError(f"SavedModel has no 'serving_default' signature. Received: {path!r}")
+    specs = [tf.TensorSpec([batch_size, *s.shape[1:]], s.dtype, name=name)
+             for name, s in sorted(signature.structured_input_signature[1].items())]
+    return tf.lite.TFLiteConverter.from_saved_model(path), specs
+
+
+def _calibration_samples(data, specs, limit):
+    """Checks representative data against the model inputs; returns a list of batch-1 samples."""
+    arrays = _as_input_arrays(data, specs, limit)
+    out = []
+    for array, spec in zip(arrays, specs):
+        array = np.asarray(array)
+        expected = tuple(spec.shape[1:])
+        if array.ndim == len(expected):  # one sample given without a batch axis
+            array = array[None]
+        if tuple(array.shape[1:]) != expected:
+            raise InputError(f"representative_data shape {tuple(array.shape)} does not match "
+                             f"model input {spec.name!r} shape (N, {', '.join(map(str, expected))}).")
+        if spec.dtype.is_floating and not np.issubdtype(array.dtype, np.floating):
+            raise InputError(f"representative_data dtype must be floating for float input "
+                             f"{spec.name!r}. Received: dtype={array.dtype}")
+        if array.shape[0] == 0:
+            raise InputError("representative_data is empty. Received: 0 samples")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = ~np.isfinite(array)
+            raise InputError(f"representative_data has {int(bad.sum())} NaN/inf value(s) (first "
+                             f"at sample {int(np.argwhere(bad)[0][0])}); calibration needs "
+                             f"finite inputs.")
+        out.append(array[:limit].astype(spec.dtype.as_numpy_dtype))
+    n = min(a.shape[0] for a in out)
+    return [[a[i:i + 1] for a in out] if len(out) > 1 else out[0][i:i + 1] for i in range(n)]
+
+
+def _as_input_arrays(data, specs, limit):
+    """Normalizes arrays, paths, datasets and generators to one array per model input."""
+    if isinstance(data, (str, os.PathLike)):
+        data = load_array_file(data)
+    if isinstance(data, np.ndarray):
+        return [data]
+    if isinstance(data, (list, tuple)) and all(isinstance(a, np.ndarray) for a in data):
+        if len(specs) > 1 or len(data) == 1:
+            _check_count(len(data), len(specs))
+            return list(data)
+    if callable(data):
+        data = data()
+    # Anything else is iterated: a tf.data.Dataset, a generator, a list of samples. An element
+    # is x, [x] (TFLite's representative_dataset convention), (x, y), or one array per input.
+    samples = []
+    for element in data:
+        if len(samples) >= limit:
+            break
+        if isinstance(element, dict):
+            element = [element[k] for k in sorted(element)]
+        if not isinstance(element, (list, tuple)):
+            element = [element]
+        parts = [np.asarray(e) for e in element]
+        samples.append(parts[:len(specs)] if len(specs) > 1 else parts[:1])
+    if not samples:
+        raise InputError("representative_data yielded no samples.")
+    _check_count(len(samples[0]), len(specs))
+    return [np.concatenate([s[k] if s[k].ndim == len(specs[k].shape) else s[k][None]
+                            for s in samples]) for k in range(len(specs))]
+
+
+def _check_count(given, expected):
+    if given != expected:
+        raise InputError(f"representative_data has {given} input array(s), the model has "
+                         f"{expected} input(s).")
+
+
+def load_array_file(path):
+    """Loads calibration data from `.npy`, or `.npz` (all arrays, in name order)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"Representative data file not found. Received: {path!r}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"Cannot read representative data as .npy/.npz ({type(e).__name__}). "
+                         f"Received: {path!r}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        arrays = [loaded[k] for k in sorted(loaded.files)]
+        return arrays[0] if len(arrays) == 1 else arrays
+    return loaded
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Captures C-level stderr (where the MLIR converter writes its errors)."""
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: (tmp.seek(0), tmp.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _conversion_message(error, log, mode):
+    """The most telling line of a converter failure, as one line."""
+    text = f"{error}\n{log}"
+    ops = sorted(set(re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text)))
+    if ops:
+        return (f"The TFLite converter has no builtin kernel for TF op(s) {', '.join(ops)}; "
+                f"mode={mode} cannot convert them. Replace these ops in the model.")
+    quant = sorted(set(re.findall(r"'tfl\.(\w+)' op .*?(?:quantiz|int8)", text, re.I)))
+    if quant and mode in _INTEGER_MODES:
+        return (f"mode={mode} cannot be full integer: no integer kernel for op(s) "
+                f"{', '.join(quant)}. Pass allow_float=[...] to keep them in float.")
+    for line in text.splitlines():
+        if "error:" in line.lower() or "Error" in line.split(":")[0]:
+            return "TFLite conversion failed: " + line.strip()[:300]
+    first = str(error).strip().splitlines()
+    return f"TFLite conversion failed: {first[0][:300] if first else type(error).__name__}"

@@ -1,0 +1,489 @@
+"""Peer comparison: tflite_ext against tfmot on one model, one data split, one fine-tune budget.
+
+One invocation trains the float Keras 3 model once, then builds every variant from those same
+weights, converts each to .tflite and measures all of them the same way in this process:
+accuracy of the .tflite (LiteRT), .tflite and gzip bytes, MACs, and LiteRT median per-sample
+latency (1 thread, all variants timed interleaved, round-robin, many rounds).
+
+The tfmot variants run in tools/tfmot_peer.py, a subprocess with `TF_USE_LEGACY_KERAS=1`
+(tfmot only works with tf_keras, which must never share a process with Keras 3). It receives
+the float weights and the exact data arrays and hands back .tflite files.
+
+Example:
+    PYTHONPATH=. python tools/compare.py --model digits_cnn
+    PYTHONPATH=. python tools/compare.py --model resnet8 --out build/compare/resnet8
+    PYTHONPATH=. python tools/compare.py --model digits_cnn --quick     # smoke test, ~1 min
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from tflite_ext.files import atomic_write, ensure_writable_dir  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(REPO, "tools", "tfmot_peer.py")
+_START = time.perf_counter()
+
+# The budget of references.md. "quick" keeps the same shape at a fraction of the cost.
+BUDGETS = {
+    "full": dict(float_epochs=30, float_lr=1e-3, batch_size=32, prune_epochs=15, prune_lr=5e-4,
+                 prune_end_step=400, prune_frequency=100, qat_epochs=5, qat_lr=1e-4,
+                 calibration=300, timing_rounds=300, timing_repeats=3),
+    "quick": dict(float_epochs=15, float_lr=1e-3, batch_size=32, prune_epochs=2, prune_lr=5e-4,
+                  prune_end_step=40, prune_frequency=10, qat_epochs=1, qat_lr=1e-4,
+                  calibration=100, timing_rounds=20, timing_repeats=2),
+}
+TFMOT_SPARSITY = 0.8  # the issue's peer: unstructured magnitude pruning at 80%
+
+# tflite_ext structured pruning per model: fraction of channels removed from each pruned layer.
+# The logits layer is never pruned (its outputs are the classes).
+TX_PRUNING = {
+    "digits_cnn": dict(sparsity=0.75),
+    "resnet8": dict(sparsity=0.5),
+}
+
+
+def log(message):
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def load_task(model_name):
+    """The reference model builder and its data (references.md)."""
+    from tflite_ext import models, tasks
+
+    if model_name == "digits_cnn":
+        data = tasks.digits()
+        return (lambda: models.digits_cnn(data.input_shape, data.num_classes)), data
+    data = tasks.digits(32, 3)
+    return (lambda: models.resnet8(data.input_shape, data.num_classes)), data
+
+
+def epoch_printer(label):
+    import keras
+
+    class _Printer(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            log(f"{label} epoch {epoch + 1}/{self.params['epochs']} "
+                f"loss={logs.get('loss', float('nan')):.4f} acc={logs.get('accuracy', 0):.4f}")
+
+    return _Printer()
+
+
+def layer_weights(model):
+    """`{"<layer name>/<i>": array}` for every layer weight: what tools/tfmot_peer.py loads."""
+    return {f"{layer.name}/{i}": np.asarray(w.numpy() if hasattr(w, "numpy") else w)
+            for layer in model.layers for i, w in enumerate(layer.weights)}
+
+
+def save_npz(path, arrays):
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+# --- The peer subprocess. --------------------------------------------------------------------
+
+def run_tfmot_peer(model_name, out, data, representative, ref_logits, weights, budget, seed):
+    """Runs tools/tfmot_peer.py isolated (own interpreter, own env); returns its result dict."""
+    spec = {
+        "model": model_name, "out": out, "seed": seed, "batch_size": budget["batch_size"],
+        "data": os.path.join(out, "peer_data.npz"), "weights": os.path.join(out, "float_weights.npz"),
+        "result": os.path.join(out, "tfmot_result.json"),
+        "variants": [
+            dict(name="tfmot_prune80", kind="prune", sparsity=TFMOT_SPARSITY,
+                 end_step=budget["prune_end_step"], frequency=budget["prune_frequency"],
+                 epochs=budget["prune_epochs"], lr=budget["prune_lr"]),
+            dict(name="tfmot_qat", kind="qat", epochs=budget["qat_epochs"], lr=budget["qat_lr"]),
+        ],
+    }
+    save_npz(spec["weights"], weights)
+    save_npz(spec["data"], dict(x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
+                                y_test=data.y_test, representative=representative,
+                                ref_logits=ref_logits))
+    spec_path = os.path.join(out, "peer_spec.json")
+    atomic_write(spec_path, json.dumps(spec, indent=2))
+    if os.path.exists(spec["result"]):
+        os.unlink(spec["result"])  # never report a previous run's files
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KERAS_", "TF_USE_"))}
+    env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, PEER, "--spec", spec_path], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+
+    def relay():
+        for line in proc.stdout:
+            lines.append(line)
+            text = line.rstrip()
+            # Relay the peer's own progress lines, not TF/absl start-up chatter.
+            if text and not text.startswith(("I0000", "W0000", "E0000", "WARNING:", "  ")):
+                log(f"[tfmot] {text}")
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    code = proc.wait()
+    thread.join()
+    atomic_write(os.path.join(out, "tfmot_peer.log"), "".join(lines))
+    if code != 0 or not os.path.exists(spec["result"]):
+        tail = "".join(lines[-15:])
+        raise RuntimeError(f"tools/tfmot_peer.py failed (exit {code}); see "
+                           f"{out}/tfmot_peer.log. Last lines:\n{tail}")
+    with open(spec["result"]) as f:
+        return json.load(f)
+
+
+# --- tflite_ext variants (each returns a Keras 3 model ready for conversion). ---------------
+
+def fit(model, data, epochs, lr, batch_size, label, callbacks=()):
+    from tflite_ext import models
+
+    models.compile_classifier(model, lr)
+    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0,
+              callbacks=[*callbacks, epoch_printer(label)])
+    return model
+
+
+def copy_model(model):
+    """An independent copy of a functional model with the same weights."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def tx_structured_prune(float_model, data, budget, model_name):
+    """tflite_ext structured pruning with tfmot's schedule and fine-tune budget, then strip."""
+    from tflite_ext import pruning
+
+    config = TX_PRUNING[model_name]
+    model = copy_model(float_model)
+    schedule = pruning.PolynomialDecay(initial_sparsity=0.0, final_sparsity=config["sparsity"],
+                                       begin_step=0, end_step=budget["prune_end_step"],
+                                       frequency=budget["prune_frequency"])
+    pruned = pruning.prune(model, schedule=schedule, exclude=["logits"])
+    fit(pruned, data, budget["prune_epochs"], budget["prune_lr"], budget["batch_size"],
+        "tx_prune", callbacks=[pruning.PruningCallback()])
+    return pruning.strip(pruned)
+
+
+def tx_qat(model, data, budget, label="tx_qat"):
+    """tflite_ext quantization-aware training with tfmot's QAT budget."""
+    from tflite_ext import quantization
+
+    qat = quantization.quantize_model(model)
+    return fit(qat, data, budget["qat_epochs"], budget["qat_lr"], budget["batch_size"], label)
+
+
+def available_tx_variants():
+    """Which tflite_ext stages exist yet (other engineers are still writing some)."""
+    import importlib
+
+    found = {}
+    for module, attrs in (("tflite_ext.pruning", ("prune", "PruningCallback", "strip",
+                                                  "PolynomialDecay")),
+                          ("tflite_ext.quantization", ("quantize_model",))):
+        try:
+            mod = importlib.import_module(module)
+            found[module] = all(hasattr(mod, a) for a in attrs)
+        except ImportError:
+            found[module] = False
+    return found["tflite_ext.pruning"], found["tflite_ext.quantization"]
+
+
+# --- Measuring .tflite files: evaluation and interleaved timing. ---------------------------
+
+def _interpreter(flatbuffer):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=flatbuffer, num_threads=1)
+    interp.allocate_tensors()
+    return interp
+
+
+def _quantize_input(x, detail):
+    """Float samples to what the model input wants (int8/uint8 via its scale and zero point)."""
+    if detail["dtype"] == np.float32:
+        return x.astype(np.float32)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+
+def tflite_predict(flatbuffer, x):
+    """Top-1 class of each sample, run one at a time (batch 1) on LiteRT."""
+    interp = _interpreter(flatbuffer)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    preds = np.empty(len(x), dtype=np.int64)
+    for i, sample in enumerate(x):
+        interp.set_tensor(inp["index"], _quantize_input(sample[None], inp))
+        interp.invoke()
+        preds[i] = int(np.argmax(interp.get_tensor(out["index"])[0]))
+    return preds
+
+
+def interleaved_latency(flatbuffers, samples, rounds, repeats, warmup=20):
+    """Median per-sample invoke time (µs) per model, timing all models round-robin.
+
+    Each round sets the same sample in every model and times `repeats` single invokes per
+    model; the model order rotates every round so no model always runs first or last.
+    """
+    names = list(flatbuffers)
+    runners = {}
+    for name in names:
+        interp = _interpreter(flatbuffers[name])
+        inp = interp.get_input_details()[0]
+        runners[name] = (interp, inp)
+        for _ in range(warmup):
+            interp.set_tensor(inp["index"], _quantize_input(samples[0][None], inp))
+            interp.invoke()
+    times = {name: [] for name in names}
+    clock = time.perf_counter_ns
+    for r in range(rounds):
+        sample = samples[r % len(samples)][None]
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            interp, inp = runners[name]
+            interp.set_tensor(inp["index"], _quantize_input(sample, inp))
+            for _ in range(repeats):
+                t0 = clock()
+                interp.invoke()
+                times[name].append(clock() - t0)
+        if (r + 1) % max(1, rounds // 4) == 0:
+            log(f"timing round {r + 1}/{rounds}")
+    return {name: float(np.median(t)) / 1e3 for name, t in times.items()}
+
+
+# --- Report. -------------------------------------------------------------------------------
+
+COLUMNS = [("variant", "variant"), ("accuracy", "test acc"), ("bytes", ".tflite bytes"),
+           ("gzip_bytes", "gzip bytes"), ("macs", "MACs"), ("median_us", "median µs"),
+           ("bytes_vs_ptq", "bytes ÷ PTQ"), ("macs_vs_ptq", "MACs ÷ PTQ"),
+           ("speedup_vs_ptq", "speed-up vs PTQ")]
+
+
+def _cell(key, value):
+    if value is None:
+        return "—"
+    if key == "accuracy":
+        return f"{value:.4f}"
+    if key in ("bytes", "gzip_bytes", "macs"):
+        return f"{value:,}"
+    if key == "median_us":
+        return f"{value:.1f}"
+    if key.endswith("_ptq"):
+        return f"{value:.2f}×"
+    return str(value)
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(k, row.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def check_targets(model_name, rows):
+    """The issue targets, measured on this run's figures: [(target, measured, passed)]."""
+    by = {r["variant"]: r for r in rows}
+    flt, ptq = by.get("float32"), by.get("PTQ int8")
+    tfmot = by.get("tfmot prune 80% + strip → int8")
+    checks = []
+
+    def add(text, measured, ok):
+        checks.append({"target": text, "measured": measured, "passed": bool(ok)})
+
+    prune = by.get("tflite_ext structured prune + strip → int8")
+    if prune and model_name == "digits_cnn" and tfmot:
+        add("tflite_ext pruned int8 bytes ≤ 1/10 of tfmot 80% int8 bytes",
+            f"{prune['bytes']:,} vs {tfmot['bytes']:,} ({tfmot['bytes'] / prune['bytes']:.1f}× "
+            f"smaller)", prune["bytes"] * 10 <= tfmot["bytes"])
+        add("tflite_ext pruned accuracy ≥ float − 0.5 point",
+            f"{prune['accuracy']:.4f} vs {flt['accuracy']:.4f}",
+            prune["accuracy"] >= flt["accuracy"] - 0.005)
+    if prune and model_name == "resnet8":
+        add("≥ 3× fewer MACs than unpruned int8", f"{ptq['macs'] / prune['macs']:.2f}×",
+            prune["macs"] * 3 <= ptq["macs"])
+        add("≥ 2× lower LiteRT latency than unpruned int8",
+            f"{ptq['median_us'] / prune['median_us']:.2f}×",
+            prune["median_us"] * 2 <= ptq["median_us"])
+        add("accuracy ≥ unpruned int8 − 1 point",
+            f"{prune['accuracy']:.4f} vs {ptq['accuracy']:.4f}",
+            prune["accuracy"] >= ptq["accuracy"] - 0.01)
+    for name in ("tflite_ext QAT → int8", "tflite_ext prune → strip → QAT → int8"):
+        qat = by.get(name)
+        if not qat or model_name != "digits_cnn":
+            continue
+        add(f"{name}: accuracy ≥ PTQ int8", f"{qat['accuracy']:.4f} vs {ptq['accuracy']:.4f}",
+            qat["accuracy"] >= ptq["accuracy"])
+        add(f"{name}: accuracy ≥ float − 0.3 point",
+            f"{qat['accuracy']:.4f} vs {flt['accuracy']:.4f}",
+            qat["accuracy"] >= flt["accuracy"] - 0.003)
+        if qat.get("keras_agreement") is not None:
+            add(f"{name}: .tflite top-1 agrees with Keras QAT model on ≥ 99.5%",
+                f"{qat['keras_agreement']:.4f}", qat["keras_agreement"] >= 0.995)
+        if "prune" in name and tfmot:
+            add(f"{name}: bytes ≤ 1/10 of tfmot 80% int8 bytes",
+                f"{qat['bytes']:,} vs {tfmot['bytes']:,}", qat["bytes"] * 10 <= tfmot["bytes"])
+    return checks
+
+
+def render_markdown(result):
+    lines = [f"# Peer comparison: {result['model']}{' (quick)' if result['quick'] else ''}", "",
+             f"Data: {result['data']}. Budget: {json.dumps(result['budget'])}.",
+             f"LiteRT, 1 thread, median of {result['timing']['samples_per_variant']} "
+             f"single invokes per variant, all variants interleaved.", "",
+             markdown_table(result["rows"]), ""]
+    if result["targets"]:
+        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['passed'] else 'NO'} |"
+                  for c in result["targets"]]
+        lines.append("")
+    if result["skipped"]:
+        lines += ["Not run: " + "; ".join(result["skipped"]), ""]
+    return "\n".join(lines)
+
+
+# --- The run. ------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["digits_cnn", "resnet8"], default="digits_cnn")
+    parser.add_argument("--quick", action="store_true", help="a few epochs: a smoke test")
+    parser.add_argument("--out", help="output folder (default build/compare/<model>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-tfmot", action="store_true", help="leave out the tfmot peer")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out or os.path.join("build", "compare", args.model))
+    ensure_writable_dir(out)
+    budget = dict(BUDGETS["quick" if args.quick else "full"])
+
+    import keras
+
+    from tflite_ext import convert, inspect
+
+    keras.utils.set_random_seed(args.seed)
+    build, data = load_task(args.model)
+    representative = data.x_train[:budget["calibration"]]
+    log(f"{args.model}: {len(data.x_train)} train / {len(data.x_test)} test samples, "
+        f"input {data.input_shape}; budget {'quick' if args.quick else 'full'}")
+
+    # 1. The float model, trained once; every variant starts from these weights.
+    float_model = fit(build(), data, budget["float_epochs"], budget["float_lr"],
+                      budget["batch_size"], "float")
+    float_model.save(os.path.join(out, "float.keras"))
+    ref_logits = float_model.predict(data.x_test, verbose=0)
+    keras_models = {"float32": float_model, "PTQ int8": float_model}
+
+    def to_int8(model):
+        return convert.to_tflite(model, representative, mode="int8",
+                                 num_calibration_samples=len(representative)).flatbuffer
+
+    files = {"float32": convert.to_tflite(float_model, mode="float32").flatbuffer,
+             "PTQ int8": to_int8(float_model)}
+    log("float32 and PTQ int8 converted")
+    skipped, peer = [], None
+
+    # 3-4. tfmot, isolated in its own process with tf_keras.
+    if args.skip_tfmot:
+        skipped.append("tfmot variants (--skip-tfmot)")
+    else:
+        log("tfmot peer: starting subprocess (TF_USE_LEGACY_KERAS=1)")
+        peer = run_tfmot_peer(args.model, out, data, representative, ref_logits,
+                              layer_weights(float_model), budget, args.seed)
+        for key, label in (("tfmot_prune80", "tfmot prune 80% + strip → int8"),
+                           ("tfmot_qat", "tfmot QAT → int8")):
+            with open(peer["variants"][key]["tflite"], "rb") as f:
+                files[label] = f.read()
+
+    # 5-7. tflite_ext, as far as its stages exist.
+    has_pruning, has_quantization = available_tx_variants()
+    stripped = None
+    if has_pruning:
+        keras.utils.set_random_seed(args.seed)
+        stripped = tx_structured_prune(float_model, data, budget, args.model)
+        label = "tflite_ext structured prune + strip → int8"
+        files[label], keras_models[label] = to_int8(stripped), stripped
+        stripped.save(os.path.join(out, "tx_pruned.keras"))
+    else:
+        skipped.append("tflite_ext structured pruning (tflite_ext.pruning not available yet)")
+    if has_quantization:
+        keras.utils.set_random_seed(args.seed)
+        qat = tx_qat(copy_model(float_model), data, budget)
+        label = "tflite_ext QAT → int8"
+        files[label], keras_models[label] = convert.to_tflite(qat).flatbuffer, qat
+        if stripped is not None:
+            keras.utils.set_random_seed(args.seed)
+            both = tx_qat(stripped, data, budget, label="tx_prune_qat")
+            label = "tflite_ext prune → strip → QAT → int8"
+            files[label], keras_models[label] = convert.to_tflite(both).flatbuffer, both
+    else:
+        skipped.append("tflite_ext QAT (tflite_ext.quantization not available yet)")
+
+    # Measure every .tflite the same way, here.
+    import gzip
+
+    rows = []
+    for name, flatbuffer in files.items():
+        atomic_write(os.path.join(out, f"{_file_name(name)}.tflite"), flatbuffer)
+        info = inspect.summary(flatbuffer)
+        preds = tflite_predict(flatbuffer, data.x_test)
+        row = {"variant": name, "accuracy": float(np.mean(preds == data.y_test)),
+               "bytes": len(flatbuffer), "gzip_bytes": len(gzip.compress(flatbuffer, 9)),
+               "macs": int(info["macs"]), "full_integer": bool(info["full_integer"]),
+               "file": f"{_file_name(name)}.tflite"}
+        if name in keras_models:
+            keras_preds = np.argmax(keras_models[name].predict(data.x_test, verbose=0), -1)
+            row["keras_agreement"] = float(np.mean(keras_preds == preds))
+        rows.append(row)
+        log(f"evaluated {name}: acc={row['accuracy']:.4f} bytes={row['bytes']:,}")
+    log(f"timing {len(files)} variants interleaved ({budget['timing_rounds']} rounds)")
+    latency = interleaved_latency(files, data.x_test, budget["timing_rounds"],
+                                  budget["timing_repeats"])
+    ptq = next(r for r in rows if r["variant"] == "PTQ int8")
+    ptq["median_us"] = latency["PTQ int8"]
+    for row in rows:
+        row["median_us"] = latency[row["variant"]]
+        row["bytes_vs_ptq"] = ptq["bytes"] / row["bytes"]
+        row["macs_vs_ptq"] = ptq["macs"] / row["macs"] if row["macs"] else None
+        row["speedup_vs_ptq"] = ptq["median_us"] / row["median_us"]
+
+    result = {
+        "model": args.model, "quick": args.quick, "seed": args.seed, "budget": budget,
+        "data": (f"sklearn digits {data.input_shape}, {len(data.x_train)} train / "
+                 f"{len(data.x_test)} test (70/30 stratified, random_state=0)"),
+        "tx_pruning": TX_PRUNING[args.model], "tfmot_sparsity": TFMOT_SPARSITY,
+        "timing": {"threads": 1, "rounds": budget["timing_rounds"],
+                   "repeats": budget["timing_repeats"],
+                   "samples_per_variant": budget["timing_rounds"] * budget["timing_repeats"]},
+        "rows": rows, "tfmot": peer, "skipped": skipped,
+        "targets": check_targets(args.model, rows),
+    }
+    atomic_write(os.path.join(out, "compare.json"), json.dumps(result, indent=2))
+    markdown = render_markdown(result)
+    atomic_write(os.path.join(out, "compare.md"), markdown)
+    print("\n" + markdown)
+    log(f"wrote {out}/compare.json and compare.md")
+    return 0
+
+
+def _file_name(variant):
+    """A file-system-safe name for a variant label."""
+    keep = "".join(c if c.isalnum() else "_" for c in variant.lower())
+    return "_".join(p for p in keep.split("_") if p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

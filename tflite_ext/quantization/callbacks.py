@@ -1,0 +1,89 @@
+"""Freezing the range observers and BN statistics of a QAT model.
+
+Late in QAT, moving ranges and BN statistics should stop moving so that the last epochs train
+the weights against the exact int8 grid the converter will write.
+
+Example:
+    >>> qat = quantize_model(model)
+    >>> qat.fit(x, y, epochs=5, callbacks=[FreezeQuantization(freeze_after_step=150)])
+"""
+import keras
+
+from tflite_ext.quantization.quantizers import ActivationQuantizer
+from tflite_ext.quantization.wrapper import QuantizeWrapper
+
+
+def _quantization_layers(model):
+    """The quantizers and wrappers of a QAT model, including a wrapper's own quantizer."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):  # a nested model: look inside
+            found.extend(_quantization_layers(layer))
+        elif isinstance(layer, (ActivationQuantizer, QuantizeWrapper)):
+            found.append(layer)
+            if isinstance(layer, QuantizeWrapper) and layer.mid_quantizer is not None:
+                found.append(layer.mid_quantizer)
+    return found
+
+
+def set_observing(model, ranges=True, batch_norm=True):
+    """Turns range observers and folded-BN statistics updates on or off (no retracing).
+
+    Args:
+        model: a model returned by `quantize_model`.
+        ranges: whether activation ranges keep following the data in training.
+        batch_norm: whether folded BatchNormalization moving statistics keep updating.
+    """
+    for layer in _quantization_layers(model):
+        if isinstance(layer, ActivationQuantizer) and layer.built:
+            layer.observing.assign(1.0 if ranges else 0.0)
+        if isinstance(layer, QuantizeWrapper) and layer.built:
+            layer.bn_observing.assign(1.0 if batch_norm else 0.0)
+
+
+def freeze(model):
+    """Freezes every range observer and BN statistic of a QAT model."""
+    set_observing(model, ranges=False, batch_norm=False)
+
+
+@keras.saving.register_keras_serializable(package="tflite_ext")
+class FreezeQuantization(keras.callbacks.Callback):
+    """Freezes ranges and BN statistics once `freeze_after_step` training steps have run.
+
+    Steps are counted from the start of the first `fit` this callback sees (batches across
+    epochs), so `freeze_after_step=0` freezes before the first step.
+
+    Args:
+        freeze_after_step: number of training steps after which observers stop.
+        freeze_ranges: freeze activation ranges (default True).
+        freeze_batch_norm: freeze folded BN statistics (default True).
+    """
+
+    def __init__(self, freeze_after_step, freeze_ranges=True, freeze_batch_norm=True):
+        super().__init__()
+        if int(freeze_after_step) != freeze_after_step or freeze_after_step < 0:
+            raise ValueError("freeze_after_step must be an integer >= 0. "
+                             f"Received: freeze_after_step={freeze_after_step}")
+        self.freeze_after_step = int(freeze_after_step)
+        self.freeze_ranges = freeze_ranges
+        self.freeze_batch_norm = freeze_batch_norm
+        self.step = 0
+        self.frozen = False
+
+    def _maybe_freeze(self):
+        if not self.frozen and self.step >= self.freeze_after_step:
+            set_observing(self.model, ranges=not self.freeze_ranges,
+                          batch_norm=not self.freeze_batch_norm)
+            self.frozen = True
+
+    def on_train_begin(self, logs=None):
+        self._maybe_freeze()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        self._maybe_freeze()
+
+    def get_config(self):
+        return {"freeze_after_step": self.freeze_after_step,
+                "freeze_ranges": self.freeze_ranges,
+                "freeze_batch_norm": self.freeze_batch_norm}

@@ -1,0 +1,244 @@
+"""`QuantizeWrapper`: a weighted layer with fake-quantized weights and an optional folded BN.
+
+The wrapper recomputes the wrapped layer's linear op (conv, depthwise conv, separable conv or
+matmul) with its kernel fake-quantized, so the TFLite converter sees a fake-quant op right on
+each constant kernel and writes its int8 scales. A following BatchNormalization is folded in:
+
+    kernel' = kernel * gamma / sqrt(var + eps)        bias' = (bias - mean) * gamma / ... + beta
+
+and it is `kernel'` that gets quantized, so the ranges trained are the ones the int8 kernels
+see. While BN statistics are still observed (see `callbacks.FreezeQuantization`), training
+steps also run the unquantized float op once to update the moving mean and variance.
+
+The wrapped layer may itself be a wrapper (the pruning wrapper): its innermost layer gives the
+layer type and weights, and a `mask` attribute (one 0/1 value per output channel) is applied
+to the folded kernel *and* bias, so pruned channels stay exactly zero through QAT.
+
+Example:
+    >>> conv = keras.layers.Conv2D(8, 3, padding="same")
+    >>> bn = keras.layers.BatchNormalization()
+    >>> wrapped = QuantizeWrapper(conv, batch_norm=bn, name="quant_conv")
+    >>> y = wrapped(np.zeros((1, 8, 8, 3), "float32"))
+"""
+import keras
+from keras import layers, ops
+
+from tflite_ext.quantization.quantizers import ActivationQuantizer, quantize_weight
+
+# Innermost layer class -> how the wrapper computes it. Order matters: subclasses first.
+_KINDS = (
+    (layers.SeparableConv2D, "separable"),
+    (layers.DepthwiseConv2D, "depthwise"),
+    (layers.Conv1D, "conv1d"),
+    (layers.Conv2D, "conv2d"),
+    (layers.Dense, "dense"),
+)
+
+
+def innermost(layer):
+    """The layer under any number of `keras.layers.Wrapper`s (e.g. a pruning wrapper)."""
+    while isinstance(layer, layers.Wrapper):
+        layer = layer.layer
+    return layer
+
+
+def layer_kind(layer):
+    """'conv2d', 'conv1d', 'depthwise', 'separable', 'dense', or None if not quantizable."""
+    base = innermost(layer)
+    for cls, kind in _KINDS:
+        if isinstance(base, cls):
+            return kind
+    return None
+
+
+def _channel_mask(layer):
+    """The pruning wrapper's per-output-channel 0/1 mask, or None."""
+    while isinstance(layer, layers.Wrapper):
+        mask = getattr(layer, "mask", None)
+        if mask is not None:
+            return mask
+        layer = layer.layer
+    return None
+
+
+def _depthwise_quant(kernel):
+    # Depthwise output channel c*mult+m lives on axes (2, 3); TFLite stores the kernel as
+    # [1, kh, kw, cin*mult] quantized on the last axis, so quantize that layout.
+    kh, kw, cin, mult = kernel.shape
+    flat = ops.reshape(kernel, (kh, kw, 1, cin * mult))
+    return ops.reshape(quantize_weight(flat, per_channel=True), (kh, kw, cin, mult))
+
+
+def _scale_depthwise(kernel, scale):
+    kh, kw, cin, mult = kernel.shape
+    return ops.reshape(ops.reshape(kernel, (kh, kw, cin * mult)) * scale, (kh, kw, cin, mult))
+
+
+@keras.saving.register_keras_serializable(package="tflite_ext")
+class QuantizeWrapper(layers.Wrapper):
+    """Fake-quantizes a Conv1D/Conv2D/DepthwiseConv2D/SeparableConv2D/Dense layer's weights.
+
+    Args:
+        layer: the layer to wrap (already built or not), possibly inside a pruning wrapper.
+        batch_norm: optional BatchNormalization (channels last) to fold into the layer.
+    """
+
+    def __init__(self, layer, batch_norm=None, **kwargs):
+        super().__init__(layer, **kwargs)
+        self.kind = layer_kind(layer)
+        if self.kind is None:
+            raise ValueError(
+                "QuantizeWrapper wraps Conv1D, Conv2D, DepthwiseConv2D, SeparableConv2D or "
+                f"Dense layers. Received: layer={layer.__class__.__name__}")
+        self.batch_norm = batch_norm
+        self.mid_quantizer = None
+        if self.kind == "separable":  # TFLite splits it: the depthwise output needs a range
+            self.mid_quantizer = ActivationQuantizer(name=f"{self.name}_depthwise_act")
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.batch_norm is not None and not self.batch_norm.built:
+            self.batch_norm.build(self.layer.compute_output_shape(input_shape))
+        if self.mid_quantizer is not None and not self.mid_quantizer.built:
+            self.mid_quantizer.build(None)
+        self.bn_observing = self.add_weight(name="bn_observing", shape=(), trainable=False,
+                                            initializer="ones")
+        self.built = True
+
+    @property
+    def _base(self):
+        # A property, not an attribute: Keras would track the layer a second time.
+        return innermost(self.layer)
+
+    # ---- the float weights, folded -----------------------------------------------------
+
+    def _kernels_and_bias(self):
+        """The wrapped layer's kernel(s) and bias as float tensors (bias may be None)."""
+        base = self._base
+        if self.kind == "separable":
+            kernels = [base.depthwise_kernel, base.pointwise_kernel]
+        else:
+            kernels = [base.kernel]
+        bias = base.bias if base.use_bias else None
+        return [ops.convert_to_tensor(k) for k in kernels], bias
+
+    def _fold(self, kernels, bias):
+        """Folds BN (moving statistics) and the pruning mask into the last kernel and bias."""
+        out_kernel = kernels[-1]
+        channels = self._out_channels(kernels)
+        if bias is None:
+            bias = ops.zeros((channels,), dtype=out_kernel.dtype)
+        bias = ops.convert_to_tensor(bias)
+        bn = self.batch_norm
+        if bn is not None:
+            gamma = bn.gamma if bn.scale else ops.ones((channels,))
+            beta = bn.beta if bn.center else ops.zeros((channels,))
+            scale = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
+            out_kernel = self._scale_out(out_kernel, scale)
+            bias = (bias - bn.moving_mean) * scale + beta
+        mask = _channel_mask(self.layer)
+        if mask is not None:
+            mask = ops.cast(ops.reshape(mask, (channels,)), out_kernel.dtype)
+            out_kernel = self._scale_out(out_kernel, mask)
+            bias = bias * mask
+        return kernels[:-1] + [out_kernel], bias
+
+    def _out_channels(self, kernels):
+        shape = kernels[-1].shape
+        return shape[2] * shape[3] if self.kind == "depthwise" else shape[-1]
+
+    def _scale_out(self, kernel, scale):
+        if self.kind == "depthwise":
+            return _scale_depthwise(kernel, scale)
+        return kernel * scale
+
+    def _quantize(self, kernels):
+        if self.kind == "dense":
+            return [quantize_weight(kernels[0], per_channel=False)]
+        if self.kind == "depthwise":
+            return [_depthwise_quant(kernels[0])]
+        if self.kind == "separable":
+            return [_depthwise_quant(kernels[0]), quantize_weight(kernels[1], per_channel=True)]
+        if self.kind == "conv1d":  # quantize the 4-D kernel the converter will see
+            return [quantize_weight(ops.expand_dims(kernels[0], 0), per_channel=True)]
+        return [quantize_weight(kernels[0], per_channel=True)]
+
+    # ---- the linear op ------------------------------------------------------------------
+
+    def _linear(self, x, kernels, bias, training, quantized):
+        base = self._base
+        if self.kind == "dense":
+            y = ops.matmul(x, kernels[0])
+        elif self.kind == "conv1d":
+            y = self._conv1d(x, kernels[0], already_4d=quantized)
+        elif self.kind == "conv2d":
+            y = ops.conv(x, kernels[0], strides=base.strides, padding=base.padding,
+                         dilation_rate=base.dilation_rate)
+        elif self.kind == "depthwise":
+            y = ops.depthwise_conv(x, kernels[0], strides=base.strides, padding=base.padding,
+                                   dilation_rate=base.dilation_rate)
+        else:  # separable: depthwise, (quantized intermediate), pointwise
+            y = ops.depthwise_conv(x, kernels[0], strides=base.strides, padding=base.padding,
+                                   dilation_rate=base.dilation_rate)
+            if quantized:
+                y = self.mid_quantizer(y, training=training)
+            y = ops.conv(y, kernels[1])
+        return y + bias if bias is not None else y
+
+    def _conv1d(self, x, kernel, already_4d):
+        # Written as a 2-D conv over a height-1 image: the converter does this anyway, and a
+        # per-channel fake quant must sit on the 4-D kernel or its quantized axis is lost.
+        base = self._base
+        padding = base.padding
+        if padding == "causal":
+            left = base.dilation_rate[0] * (kernel.shape[-3] - 1)
+            x = ops.pad(x, ((0, 0), (left, 0), (0, 0)))
+            padding = "valid"
+        kernel4 = kernel if already_4d else ops.expand_dims(kernel, 0)
+        y = ops.conv(ops.expand_dims(x, 1), kernel4, strides=(1, base.strides[0]),
+                     padding=padding, dilation_rate=(1, base.dilation_rate[0]))
+        return ops.squeeze(y, 1)
+
+    def call(self, inputs, training=False):
+        kernels, bias = self._kernels_and_bias()
+        if training and self.batch_norm is not None:
+            self._update_bn_statistics(inputs, kernels, bias)
+        kernels, bias = self._fold(kernels, bias)
+        y = self._linear(inputs, self._quantize(kernels), bias, training, quantized=True)
+        return self._base.activation(y)
+
+    def _update_bn_statistics(self, inputs, kernels, bias):
+        """Moving mean/variance of the *unfolded* float output, as BN would have computed."""
+        y = ops.stop_gradient(self._linear(inputs, kernels, bias, False, quantized=False))
+        mean, variance = ops.moments(y, axes=list(range(len(y.shape) - 1)))
+        bn, keep = self.batch_norm, self.bn_observing > 0.5
+        m = bn.momentum
+        bn.moving_mean.assign(ops.where(keep, bn.moving_mean * m + mean * (1 - m),
+                                        bn.moving_mean))
+        bn.moving_variance.assign(ops.where(keep, bn.moving_variance * m + variance * (1 - m),
+                                            bn.moving_variance))
+
+    def folded_weights(self):
+        """(kernels, bias) after BN folding and masking, before quantization (numpy)."""
+        kernels, bias = self._fold(*self._kernels_and_bias())
+        return [ops.convert_to_numpy(k) for k in kernels], ops.convert_to_numpy(bias)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.batch_norm is not None:
+            config["batch_norm"] = keras.saving.serialize_keras_object(self.batch_norm)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"),
+                                                      custom_objects=custom_objects)
+        batch_norm = config.pop("batch_norm", None)
+        if batch_norm is not None:
+            batch_norm = keras.saving.deserialize_keras_object(batch_norm,
+                                                               custom_objects=custom_objects)
+        return cls(layer, batch_norm=batch_norm, **config)

@@ -1,0 +1,400 @@
+"""TensorFlow Lite Micro on the host: op check, exact arena, flash, latency, agreement, C export.
+
+Everything runs the real TFLM interpreter from the `tflite_micro` package. Attempts that may
+fail inside TFLM (probing ops, trying an arena size) run in a short child process: an arena
+that is far too small can make TFLM crash the whole process, and a crash must not take the
+caller with it.
+
+Example:
+    >>> from tflite_ext.bench import micro
+    >>> r = micro.analyze("build/digits_int8.tflite", x=split.x_test)
+    >>> r["arena_bytes"], r["flash_bytes"], r["agreement"]["top1_agreement"]
+    (10640, 277968, 1.0)
+    >>> micro.write_c_source("build/digits_int8.tflite", "build/mcu", name="digits_model")
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import flatbuffers
+import numpy as np
+from tflite_micro import runtime
+from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+from tflite_ext import inspect
+from tflite_ext.errors import InputError, TfliteExtError
+from tflite_ext.files import atomic_write, ensure_writable_dir
+from tflite_ext.bench import host
+
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_RECORD_ARENA = 16 * 1024 * 1024   # generous arena for the allocation report
+_MISSING_OP = "Didn't find op for"
+
+# The child process: tiny on purpose (imports only numpy + tflite_micro, ~0.2 s to start).
+_WORKER = r'''
+import json, os, sys, tempfile
+import numpy as np
+from tflite_micro import runtime
+
+def captured(fn):
+    """Runs fn with C-level fd 2 redirected to a temp file: TFLM logs there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            try:
+                value, error = fn(), None
+            except Exception as e:
+                value, error = None, str(e)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        return value, error, log.read().decode("utf-8", "replace")
+
+def run(path, arena, n_inputs, report):
+    data = open(path, "rb").read()
+    def go():
+        it = runtime.Interpreter.from_bytes(data, arena_size=arena)
+        for i in range(n_inputs):
+            d = it.get_input_details(i)
+            it.set_input(np.zeros(d["shape"], d["dtype"]), i)
+        it.invoke()
+        if report:
+            it.print_allocations()
+    _, error, log = captured(go)
+    print(json.dumps({"ok": error is None, "error": error, "log": log}), flush=True)
+
+job = json.loads(sys.argv[1])
+for path in job["paths"]:
+    run(path, job["arena"], job["inputs"], job.get("report", False))
+'''
+
+
+def _run_worker(paths, arena, n_inputs, report=False, timeout=120):
+    """Runs model files through TFLM in a child; returns one result per path (crash-safe)."""
+    job = json.dumps({"paths": list(paths), "arena": int(arena), "inputs": int(n_inputs),
+                      "report": report})
+    try:
+        proc = subprocess.run([sys.executable, "-c", _WORKER, job], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TfliteExtError(f"TFLM did not finish within {timeout}s. "
+                             f"Received: arena_size={arena}") from None
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if len(results) < len(paths):   # the child crashed on the next path
+        results.append({"ok": False, "crashed": True, "error": f"TFLM crashed "
+                        f"(exit status {proc.returncode})", "log": proc.stderr[-2000:]})
+    return results
+
+
+def _op_name(model, opcode_index):
+    code = model.operatorCodes[opcode_index]
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    if builtin == schema.BuiltinOperator.CUSTOM:
+        custom = code.customCode
+        return f"CUSTOM:{custom.decode() if isinstance(custom, bytes) else custom}"
+    return _OP_NAMES.get(builtin, str(builtin))
+
+
+def _single_op_models(data):
+    """{op name: flatbuffer holding only the first operator of that kind} for op probing."""
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    first = {}
+    for subgraph in model.subgraphs or []:
+        for op in subgraph.operators or []:
+            first.setdefault(op.opcodeIndex, (subgraph, op))
+    model.signatureDefs = None
+    original = list(model.subgraphs)
+    probes = {}
+    for opcode_index, (subgraph, op) in first.items():
+        def is_variable(t):
+            buffer = model.buffers[subgraph.tensors[t].buffer] if model.buffers else None
+            return buffer is None or buffer.data is None or len(buffer.data) == 0
+        probe = schema.SubGraphT()
+        probe.tensors, probe.operators, probe.name = subgraph.tensors, [op], subgraph.name
+        probe.inputs = [t for t in op.inputs if t >= 0 and is_variable(t)]
+        probe.outputs = list(op.outputs)
+        model.subgraphs = [probe] + original[1:]   # TFLM runs subgraph 0
+        builder = flatbuffers.Builder(len(data) + 1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        probes[_op_name(model, opcode_index)] = bytes(builder.Output())
+    return probes
+
+
+def unsupported_ops(model):
+    """Names of the model's operators that this TFLM build has no kernel for.
+
+    Each distinct operator is probed alone in the real TFLM interpreter, which looks up
+    kernels by op code before running anything: a missing kernel is reported as
+    "Didn't find op for builtin opcode ...". That gives the complete list, not just the
+    first missing op TFLM stops at.
+    """
+    data = host.model_bytes(model)
+    probes = _single_op_models(data)
+    missing = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pending = []
+        for i, (name, blob) in enumerate(probes.items()):
+            path = os.path.join(tmp, f"probe{i}.tflite")
+            with open(path, "wb") as f:
+                f.write(blob)
+            pending.append((name, path))
+        while pending:
+            results = _run_worker([p for _, p in pending], _RECORD_ARENA, 0)
+            for (name, _), result in zip(pending, results):
+                if _MISSING_OP in result["log"] or _MISSING_OP in (result["error"] or ""):
+                    missing.append(name)
+            # A crash is past the kernel lookup, so that op has a kernel; go on after it.
+            pending = pending[len(results):]
+    return sorted(missing)
+
+
+def allocation_report(model, n_inputs=1):
+    """The RecordingMicroAllocator report after one invoke, parsed into a dict.
+
+    Returns:
+        {"total": bytes, "head": bytes, "tail": bytes, "lines": [report lines]}.
+    """
+    data = host.model_bytes(model)
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
+        f.write(data)
+        f.flush()
+        result = _run_worker([f.name], max(_RECORD_ARENA, 10 * len(data)), n_inputs,
+                             report=True)[0]
+    if not result["ok"]:
+        raise TfliteExtError(f"TFLM cannot run the model: {_last_line(result)}")
+    report = {"lines": [l for l in result["log"].splitlines() if "RecordingMicroAllocator" in l]}
+    for line in report["lines"]:
+        for key in ("total", "head", "tail"):
+            marker = f"Arena allocation {key} "
+            if marker in line:
+                report[key] = int(line.split(marker)[1].split()[0])
+    if "total" not in report:
+        raise TfliteExtError("TFLM printed no allocation report (print_allocations). "
+                             f"Received: {result['log'][-200:]!r}")
+    return report
+
+
+def _last_line(result):
+    lines = [l.strip() for l in (result.get("log") or "").splitlines() if l.strip()]
+    return lines[-1] if lines else (result.get("error") or "unknown error")
+
+
+def arena_works(model, arena_size, n_inputs=1):
+    """True when TFLM can allocate and invoke the model in `arena_size` bytes."""
+    data = host.model_bytes(model)
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
+        f.write(data)
+        f.flush()
+        return _run_worker([f.name], arena_size, n_inputs)[0]["ok"]
+
+
+def minimum_arena(model, n_inputs=1, report_total=None):
+    """Exact smallest tensor arena (bytes) TFLM runs the model in, by bisection.
+
+    The recording allocator's total is a lower bound (it leaves out the allocator objects
+    that TFLM places in the arena itself), so the search starts there and doubles the gap
+    until an arena works, then bisects to the byte.
+    """
+    data = host.model_bytes(model)
+    low = report_total if report_total is not None else allocation_report(data, n_inputs)["total"]
+    low -= 1                                # known (assumed) to fail
+    step = 512
+    high = low + step
+    while not arena_works(data, high, n_inputs):
+        low, step = high, step * 2
+        high = low + step
+        if high > _RECORD_ARENA:
+            raise TfliteExtError(f"No tensor arena up to {_RECORD_ARENA} bytes works for this "
+                                 "model in TFLM")
+    while high - low > 1:
+        mid = (low + high) // 2
+        if arena_works(data, mid, n_inputs):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def check_model(model):
+    """Raises a one-line error if TFLM cannot run the model or it is not full-integer.
+
+    Returns the `inspect.summary` of the model.
+    """
+    data = host.model_bytes(model)
+    info = inspect.summary(data)
+    missing = unsupported_ops(data)
+    if missing:
+        raise InputError(f"TFLite Micro has no kernel for {len(missing)} op(s) in the model: "
+                         f"{', '.join(missing)}. Replace those layers or use LiteRT. "
+                         f"Received: ops={sorted(info['op_counts'])}")
+    if not info["full_integer"]:
+        floats = sorted({op.split("#")[0] for op in info["float_ops"]}) or info["float_tensors"][:5]
+        raise InputError("micro expects a full-integer model (int8 weights, activations and "
+                         "I/O); convert with tflite_ext.convert.to_tflite(mode='int8'). "
+                         f"Received: float ops={', '.join(map(str, floats))}")
+    return info
+
+
+def _quantized_samples(detail, x, count):
+    if x is not None:
+        return host.quantize(np.asarray(x, np.float32), {"dtype": detail["dtype"],
+                             "quantization": _quant(detail)})
+    rng = np.random.default_rng(0)
+    info = np.iinfo(detail["dtype"])
+    shape = (count, *detail["shape"][1:])
+    return rng.integers(info.min, info.max + 1, size=shape).astype(detail["dtype"])
+
+
+def _quant(detail):
+    q = detail["quantization_parameters"]
+    return (float(q["scales"][0]) if len(q["scales"]) else 0.0,
+            int(q["zero_points"][0]) if len(q["zero_points"]) else 0)
+
+
+def tflm_interpreter(model, arena_size):
+    """A TFLM interpreter with a verified-sufficient arena."""
+    return runtime.Interpreter.from_bytes(host.model_bytes(model), arena_size=int(arena_size))
+
+
+def agreement(model, x=None, arena_size=None, samples=100):
+    """TFLM vs LiteRT on the same quantized inputs: top-1 agreement and largest step diff.
+
+    Args:
+        model: full-integer .tflite bytes or path.
+        x: float samples (quantized with the model's input parameters); random int8 inputs
+            if None.
+        arena_size: TFLM arena; measured with `minimum_arena` if None.
+
+    Returns:
+        {"samples", "top1_agreement", "max_diff_steps", "mean_abs_diff_steps"}; diffs are in
+        output quantization steps (raw integer differences).
+    """
+    data = host.model_bytes(model)
+    arena = arena_size or minimum_arena(data)
+    tflm = tflm_interpreter(data, arena)
+    lite = host.load_interpreter(data)
+    detail = tflm.get_input_details(0)
+    q = _quantized_samples(detail, x, samples)
+    lite_in, lite_out = lite.get_input_details()[0], lite.get_output_details()[0]
+    same, max_diff, total_diff, count = 0, 0, 0.0, 0
+    for sample in q:
+        tflm.set_input(sample[None], 0)
+        tflm.invoke()
+        a = np.asarray(tflm.get_output(0)).astype(np.int64).reshape(-1)
+        lite.set_tensor(lite_in["index"], sample[None])
+        lite.invoke()
+        b = lite.get_tensor(lite_out["index"]).astype(np.int64).reshape(-1)
+        same += int(a.argmax() == b.argmax())
+        diff = np.abs(a - b)
+        max_diff = max(max_diff, int(diff.max()))
+        total_diff += float(diff.mean())
+        count += 1
+    return {"samples": count, "top1_agreement": same / count, "max_diff_steps": max_diff,
+            "mean_abs_diff_steps": total_diff / count}
+
+
+def latency(model, arena_size, runs=20, warmup=2, x=None):
+    """Host latency (µs) of single invocations through the TFLM interpreter."""
+    tflm = tflm_interpreter(model, arena_size)
+    detail = tflm.get_input_details(0)
+    q = _quantized_samples(detail, x, max(1, min(8, runs)))
+    times = []
+    for i in range(int(warmup) + int(runs)):
+        tflm.set_input(q[i % len(q)][None], 0)
+        start = time.perf_counter_ns()
+        tflm.invoke()
+        if i >= warmup:
+            times.append((time.perf_counter_ns() - start) / 1000.0)
+    return host.latency_stats(times)
+
+
+def suggested_arena(arena_bytes):
+    """Arena to declare on an MCU: the measured minimum plus 16 bytes (TFLM aligns the
+    arena start itself, losing up to 15 bytes on an unaligned buffer), rounded up to 16."""
+    return (arena_bytes + 16 + 15) // 16 * 16
+
+
+def analyze(model, x=None, *, runs=20, arena_size=None, agreement_samples=100):
+    """Everything `tflite-ext micro` reports for one model.
+
+    Args:
+        model: full-integer .tflite bytes or path.
+        x: optional float samples for latency and agreement (random int8 inputs otherwise).
+        runs: TFLM invocations timed on the host.
+        arena_size: if given, the arena the user plans to use; too small is an error.
+        agreement_samples: samples compared when x is None.
+
+    Returns:
+        dict with size_bytes, flash_bytes, op_counts, unsupported_ops, arena_bytes (exact
+        minimum), arena_report, arena_suggestion, latency, agreement.
+    """
+    data = host.model_bytes(model)
+    info = check_model(data)
+    n_inputs = len(info["inputs"])
+    report = allocation_report(data, n_inputs)
+    arena = minimum_arena(data, n_inputs, report_total=report["total"])
+    if arena_size is not None and int(arena_size) < arena:
+        raise InputError(f"Tensor arena too small: TFLM needs {arena} bytes for this model. "
+                         f"Received: arena_size={arena_size}")
+    used = int(arena_size) if arena_size is not None else arena
+    return {
+        "size_bytes": len(data),
+        "flash_bytes": len(data),
+        "op_counts": info["op_counts"],
+        "unsupported_ops": [],
+        "arena_bytes": arena,
+        "arena_report": {k: report[k] for k in ("total", "head", "tail") if k in report},
+        "arena_suggestion": suggested_arena(arena),
+        "latency": latency(data, used, runs=runs, x=x),
+        "agreement": agreement(data, x, used, samples=agreement_samples),
+    }
+
+
+def _c_name(name):
+    if not name.isidentifier():
+        raise InputError(f"name must be a C identifier. Received: name={name!r}")
+    return name
+
+
+def c_source(model, name="model", arena_bytes=None):
+    """Returns (header_text, source_text) holding the model as a 16-byte aligned array."""
+    data = host.model_bytes(model)
+    name = _c_name(name)
+    guard = f"{name.upper()}_H_"
+    arena_lines = ""
+    if arena_bytes is not None:
+        arena_lines = (f"// Smallest tensor arena measured with TFLM on the host: {arena_bytes} "
+                       "bytes.\n// Suggested declaration size (adds start-alignment slack):\n"
+                       f"#define {name.upper()}_ARENA_SIZE {suggested_arena(arena_bytes)}\n")
+    header = (f"// Generated by tflite_ext. The .tflite flatbuffer as a C array.\n"
+              f"#ifndef {guard}\n#define {guard}\n\n"
+              f"#ifdef __cplusplus\nextern \"C\" {{\n#endif\n\n"
+              f"#define {name.upper()}_LEN {len(data)}\n{arena_lines}"
+              f"extern const unsigned char {name}[];\nextern const unsigned int {name}_len;\n\n"
+              f"#ifdef __cplusplus\n}}\n#endif\n\n#endif  // {guard}\n")
+    rows = []
+    for i in range(0, len(data), 12):
+        rows.append("  " + ", ".join(f"0x{b:02x}" for b in data[i:i + 12]) + ",")
+    source = (f"// Generated by tflite_ext. {len(data)} bytes; TFLM needs the array 16-byte "
+              "aligned.\n"
+              f"#include \"{name}.h\"\n\n"
+              "#if defined(__cplusplus)\n#define TFLITE_EXT_ALIGN16 alignas(16)\n"
+              "#else\n#define TFLITE_EXT_ALIGN16 _Alignas(16)\n#endif\n\n"
+              f"TFLITE_EXT_ALIGN16 const unsigned char {name}[] = {{\n" + "\n".join(rows)
+              + f"\n}};\nconst unsigned int {name}_len = {len(data)};\n")
+    return header, source
+
+
+def write_c_source(model, out_dir, name="model", arena_bytes=None):
+    """Writes `<name>.h` and `<name>.c` into out_dir (atomically); returns both paths."""
+    header, source = c_source(model, name, arena_bytes)
+    ensure_writable_dir(out_dir)
+    h = atomic_write(os.path.join(out_dir, f"{name}.h"), header)
+    c = atomic_write(os.path.join(out_dir, f"{name}.c"), source)
+    return h, c

@@ -63,6 +63,9 @@ def _unsupported_reason(layer):
         base = innermost(layer)
         if getattr(base, "data_format", "channels_last") != "channels_last":
             return f"{cls} with data_format={base.data_format}"
+        if isinstance(base, layers.BatchNormalization) and base.axis not in (
+                -1, len(base.input.shape) - 1):
+            return f"BatchNormalization with axis={base.axis}"
         if getattr(base, "groups", 1) != 1:
             return f"{cls} with groups={base.groups}"
         if _activation_name(base) not in _LAYER_ACTIVATIONS:
@@ -141,6 +144,7 @@ def _plan(functional, skip, fold_batch_norm):
         if layer_kind(layer) is not None:
             bn = only_consumer(name)
             foldable = (fold_batch_norm and isinstance(bn, layers.BatchNormalization)
+                        and not isinstance(layer, layers.BatchNormalization)
                         and bn.name not in skip and calls[bn.name] == 1
                         and bn.axis in (-1, len(bn.input.shape) - 1)
                         and _activation_name(innermost(layer)) == "linear")
@@ -225,8 +229,9 @@ def _copy_layer(layer):
 
 
 def _rebuild(functional, plan, by_name, decay):
-    new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name)
-                  for t in functional.inputs]
+    input_structure = keras.tree.map_structure(
+        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name), functional.input)
+    new_inputs = keras.tree.flatten(input_structure)
     quantized_inputs = {}  # id(input tensor) -> its quantized version, one quantizer each
 
     def quantize_inputs(value):
@@ -248,7 +253,8 @@ def _rebuild(functional, plan, by_name, decay):
         if action == "wrap":
             bn = _copy_layer(by_name[bn_name]) if bn_name else None
             new = QuantizeWrapper(_copy_layer(layer), batch_norm=bn, name=f"quant_{layer.name}")
-            outputs = new(*args, **kwargs)
+            # Only the tensor: BN's `mask=None` etc. mean nothing to the wrapper.
+            outputs = new(args[0])
             new.layer.set_weights(layer.get_weights())
             if bn is not None:
                 bn.set_weights(by_name[bn_name].get_weights())
@@ -260,11 +266,9 @@ def _rebuild(functional, plan, by_name, decay):
             outputs = ActivationQuantizer(decay=decay, name=f"{layer.name}_act")(outputs)
         return outputs
 
-    inputs = new_inputs if len(new_inputs) > 1 else new_inputs[0]
-    qat = keras.models.clone_model(functional, input_tensors=inputs,
+    qat = keras.models.clone_model(functional, input_tensors=input_structure,
                                    clone_function=lambda layer: layer,
                                    call_function=call_function)
-    # A model whose output is its input would never call call_function for it.
     return qat
 
 

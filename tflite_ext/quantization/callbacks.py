@@ -21,8 +21,8 @@ def _quantization_layers(model):
             found.extend(_quantization_layers(layer))
         elif isinstance(layer, (ActivationQuantizer, QuantizeWrapper)):
             found.append(layer)
-            if isinstance(layer, QuantizeWrapper) and layer.mid_quantizer is not None:
-                found.append(layer.mid_quantizer)
+            if isinstance(layer, QuantizeWrapper):
+                found.extend(q for q in (layer.mid_quantizer, layer.logits_quantizer) if q)
     return found
 
 

@@ -32,6 +32,9 @@ _KINDS = (
     (layers.Conv1D, "conv1d"),
     (layers.Conv2D, "conv2d"),
     (layers.Dense, "dense"),
+    # A BatchNormalization that follows no conv/Dense: computed as a per-channel 1x1
+    # depthwise conv (identity kernel with the BN folded in), which TFLite runs in int8.
+    (layers.BatchNormalization, "affine"),
 )
 
 
@@ -61,6 +64,11 @@ def _channel_mask(layer):
     return None
 
 
+def _activation_name(layer):
+    name = layer.get_config().get("activation", "linear")
+    return name if isinstance(name, str) else repr(name)
+
+
 def _depthwise_quant(kernel):
     # Depthwise output channel c*mult+m lives on axes (2, 3); TFLite stores the kernel as
     # [1, kh, kw, cin*mult] quantized on the last axis, so quantize that layout.
@@ -88,19 +96,27 @@ class QuantizeWrapper(layers.Wrapper):
         self.kind = layer_kind(layer)
         if self.kind is None:
             raise ValueError(
-                "QuantizeWrapper wraps Conv1D, Conv2D, DepthwiseConv2D, SeparableConv2D or "
-                f"Dense layers. Received: layer={layer.__class__.__name__}")
+                "QuantizeWrapper wraps Conv1D, Conv2D, DepthwiseConv2D, SeparableConv2D, "
+                f"Dense or BatchNormalization layers. Received: layer={layer.__class__.__name__}")
+        if self.kind == "affine" and batch_norm is not None:
+            raise ValueError("A wrapped BatchNormalization cannot fold another one. "
+                             f"Received: batch_norm={batch_norm.name}")
         self.batch_norm = batch_norm
         self.mid_quantizer = None
         if self.kind == "separable":  # TFLite splits it: the depthwise output needs a range
             self.mid_quantizer = ActivationQuantizer(name=f"{self.name}_depthwise_act")
+        self.logits_quantizer = None
+        if self.kind != "affine" and _activation_name(innermost(layer)) == "softmax":
+            # int8 SOFTMAX has a fixed output scale, but its input (the logits) needs a range.
+            self.logits_quantizer = ActivationQuantizer(name=f"{self.name}_logits_act")
 
     def build(self, input_shape):
         super().build(input_shape)
+        for quantizer in (self.mid_quantizer, self.logits_quantizer):
+            if quantizer is not None and not quantizer.built:
+                quantizer.build(None)
         if self.batch_norm is not None and not self.batch_norm.built:
             self.batch_norm.build(self.layer.compute_output_shape(input_shape))
-        if self.mid_quantizer is not None and not self.mid_quantizer.built:
-            self.mid_quantizer.build(None)
         self.bn_observing = self.add_weight(name="bn_observing", shape=(), trainable=False,
                                             initializer="ones")
         self.built = True
@@ -110,11 +126,18 @@ class QuantizeWrapper(layers.Wrapper):
         # A property, not an attribute: Keras would track the layer a second time.
         return innermost(self.layer)
 
+    @property
+    def _bn(self):
+        """The BatchNormalization folded in (for 'affine', the wrapped layer itself)."""
+        return self._base if self.kind == "affine" else self.batch_norm
+
     # ---- the float weights, folded -----------------------------------------------------
 
     def _kernels_and_bias(self):
         """The wrapped layer's kernel(s) and bias as float tensors (bias may be None)."""
         base = self._base
+        if self.kind == "affine":  # identity 1x1 depthwise kernel; BN is folded into it
+            return [ops.ones((1, 1, base.moving_mean.shape[0], 1))], None
         if self.kind == "separable":
             kernels = [base.depthwise_kernel, base.pointwise_kernel]
         else:
@@ -129,7 +152,7 @@ class QuantizeWrapper(layers.Wrapper):
         if bias is None:
             bias = ops.zeros((channels,), dtype=out_kernel.dtype)
         bias = ops.convert_to_tensor(bias)
-        bn = self.batch_norm
+        bn = self._bn
         if bn is not None:
             gamma = bn.gamma if bn.scale else ops.ones((channels,))
             beta = bn.beta if bn.center else ops.zeros((channels,))
@@ -145,17 +168,17 @@ class QuantizeWrapper(layers.Wrapper):
 
     def _out_channels(self, kernels):
         shape = kernels[-1].shape
-        return shape[2] * shape[3] if self.kind == "depthwise" else shape[-1]
+        return shape[2] * shape[3] if self.kind in ("depthwise", "affine") else shape[-1]
 
     def _scale_out(self, kernel, scale):
-        if self.kind == "depthwise":
+        if self.kind in ("depthwise", "affine"):
             return _scale_depthwise(kernel, scale)
         return kernel * scale
 
     def _quantize(self, kernels):
         if self.kind == "dense":
             return [quantize_weight(kernels[0], per_channel=False)]
-        if self.kind == "depthwise":
+        if self.kind in ("depthwise", "affine"):
             return [_depthwise_quant(kernels[0])]
         if self.kind == "separable":
             return [_depthwise_quant(kernels[0]), quantize_weight(kernels[1], per_channel=True)]
@@ -174,6 +197,8 @@ class QuantizeWrapper(layers.Wrapper):
         elif self.kind == "conv2d":
             y = ops.conv(x, kernels[0], strides=base.strides, padding=base.padding,
                          dilation_rate=base.dilation_rate)
+        elif self.kind == "affine":
+            y = self._affine(x, kernels[0])
         elif self.kind == "depthwise":
             y = ops.depthwise_conv(x, kernels[0], strides=base.strides, padding=base.padding,
                                    dilation_rate=base.dilation_rate)
@@ -184,6 +209,16 @@ class QuantizeWrapper(layers.Wrapper):
                 y = self.mid_quantizer(y, training=training)
             y = ops.conv(y, kernels[1])
         return y + bias if bias is not None else y
+
+    def _affine(self, x, kernel):
+        # Any rank: viewed as (N, 1.., C) images so one int8 DEPTHWISE_CONV_2D does it.
+        shape = ops.shape(x)
+        rank = len(x.shape)
+        if rank == 4:
+            return ops.depthwise_conv(x, kernel)
+        lead = (1,) * (4 - rank) if rank < 4 else ()
+        y = ops.depthwise_conv(ops.reshape(x, (-1, *lead, *x.shape[1:])), kernel)
+        return ops.reshape(y, shape)
 
     def _conv1d(self, x, kernel, already_4d):
         # Written as a 2-D conv over a height-1 image: the converter does this anyway, and a
@@ -201,17 +236,21 @@ class QuantizeWrapper(layers.Wrapper):
 
     def call(self, inputs, training=False):
         kernels, bias = self._kernels_and_bias()
-        if training and self.batch_norm is not None:
+        if training and self._bn is not None:
             self._update_bn_statistics(inputs, kernels, bias)
         kernels, bias = self._fold(kernels, bias)
         y = self._linear(inputs, self._quantize(kernels), bias, training, quantized=True)
+        if self.kind == "affine":
+            return y
+        if self.logits_quantizer is not None:
+            y = self.logits_quantizer(y, training=training)
         return self._base.activation(y)
 
     def _update_bn_statistics(self, inputs, kernels, bias):
         """Moving mean/variance of the *unfolded* float output, as BN would have computed."""
         y = ops.stop_gradient(self._linear(inputs, kernels, bias, False, quantized=False))
         mean, variance = ops.moments(y, axes=list(range(len(y.shape) - 1)))
-        bn, keep = self.batch_norm, self.bn_observing > 0.5
+        bn, keep = self._bn, self.bn_observing > 0.5
         m = bn.momentum
         bn.moving_mean.assign(ops.where(keep, bn.moving_mean * m + mean * (1 - m),
                                         bn.moving_mean))

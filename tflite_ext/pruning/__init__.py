@@ -1,0 +1,31 @@
+"""Structured pruning for Keras 3 with physical channel removal.
+
+The lifecycle: `prune` wraps layers, `PruningCallback` ramps sparsity during `fit`, `strip`
+returns an ordinary Keras model whose masked channels are gone (so the `.tflite` is smaller
+and faster). Unstructured and 2:4 pruning use the same wrapper and callback
+(`granularity="unstructured"` / `"2:4"`); their `strip` bakes the zeros into the kernels.
+
+Example:
+    >>> from tflite_ext import models, pruning, tasks
+    >>> data = tasks.digits()
+    >>> pruned = pruning.prune(models.digits_cnn(), pruning.PolynomialDecay(0.0, 0.75, 0, 300,
+    ...                        frequency=25), round_to=8)
+    >>> models.compile_classifier(pruned, 5e-4).fit(data.x_train, data.y_train, epochs=10,
+    ...                                            callbacks=[pruning.PruningCallback()])
+    >>> small = pruning.strip(pruned)
+"""
+from tflite_ext.pruning import importance
+from tflite_ext.pruning import schedules
+from tflite_ext.pruning.api import prune, pruning_wrappers
+from tflite_ext.pruning.callbacks import PruningCallback, PruningPlan, magnitude_mask, n_m_mask
+from tflite_ext.pruning.importance import (APoZ, BNScale, Importance, Magnitude, MeanActivation,
+                                           Taylor, select_channels)
+from tflite_ext.pruning.macs import count_macs
+from tflite_ext.pruning.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
+from tflite_ext.pruning.strip import strip
+from tflite_ext.pruning.wrapper import PruneWrapper
+
+__all__ = ["prune", "strip", "PruningCallback", "PruneWrapper", "PruningPlan",
+           "ConstantSparsity", "PolynomialDecay", "PruningSchedule", "Importance", "Magnitude",
+           "BNScale", "MeanActivation", "APoZ", "Taylor", "select_channels", "magnitude_mask",
+           "n_m_mask", "count_macs", "pruning_wrappers", "importance", "schedules"]

@@ -1,0 +1,136 @@
+"""`prune(model, ...)`: wraps the chosen layers of a functional model for pruning during fit.
+
+Example:
+    >>> pruned = prune(model, PolynomialDecay(0.0, 0.6, 0, 400, frequency=50), round_to=8)
+    >>> compile_classifier(pruned).fit(x, y, epochs=5, callbacks=[PruningCallback()])
+    >>> small = strip(pruned)                 # ordinary Keras model, channels removed
+"""
+import re
+
+from tflite_ext.errors import InputError
+from tflite_ext.graph import DependencyGraph
+from tflite_ext.pruning import importance as importance_lib
+from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
+from tflite_ext.pruning.schedules import ConstantSparsity, PruningSchedule, check_sparsity
+from tflite_ext.pruning.wrapper import GRANULARITIES, SUPPORTED, PruneWrapper
+
+
+def _inner(layer):
+    return getattr(layer, "tflite_ext_inner", None) or layer
+
+
+def _matcher(layers):
+    """A predicate over layers from names, regexes, layer types or a callable."""
+    if layers is None:
+        return lambda layer: True
+    if callable(layers) and not isinstance(layers, type):
+        return layers
+    items = layers if isinstance(layers, (list, tuple, set)) else [layers]
+    types = tuple(i for i in items if isinstance(i, type))
+    patterns = [re.compile(i) for i in items if isinstance(i, str)]
+    if len(types) + len(patterns) != len(items):
+        raise InputError("layers must be names, regexes, layer classes or a callable. "
+                         f"Received: layers={layers!r}")
+    return lambda layer: isinstance(layer, types) or any(
+        p.fullmatch(layer.name) for p in patterns)
+
+
+def _schedule(sparsity):
+    if isinstance(sparsity, PruningSchedule):
+        return sparsity
+    return ConstantSparsity(check_sparsity(sparsity), begin_step=0, frequency=100)
+
+
+def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", min_channels=1,
+          round_to=1, granularity="channel", opaque=()):
+    """Returns a copy of `model` whose chosen layers are wrapped in `PruneWrapper`s.
+
+    Train the result with `PruningCallback()` in `fit`, then call `strip()`.
+
+    Args:
+        model: a functional or Sequential Keras model (nested models are flattened).
+        sparsity: a float in [0, 1) (constant sparsity, re-ranked every 100 steps) or a
+            schedule (`ConstantSparsity`, `PolynomialDecay`). For "channel" granularity it is
+            the fraction of channels removed per dependency group ("local") or overall
+            ("global"); for "unstructured" the fraction of weights per layer. "2:4" ignores it.
+        layers: which layers to prune: a name/regex, a layer class, a list of those, or a
+            callable `layer -> bool`. Default: every prunable layer. With "channel"
+            granularity a chosen layer prunes its whole dependency group (every layer tied to
+            its output channels is masked with it).
+        importance: "l1", "l2", "bn_scale", "mean_activation", "apoz", "taylor" or an
+            `Importance` instance.
+        scope: "local" (each group loses `sparsity` of its channels) or "global" (the least
+            important channels over all groups).
+        min_channels: minimum channels kept per group.
+        round_to: kept channels per group rounded to a multiple of this (e.g. 8).
+        granularity: "channel" (structured; `strip` removes channels), "unstructured"
+            (magnitude) or "2:4" (two of every four weights along the input axis).
+        opaque: layer names the graph treats as barriers (for unknown layer types).
+
+    Example:
+        >>> pruned = prune(models.digits_cnn(), 0.75, layers=keras.layers.Conv2D)
+    """
+    schedule = _schedule(sparsity)
+    imp = importance_lib.get(importance)
+    if scope not in ("local", "global"):
+        raise InputError(f"scope must be 'local' or 'global'. Received: scope={scope!r}")
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {GRANULARITIES}. "
+                         f"Received: granularity={granularity!r}")
+    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
+    graph = DependencyGraph(model, opaque=opaque)
+    if any(isinstance(n.layer, PruneWrapper) for n in graph.nodes):
+        raise InputError(f"The model is already wrapped for pruning. Received: model={model.name}")
+    match = _matcher(layers)
+    chosen = {n.name for n in graph.nodes if n.inputs and isinstance(n.layer, SUPPORTED)
+              and match(n.layer)}
+    if not chosen:
+        raise InputError("layers matched no Conv/Dense layer of the model. "
+                         f"Received: layers={layers!r}")
+    consumers = set()
+    if granularity == "channel":
+        wrap = set()
+        for group in graph.groups:
+            if chosen & set(group.producers):
+                wrap.update(group.producers)
+                consumers.update(name for name, _, _ in group.consumers)
+        wrap |= consumers
+        if not wrap:
+            raise InputError("None of the chosen layers has prunable output channels (they "
+                             f"feed a model output or a barrier). Received: layers={layers!r}")
+    else:
+        wrap = chosen
+    policy = {"importance": imp.name, "scope": scope, "min_channels": min_channels,
+              "round_to": round_to}
+    names = unique_names(graph)
+
+    def make_layer(node):
+        source = node.layer
+        config = source.get_config()
+        config["name"] = names[node.name]
+        layer = clone_layer(source, config)
+        init = lambda new, src=source: new.set_weights(src.get_weights())  # noqa: E731
+        if node.name not in wrap:
+            return layer, init
+        wrapper = PruneWrapper(layer, granularity=granularity, schedule=schedule, policy=policy,
+                               track_activations=imp.needs_activations and node.name in consumers)
+        return wrapper, lambda new, src=source: new.layer.set_weights(src.get_weights())
+
+    return rebuild(graph, make_layer)
+
+
+def pruning_wrappers(model):
+    """The `PruneWrapper` layers of a model (top level), in model order."""
+    return [layer for layer in model.layers if isinstance(layer, PruneWrapper)]
+
+
+def get_schedule_and_policy(model):
+    """(schedule, policy) stored in the first wrapper of a pruned model."""
+    wrappers = pruning_wrappers(model)
+    if not wrappers:
+        raise InputError("The model has no pruning wrappers; call tflite_ext.pruning.prune() "
+                         f"first. Received: model={model.name}")
+    return wrappers[0].schedule, wrappers[0].policy
+

@@ -1,0 +1,109 @@
+"""strip(): the stripped model equals the masked model (max abs diff <= 1e-5, float32)."""
+import keras
+import numpy as np
+import pytest
+
+from tests import pruning_models as pm
+from tflite_ext.errors import InputError
+from tflite_ext.pruning import count_macs, strip
+
+
+def _widths(model):
+    return {layer.name: layer.kernel.shape[-1] for layer in model.layers
+            if hasattr(layer, "kernel") and not hasattr(layer, "pointwise_kernel")}
+
+
+def test_sequential_cnn():
+    model = pm.sequential_cnn()
+    _, small = pm.assert_strip_matches(model, 0.5)
+    assert _widths(small) == {"c1": 4, "c2": 8, "fc": 8, "out": 5}
+
+
+def test_resnet_identity_and_projection_shortcuts():
+    model = pm.resnet()
+    pruned, small = pm.assert_strip_matches(model, 0.5)
+    widths = _widths(small)
+    # The identity add ties stem and s1b; projection adds tie s2b/s2_shortcut, s3b/s3_shortcut.
+    assert widths["stem_conv"] == widths["s1b_conv"] == 8
+    assert widths["s2b_conv"] == widths["s2_shortcut"] == 16
+    assert widths["s3b_conv"] == widths["s3_shortcut"] == 32
+    assert widths["logits"] == 5
+    assert count_macs(small) < count_macs(model) / 3
+
+
+def test_mobilenet_v2_style_inverted_residuals():
+    model = pm.mobilenet_v2_style()
+    _, small = pm.assert_strip_matches(model, 0.5)
+    assert small.get_layer("b1_dw").kernel.shape[-2] == 16  # 32 expanded channels halved
+    assert small.get_layer("b2_project").kernel.shape[-1] == 6  # tied to b1 by the add
+
+
+def test_inception_and_densenet_concatenate_offsets():
+    model = pm.inception_dense_style()
+    _, small = pm.assert_strip_matches(model, 0.5)
+    # mixed = 6 + 8 + 4 -> 3 + 4 + 2; each dense step adds 6 -> 3 channels.
+    assert small.get_layer("mixed").output.shape[-1] == 9
+    assert small.get_layer("d1_cat").output.shape[-1] == 15
+    assert small.get_layer("d1_bn").gamma.shape[-1] == 12
+
+
+def test_xception_separable_block_with_residual():
+    model = pm.xception_style()
+    _, small = pm.assert_strip_matches(model, 0.5)
+    assert small.get_layer("sep2").pointwise_kernel.shape == (1, 1, 16, 8)
+    assert small.get_layer("shortcut").kernel.shape[-1] == 8
+
+
+def test_conv1d_model():
+    _, small = pm.assert_strip_matches(pm.conv1d_model(), 0.5)
+    assert small.get_layer("dw").kernel.shape[-2] == 4
+
+
+def test_flatten_into_dense_expands_channel_indices():
+    _, small = pm.assert_strip_matches(pm.flatten_mlp(), 0.5)
+    assert small.get_layer("fc1").kernel.shape == (4 * 4 * 4, 16)
+    assert small.get_layer("fc2").kernel.shape == (16, 8)
+
+
+def test_nested_models_are_flattened():
+    _, small = pm.assert_strip_matches(pm.nested_model(), 0.5)
+    assert not any(isinstance(layer, keras.Model) for layer in small.layers)
+    assert small.get_layer("logits").kernel.shape == (8 * 8 * 3, 3)
+
+
+def test_global_scope_and_round_to():
+    model = pm.resnet()
+    _, small = pm.assert_strip_matches(model, 0.4, scope="global", round_to=8)
+    assert all(w % 8 == 0 or name == "logits" for name, w in _widths(small).items())
+
+
+def test_keras_mobilenet_v2_application():
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                           classes=4)
+    _, small = pm.assert_strip_matches(model, 0.3, round_to=4)
+    assert count_macs(small) < count_macs(model)
+
+
+def test_unstructured_strip_bakes_zeros():
+    model = pm.sequential_cnn()
+    pruned = pm.masked(model, 0.6, granularity="unstructured")
+    small = strip(pruned)
+    kernel = small.get_layer("c2").kernel.numpy()
+    assert kernel.shape == (3, 3, 8, 16)
+    assert (kernel == 0).sum() == int(np.floor(0.6 * kernel.size))
+    x = np.random.default_rng(0).uniform(size=(4, 10, 10, 3)).astype("float32")
+    np.testing.assert_allclose(small(x), pruned(x), atol=1e-5, rtol=0)
+
+
+def test_two_four_sparsity_pattern():
+    pruned = pm.masked(pm.flatten_mlp(), 0.0, granularity="2:4")
+    kernel = strip(pruned).get_layer("fc1").kernel.numpy()  # (128, 32): runs of 4 along inputs
+    runs = kernel.reshape(32, 4, 32)
+    assert ((runs != 0).sum(axis=1) <= 2).all()
+    assert (kernel == 0).mean() == 0.5
+
+
+def test_strip_of_never_pruned_model_is_an_error():
+    with pytest.raises(InputError, match=r"^strip\(\) needs a model returned by prune\(\); .* "
+                                         r"Received: model=seq_cnn$"):
+        strip(pm.sequential_cnn())

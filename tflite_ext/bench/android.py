@@ -342,14 +342,16 @@ def sweep(model, binary, out_dir, *, serial=None, threads=(1, 2, 4),
     """Runs every (threads, delegate) pair on each selected device.
 
     A failed run (delegate error, crash, hang) is recorded with status "failed" and its
-    one-line error, and the sweep goes on; JSON and CSV are rewritten after every run, so
-    finished results are kept whatever happens next. Pushed files are removed at the end.
+    one-line error, and the sweep goes on; JSON and CSV are rewritten after every run (when
+    out_dir is not None), so finished results are kept whatever happens next. Pushed files
+    are removed at the end.
 
     Returns:
         (results list, json path, csv path).
     """
     _check_run_args(model, binary, threads, delegates)
-    ensure_writable_dir(out_dir)
+    if out_dir is not None:
+        ensure_writable_dir(out_dir)
     adb = adb or Adb(adb_path)
     results = []
     paths = (None, None)
@@ -365,5 +367,6 @@ def sweep(model, binary, out_dir, *, serial=None, threads=(1, 2, 4),
                                         "delegate": d, "warmup_runs": int(warmup_runs),
                                         "num_runs": int(num_runs), "status": "failed",
                                         "error": str(e)})
-                    paths = write_results(results, out_dir)
+                    if out_dir is not None:
+                        paths = write_results(results, out_dir)
     return results, paths[0], paths[1]

@@ -1,0 +1,189 @@
+"""The `tflite-ext bench`, `micro` and `android` commands (absl flags, one FlagValues each).
+
+`tflite_ext.cli` imports `COMMANDS`; each entry has `define_flags(fv)` and `main(fv) -> int`.
+Errors are raised as `TfliteExtError` subclasses with one-line messages; the CLI prints them.
+
+Example:
+    $ tflite-ext bench --model build/digits_int8.tflite --threads 1,2 --xnnpack both --task digits
+    $ tflite-ext micro --model build/digits_int8.tflite --task digits --c_out build/mcu
+    $ tflite-ext android --model m.tflite --binary benchmark_model -s R58M12345 --json
+"""
+import collections
+import os
+
+from absl import flags
+
+from tflite_ext.errors import InputError
+
+Command = collections.namedtuple("Command", ["name", "help", "define_flags", "main"])
+
+
+def _common_flags(fv):
+    flags.DEFINE_string("model", None, "Path of the .tflite model.", flag_values=fv)
+    flags.DEFINE_string("out_dir", None, "Write <command>.json and <command>.md reports here.",
+                        flag_values=fv)
+    flags.DEFINE_boolean("json", False, "Print JSON to stdout instead of a table.",
+                         flag_values=fv)
+
+
+def _eval_flags(fv):
+    flags.DEFINE_enum("task", None, ["digits"], "Built-in evaluation data: digits = the sklearn "
+                      "digits test split, resized to the model's input.", flag_values=fv)
+    flags.DEFINE_string("eval_data", None, "A .npz with arrays x (float samples) and y "
+                        "(integer labels) to evaluate on.", flag_values=fv)
+
+
+def _require_model(fv):
+    if not fv.model:
+        raise InputError("--model is required: the .tflite to benchmark. Received: --model=None")
+    return fv.model
+
+
+def _eval_arrays(fv, model):
+    """(x, y) from --eval_data or --task, or (None, None)."""
+    import numpy as np
+    if fv.eval_data:
+        from tflite_ext.files import read_model_bytes
+        read_model_bytes(fv.eval_data)          # exists and non-empty, one-line error otherwise
+        try:
+            with np.load(fv.eval_data) as data:
+                return data["x"], data["y"]
+        except (KeyError, ValueError, OSError) as e:
+            raise InputError(f"--eval_data must be a .npz holding arrays x and y ({e}). "
+                             f"Received: {fv.eval_data!r}") from None
+    if fv.task == "digits":
+        from tflite_ext import tasks
+        from tflite_ext.bench import host
+        shape = host.describe(model)["inputs"][0]["shape"]
+        if len(shape) != 4:
+            raise InputError(f"--task digits needs an image model (N, H, W, C). "
+                             f"Received: input shape={shape}")
+        split = tasks.digits(size=shape[1], channels=shape[3])
+        return split.x_test, split.y_test
+    return None, None
+
+
+def _emit(fv, name, data, markdown):
+    from tflite_ext.bench import report
+    if fv.out_dir:
+        report.write_report(fv.out_dir, name, data, markdown)
+    print(report.to_json(data) if fv.json else markdown, end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+def _bench_flags(fv):
+    _common_flags(fv)
+    _eval_flags(fv)
+    flags.DEFINE_list("threads", ["1"], "LiteRT thread counts to sweep, comma separated.",
+                      flag_values=fv)
+    flags.DEFINE_enum("xnnpack", "on", ["on", "off", "both"], "Run with LiteRT's default "
+                      "XNNPACK delegate on, off, or both.", flag_values=fv)
+    flags.DEFINE_integer("runs", 50, "Timed runs per configuration.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("warmup", 5, "Untimed warm-up runs.", lower_bound=0, flag_values=fv)
+
+
+def _ints(values, name):
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise InputError(f"--{name} must be integers, comma separated. "
+                         f"Received: --{name}={','.join(values)}") from None
+
+
+def _bench_main(fv):
+    from tflite_ext.bench import host, report
+    model = _require_model(fv)
+    x, y = _eval_arrays(fv, model)
+    xnnpack = {"on": (True,), "off": (False,), "both": (True, False)}[fv.xnnpack]
+    result = {"model": model, "size_bytes": os.path.getsize(model),
+              "latency": host.thread_sweep(model, _ints(fv.threads, "threads"), xnnpack,
+                                           runs=fv.runs, warmup=fv.warmup, x=x)}
+    if y is not None:
+        result.update(host.evaluate(model, x, y))
+    return _emit(fv, "bench", result, report.host_markdown(result))
+
+
+# ----------------------------------------------------------------------------- micro
+
+def _micro_flags(fv):
+    _common_flags(fv)
+    _eval_flags(fv)
+    flags.DEFINE_integer("runs", 20, "Timed TFLM invocations on the host.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("arena_size", None, "The tensor arena you plan to use (bytes); an "
+                         "error if TFLM needs more.", flag_values=fv)
+    flags.DEFINE_integer("samples", 200, "Samples compared between TFLM and LiteRT.",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("c_out", None, "Also write <c_name>.h and <c_name>.c (16-byte aligned "
+                        "array, length and arena size) into this folder.", flag_values=fv)
+    flags.DEFINE_string("c_name", "model", "C identifier of the exported array.", flag_values=fv)
+
+
+def _micro_main(fv):
+    from tflite_ext.bench import micro, report
+    model = _require_model(fv)
+    x, _ = _eval_arrays(fv, model)
+    if x is not None:
+        x = x[:fv.samples]
+    result = micro.analyze(model, x, runs=fv.runs, arena_size=fv.arena_size,
+                           agreement_samples=fv.samples)
+    result["model"] = model
+    if fv.c_out:
+        result["c_files"] = list(micro.write_c_source(model, fv.c_out, fv.c_name,
+                                                      result["arena_bytes"]))
+    return _emit(fv, "micro", result, report.micro_markdown(result))
+
+
+# ----------------------------------------------------------------------------- android
+
+def _android_flags(fv):
+    _common_flags(fv)
+    flags.DEFINE_string("binary", None, "Path of the Android benchmark_model binary to push.",
+                        flag_values=fv)
+    flags.DEFINE_string("serial", None, "Run on this device only (default: every attached "
+                        "device).", short_name="s", flag_values=fv)
+    flags.DEFINE_list("threads", ["1"], "Thread counts to sweep, comma separated.",
+                      flag_values=fv)
+    flags.DEFINE_list("delegates", ["xnnpack"], "Delegates to sweep: cpu, xnnpack, gpu, nnapi.",
+                      flag_values=fv)
+    flags.DEFINE_integer("warmup_runs", 1, "benchmark_model --warmup_runs.", lower_bound=0,
+                         flag_values=fv)
+    flags.DEFINE_integer("num_runs", 50, "benchmark_model --num_runs.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_boolean("op_profiling", False, "Pass --enable_op_profiling=true.",
+                         flag_values=fv)
+    flags.DEFINE_integer("timeout", 300, "Seconds before a run counts as hung.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_string("adb", None, "The adb program (default: $TFLITE_EXT_ADB, then adb on "
+                        "PATH).", flag_values=fv)
+
+
+def _android_main(fv):
+    from tflite_ext.bench import android, report
+    model = _require_model(fv)
+    if not fv.binary:
+        raise InputError("--binary is required: the benchmark_model built for the device. "
+                         "Received: --binary=None")
+    results, _, _ = android.sweep(
+        model, fv.binary, fv.out_dir, serial=fv.serial, threads=_ints(fv.threads, "threads"),
+        delegates=fv.delegates, warmup_runs=fv.warmup_runs, num_runs=fv.num_runs,
+        op_profiling=fv.op_profiling, timeout=fv.timeout, adb_path=fv.adb)
+    slim = [{k: v for k, v in r.items() if k != "parsed"} for r in results]
+    markdown = report.android_markdown(results)
+    if fv.out_dir:
+        report.write_report(fv.out_dir, "android", slim, markdown)
+    print(report.to_json(slim) if fv.json else markdown, end="")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+COMMANDS = [
+    Command("bench", "Time a .tflite with LiteRT on this machine (threads, XNNPACK on/off) and "
+            "measure its accuracy.", _bench_flags, _bench_main),
+    Command("micro", "Check a full-integer .tflite for TensorFlow Lite Micro: ops, exact arena, "
+            "flash, host latency, agreement with LiteRT, C export.", _micro_flags, _micro_main),
+    Command("android", "Run benchmark_model on Android devices over adb: sweep threads x "
+            "delegates, write JSON + CSV.", _android_flags, _android_main),
+]

@@ -1,0 +1,163 @@
+"""Benchmark reports: JSON + Markdown for every benchmark, PNG plots for variant comparisons.
+
+Every file goes through `atomic_write`: a report appears whole or not at all.
+
+Example:
+    >>> from tflite_ext.bench import report
+    >>> report.write_report("build/bench", "host", result, report.host_markdown(result))
+    >>> report.plot_variants([
+    ...     {"name": "float32", "accuracy": 0.998, "size_bytes": 1034676, "latency_us": 164.5},
+    ...     {"name": "int8", "accuracy": 0.998, "size_bytes": 277968, "latency_us": 120.2},
+    ... ], "build/plots")
+    ['build/plots/accuracy_vs_size.png', 'build/plots/accuracy_vs_latency.png']
+"""
+import io
+import json
+import os
+
+from tflite_ext.errors import InputError
+from tflite_ext.files import atomic_write, ensure_writable_dir
+
+
+def to_json(data):
+    """JSON text for a result (numpy scalars and other objects fall back to str/float)."""
+    def default(value):
+        if hasattr(value, "item"):
+            return value.item()
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        return str(value)
+    return json.dumps(data, indent=2, default=default) + "\n"
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows, columns):
+    """A Markdown table; `columns` is [(key, header)]."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATENCY_COLUMNS = [("num_threads", "threads"), ("xnnpack", "XNNPACK"), ("min_us", "min µs"),
+                    ("median_us", "median µs"), ("p90_us", "p90 µs"), ("max_us", "max µs"),
+                    ("runs", "runs")]
+
+
+def host_markdown(result):
+    """Markdown for `{"model", "size_bytes", "latency": [time_model dicts], "accuracy"?}`."""
+    lines = [f"# Host benchmark (LiteRT): {result.get('model', '')}", ""]
+    if "size_bytes" in result:
+        lines += [f"Model size: {result['size_bytes']:,} bytes", ""]
+    if result.get("accuracy") is not None:
+        lines += [f"Accuracy: {result['accuracy']:.4f} on {result.get('samples', '?')} "
+                  "samples", ""]
+    lines.append(markdown_table(result.get("latency", []), _LATENCY_COLUMNS))
+    return "\n".join(lines)
+
+
+def micro_markdown(result):
+    """Markdown for a `micro.analyze` result."""
+    lat, agree = result["latency"], result["agreement"]
+    rows = [("flash (model) bytes", result["flash_bytes"]),
+            ("tensor arena bytes (exact minimum)", result["arena_bytes"]),
+            ("arena suggestion for an MCU", result["arena_suggestion"]),
+            ("recording allocator total", result["arena_report"].get("total")),
+            ("host latency through TFLM, median µs", lat["median_us"]),
+            ("TFLM vs LiteRT top-1 agreement", agree["top1_agreement"]),
+            ("largest output difference (quantization steps)", agree["max_diff_steps"]),
+            ("samples compared", agree["samples"])]
+    ops = ", ".join(f"{k} ×{v}" for k, v in sorted(result["op_counts"].items()))
+    return (f"# TFLite Micro: {result.get('model', '')}\n\n"
+            + markdown_table([{"k": k, "v": v} for k, v in rows], [("k", "measure"), ("v", "value")])
+            + f"\nOperators: {ops}\n")
+
+
+_ANDROID_COLUMNS = [("serial", "serial"), ("model", "device"), ("soc", "SoC"),
+                    ("android", "Android"), ("threads", "threads"), ("delegate", "delegate"),
+                    ("status", "status"), ("inference_avg_us", "avg µs"),
+                    ("inference_min_us", "min µs"), ("init_us", "init µs"), ("error", "error")]
+
+
+def android_markdown(results):
+    """Markdown for a list of Android run results (as from `android.sweep`)."""
+    from tflite_ext.bench.android import csv_row
+    return "# Android benchmark (benchmark_model over adb)\n\n" + markdown_table(
+        [csv_row(r) for r in results], _ANDROID_COLUMNS)
+
+
+def write_report(out_dir, name, data, markdown):
+    """Writes `<name>.json` and `<name>.md` into out_dir; returns both paths."""
+    ensure_writable_dir(out_dir)
+    return (atomic_write(os.path.join(out_dir, f"{name}.json"), to_json(data)),
+            atomic_write(os.path.join(out_dir, f"{name}.md"), markdown))
+
+
+def _check_variants(variants, key):
+    if not variants:
+        raise InputError("Need at least one variant to plot. Received: variants=[]")
+    for v in variants:
+        missing = [k for k in ("name", "accuracy", key) if v.get(k) is None]
+        if missing:
+            raise InputError(f"Each variant needs name, accuracy and {key}. "
+                             f"Received: {v.get('name', v)!r} without {missing[0]}")
+
+
+def _scatter(variants, key, xlabel, title, log_x):
+    import matplotlib
+    matplotlib.use("Agg")   # files only; never open a window
+    from matplotlib import pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    try:
+        for v in variants:
+            x = v[key] / 1024.0 if key == "size_bytes" else v[key]
+            ax.scatter([x], [v["accuracy"] * 100.0], s=45)
+            ax.annotate(v["name"], (x, v["accuracy"] * 100.0), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def plot_variants(variants, out_dir, prefix=""):
+    """Two PNGs: accuracy vs size and accuracy vs latency for a list of variants.
+
+    Args:
+        variants: [{"name", "accuracy" (0-1), "size_bytes", "latency_us"}]; a variant without
+            latency_us is left out of the latency plot only.
+        out_dir: folder for `<prefix>accuracy_vs_size.png` and `<prefix>accuracy_vs_latency.png`.
+
+    Returns:
+        The written paths.
+    """
+    _check_variants(variants, "size_bytes")
+    ensure_writable_dir(out_dir)
+    sizes = [v["size_bytes"] for v in variants]
+    paths = [atomic_write(os.path.join(out_dir, f"{prefix}accuracy_vs_size.png"),
+                          _scatter(variants, "size_bytes", ".tflite size (KiB)",
+                                   "Accuracy vs model size", max(sizes) > 8 * min(sizes)))]
+    timed = [v for v in variants if v.get("latency_us") is not None]
+    if timed:
+        paths.append(atomic_write(os.path.join(out_dir, f"{prefix}accuracy_vs_latency.png"),
+                                  _scatter(timed, "latency_us", "median latency (µs)",
+                                           "Accuracy vs latency", False)))
+    return paths

@@ -197,6 +197,9 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
         >>> qat = quantize_model(model, skip_layers=["lstm"])
     """
     functional = _as_functional(model)
+    if any(isinstance(layer, (QuantizeWrapper, ActivationQuantizer))
+           for layer in functional.layers):
+        raise InputError(f"model is already quantized. Received: model={functional.name}")
     names = [layer.name for layer in functional.layers]
     skip = set([skip_layers] if isinstance(skip_layers, str) else skip_layers)
     missing = sorted(skip - set(names))
@@ -211,9 +214,6 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
             f"quantize_model cannot quantize {len(bad)} layer(s): {listed}. Leave them in "
             f"float with quantize_model(model, skip_layers={[n for n, _ in bad]}) and convert "
             "with float fallback allowed. Received: model=" + functional.name)
-    if any(isinstance(layer, (QuantizeWrapper, ActivationQuantizer))
-           for layer in functional.layers):
-        raise InputError(f"model is already quantized. Received: model={functional.name}")
     plan, calls = _plan(functional, skip, fold_batch_norm)
     shared = sorted(n for n, c in calls.items() if c > 1 and n in plan)
     if shared:

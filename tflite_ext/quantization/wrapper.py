@@ -10,9 +10,11 @@ and it is `kernel'` that gets quantized, so the ranges trained are the ones the 
 see. While BN statistics are still observed (see `callbacks.FreezeQuantization`), training
 steps also run the unquantized float op once to update the moving mean and variance.
 
-The wrapped layer may itself be a wrapper (the pruning wrapper): its innermost layer gives the
-layer type and weights, and a `mask` attribute (one 0/1 value per output channel) is applied
-to the folded kernel *and* bias, so pruned channels stay exactly zero through QAT.
+The wrapped layer may itself be a wrapper (the pruning `PruneWrapper`): its innermost layer
+gives the layer type and weights, and its masks are folded into the kernel rather than applied
+to tensors (a float MUL would break full integer): `weight_mask` on the kernel, `in_mask` on the
+kernel's input rows, `out_mask` on the folded kernel *and* bias, so pruned channels stay exactly
+zero through QAT and in the int8 model.
 
 Example:
     >>> conv = keras.layers.Conv2D(8, 3, padding="same")
@@ -54,10 +56,10 @@ def layer_kind(layer):
     return None
 
 
-def _channel_mask(layer):
-    """The pruning wrapper's per-output-channel 0/1 mask, or None."""
+def _mask(layer, name):
+    """A pruning wrapper's mask variable called `name` (in_mask, out_mask, weight_mask)."""
     while isinstance(layer, layers.Wrapper):
-        mask = getattr(layer, "mask", None)
+        mask = getattr(layer, name, None)
         if mask is not None:
             return mask
         layer = layer.layer
@@ -143,7 +145,15 @@ class QuantizeWrapper(layers.Wrapper):
         else:
             kernels = [base.kernel]
         bias = base.bias if base.use_bias else None
-        return [ops.convert_to_tensor(k) for k in kernels], bias
+        kernels = [ops.convert_to_tensor(k) for k in kernels]
+        weight_mask = _mask(self.layer, "weight_mask")
+        if weight_mask is not None:  # unstructured / 2:4: on the pointwise kernel if separable
+            kernels[-1] = kernels[-1] * ops.cast(weight_mask, kernels[-1].dtype)
+        in_mask = _mask(self.layer, "in_mask")
+        if in_mask is not None:  # input features live on axis -2 of every first kernel
+            in_mask = ops.cast(in_mask, kernels[0].dtype)
+            kernels[0] = kernels[0] * (ops.expand_dims(in_mask, -1))
+        return kernels, bias
 
     def _fold(self, kernels, bias):
         """Folds BN (moving statistics) and the pruning mask into the last kernel and bias."""
@@ -159,7 +169,7 @@ class QuantizeWrapper(layers.Wrapper):
             scale = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
             out_kernel = self._scale_out(out_kernel, scale)
             bias = (bias - bn.moving_mean) * scale + beta
-        mask = _channel_mask(self.layer)
+        mask = _mask(self.layer, "out_mask")
         if mask is not None:
             mask = ops.cast(ops.reshape(mask, (channels,)), out_kernel.dtype)
             out_kernel = self._scale_out(out_kernel, mask)
@@ -234,7 +244,15 @@ class QuantizeWrapper(layers.Wrapper):
                      padding=padding, dilation_rate=(1, base.dilation_rate[0]))
         return ops.squeeze(y, 1)
 
+    @property
+    def tflite_ext_inner(self):
+        """The wrapped layer (graph code looks through wrappers with this)."""
+        return self.layer
+
     def call(self, inputs, training=False):
+        step = getattr(self.layer, "pruning_step", None)
+        if training and step is not None:  # the pruning wrapper's own bookkeeping
+            step.assign_add(1)
         kernels, bias = self._kernels_and_bias()
         if training and self._bn is not None:
             self._update_bn_statistics(inputs, kernels, bias)

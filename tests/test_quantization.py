@@ -1,0 +1,249 @@
+"""QAT for Keras 3: wrappers the Keras way, full-int8 conversion without calibration data,
+BN folding, freezing, pruning composition and error messages. Tiny models, real converter."""
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from keras import layers
+
+from tflite_ext import inspect
+from tflite_ext.errors import InputError, UnsupportedLayerError
+from tflite_ext.quantization import (ActivationQuantizer, FreezeQuantization, QuantizeWrapper,
+                                     quantize_model)
+
+_INT_TYPES = {"int8", "int32"}  # activations/weights int8, biases int32
+
+
+def qat_to_tflite(model):
+    """The converter settings of the issue: DEFAULT optimizations, int8 I/O, NO calibration."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def tflite_logits(flatbuffer, x):
+    """Runs the int8 model sample by sample with LiteRT; returns dequantized outputs."""
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    (in_scale, in_zero), (out_scale, out_zero) = inp["quantization"], out["quantization"]
+    results = []
+    for sample in x:
+        q = np.clip(np.round(sample[None] / in_scale + in_zero), -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], q)
+        interpreter.invoke()
+        results.append((interpreter.get_tensor(out["index"])[0].astype(np.float32) - out_zero)
+                       * out_scale)
+    return np.stack(results)
+
+
+def check_layer_keras_way(layer, input_shape, tmp_path, expected_weights):
+    """Build, call, weight count, .keras round-trip, one fit step: the Keras-way check."""
+    inputs = keras.Input(input_shape)
+    model = keras.Model(inputs, layer(inputs))
+    assert len(layer.weights) == expected_weights
+    x = np.random.default_rng(0).random((8, *input_shape), dtype=np.float32)
+    y = model(x)
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(y)))
+    model.compile("adam", "mse")
+    model.fit(x, np.zeros_like(keras.ops.convert_to_numpy(y)), epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    return model
+
+
+@pytest.mark.parametrize("make_layer, input_shape, weights", [
+    # conv kernel+bias, BN gamma/beta/mean/var, bn_observing
+    (lambda: QuantizeWrapper(layers.Conv2D(4, 3), batch_norm=layers.BatchNormalization()),
+     (6, 6, 2), 7),
+    (lambda: QuantizeWrapper(layers.DepthwiseConv2D(3, depth_multiplier=2)), (6, 6, 2), 3),
+    # separable: depthwise, pointwise, bias, bn_observing, 4 for the intermediate quantizer
+    (lambda: QuantizeWrapper(layers.SeparableConv2D(4, 3)), (6, 6, 2), 8),
+    (lambda: QuantizeWrapper(layers.Conv1D(4, 3, padding="causal")), (6, 2), 3),
+    # Dense kernel+bias, bn_observing, 4 for the logits quantizer in front of softmax
+    (lambda: QuantizeWrapper(layers.Dense(3, activation="softmax")), (5,), 7),
+    (lambda: QuantizeWrapper(layers.BatchNormalization()), (4, 4, 3), 5),
+    (lambda: ActivationQuantizer(), (5,), 4),
+])
+def test_layers_the_keras_way(make_layer, input_shape, weights, tmp_path):
+    check_layer_keras_way(make_layer(), input_shape, tmp_path, weights)
+
+
+def mixed_model():
+    """Every supported layer type once, in 8x8x3: a small but awkward graph."""
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3, padding="same")(i)
+    x = layers.BatchNormalization()(x)
+    x = layers.ReLU(6.0)(x)
+    a = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(x)
+    a = layers.BatchNormalization()(a)
+    a = layers.Activation("relu")(a)
+    b = layers.SeparableConv2D(16, 3, padding="same")(x)
+    b = layers.BatchNormalization()(b)
+    s = layers.ReLU()(layers.Add()([a, b]))
+    c = layers.Concatenate()([s, a])
+    c = layers.ZeroPadding2D()(c)
+    c = layers.AveragePooling2D(2)(c)
+    c = layers.UpSampling2D()(c)
+    c = layers.MaxPooling2D()(c)
+    c = layers.BatchNormalization()(c)  # not after a conv: an int8 1x1 depthwise
+    c = layers.Dropout(0.2)(c)
+    r = layers.Reshape((25, 32))(c)
+    r = layers.Conv1D(8, 3, padding="causal", activation="relu")(r)
+    f = layers.Flatten()(r)
+    g = layers.GlobalAveragePooling2D()(c)
+    o = layers.Dense(10)(layers.Concatenate()([f, g]))
+    return keras.Model(i, layers.Softmax()(o))
+
+
+def test_qat_model_converts_to_full_int8_without_representative_data():
+    keras.utils.set_random_seed(1)
+    model = mixed_model()
+    qat = quantize_model(model)
+    qat.compile("adam", "sparse_categorical_crossentropy")
+    x = np.random.default_rng(1).random((64, 8, 8, 3), dtype=np.float32)
+    qat.fit(x, np.arange(64) % 10, epochs=1, batch_size=16, verbose=0)
+    info = inspect.summary(qat_to_tflite(qat))
+    assert info["full_integer"], info["float_tensors"]
+    assert {t["dtype"] for t in info["tensors"]} <= _INT_TYPES
+    assert info["op_counts"]["DEPTHWISE_CONV_2D"] == 3  # depthwise, separable's, lone BN
+    assert info["op_counts"]["CONV_2D"] == 3 and "MUL" not in info["op_counts"]
+    # The input scale is exactly the one the input quantizer trained.
+    q = qat.get_layer(qat.layers[1].name)
+    lo, hi = float(q.range_min.numpy()), float(q.range_max.numpy())
+    assert info["inputs"][0]["dtype"] == "int8"
+    assert info["inputs"][0]["scale"] == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert info["outputs"][0]["scale"] == pytest.approx(1 / 256)  # int8 softmax
+
+
+def test_sequential_model_converts():
+    model = keras.Sequential([keras.Input((16,)), layers.Dense(8, activation="relu"),
+                              layers.Dense(4), layers.Softmax()])
+    qat = quantize_model(model)
+    assert isinstance(qat.get_layer("quant_" + model.layers[0].name), QuantizeWrapper)
+    assert inspect.summary(qat_to_tflite(qat))["full_integer"]
+
+
+@pytest.fixture(scope="module")
+def qat_digits(digits):
+    """A tiny conv-BN-ReLU digits model: 3 float epochs, then 1 QAT epoch, 300 samples."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 1))
+    x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same")(i)))
+    x = layers.MaxPooling2D()(x)
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(i, layers.Dense(10)(x))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=32, verbose=0)
+    qat = quantize_model(model)
+    qat.compile(keras.optimizers.Adam(1e-3), loss)
+    qat.fit(digits.x_train[:300], digits.y_train[:300], epochs=1, batch_size=32, verbose=0)
+    return model, qat
+
+
+def test_tflite_agrees_with_keras_qat_model(qat_digits, digits):
+    _, qat = qat_digits
+    flatbuffer = qat_to_tflite(qat)
+    assert inspect.summary(flatbuffer)["full_integer"]
+    x = digits.x_test[:200]
+    keras_top1 = qat.predict(x, verbose=0).argmax(-1)
+    tflite_top1 = tflite_logits(flatbuffer, x).argmax(-1)
+    # Same fake-quant grid on both sides; only rounding order differs: >= 97% agreement.
+    assert np.mean(keras_top1 == tflite_top1) >= 0.97
+    assert np.mean(tflite_top1 == digits.y_test[:200]) >= 0.5  # it learned something
+
+
+def test_batch_norm_folding_matches_conv_then_bn():
+    keras.utils.set_random_seed(2)
+    conv, bn = layers.Conv2D(6, 3, strides=2, padding="same"), layers.BatchNormalization()
+    i = keras.Input((9, 9, 3))
+    float_model = keras.Model(i, bn(conv(i)))
+    rng = np.random.default_rng(2)
+    bn.set_weights([rng.uniform(0.5, 2, 6), rng.normal(size=6), rng.normal(size=6),
+                    rng.uniform(0.1, 3, 6)])
+    qat = quantize_model(float_model)
+    wrapper = qat.get_layer("quant_" + conv.name)
+    assert wrapper.batch_norm is not None and len(qat.layers) == 4  # input, quant, conv, act
+    (kernel,), bias = wrapper.folded_weights()
+    x = rng.random((4, 9, 9, 3), dtype=np.float32)
+    folded = keras.ops.conv(x, kernel, strides=2, padding="same") + bias
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(folded),
+                               float_model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_freeze_callback_stops_ranges_and_bn_statistics(qat_digits, digits):
+    _, qat = qat_digits
+    qat = keras.models.clone_model(qat)  # fresh copy: do not disturb the shared fixture
+    qat.set_weights(qat_digits[1].get_weights())
+    qat.compile(keras.optimizers.Adam(1e-3), "mse")
+    x, y = digits.x_train[:64], np.zeros((64, 10), np.float32)
+    quantizer = next(layer for layer in qat.layers if isinstance(layer, ActivationQuantizer)
+                     and layer.name.endswith("_act"))
+    bn = next(layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
+              and layer.batch_norm is not None).batch_norm
+    before = (float(quantizer.range_max.numpy()), bn.moving_mean.numpy().copy())
+    qat.fit(x * 3, y, epochs=1, batch_size=32, verbose=0)  # 2 steps with a wider range
+    moved = (float(quantizer.range_max.numpy()), bn.moving_mean.numpy().copy())
+    assert moved[0] != before[0] and not np.array_equal(moved[1], before[1])
+    callback = FreezeQuantization(freeze_after_step=1)
+    qat.fit(x * 10, y, epochs=1, batch_size=32, verbose=0, callbacks=[callback])
+    after_one = (float(quantizer.range_max.numpy()), bn.moving_mean.numpy().copy())
+    qat.fit(x * 50, y, epochs=2, batch_size=32, verbose=0, callbacks=[callback])
+    assert float(quantizer.range_max.numpy()) == after_one[0]
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), after_one[1])
+
+
+def test_qat_model_keras_round_trip(qat_digits, digits, tmp_path):
+    _, qat = qat_digits
+    path = os.path.join(tmp_path, "qat.keras")
+    qat.save(path)
+    loaded = keras.models.load_model(path)
+    x = digits.x_test[:32]
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qat.predict(x, verbose=0))
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in qat.layers]
+
+
+def test_float_model_is_not_modified(qat_digits, digits):
+    model, qat = qat_digits
+    assert not any(isinstance(layer, QuantizeWrapper) for layer in model.layers)
+    assert qat.layers[2].layer is not model.layers[1]
+
+
+def test_unsupported_layer_lists_layers_and_skip_argument():
+    i = keras.Input((8, 4))
+    x = layers.LayerNormalization(name="norm")(i)
+    x = layers.Dense(4, activation="gelu", name="fc")(x)
+    model = keras.Model(i, layers.Dense(2, name="out")(x))
+    message = (r"^quantize_model cannot quantize 2 layer\(s\): 'norm' \(LayerNormalization\), "
+               r"'fc' \(Dense with activation=gelu\)\. Leave them in float with "
+               r"quantize_model\(model, skip_layers=\['norm', 'fc'\]\)")
+    with pytest.raises(UnsupportedLayerError, match=message) as info:
+        quantize_model(model)
+    assert "\n" not in str(info.value)
+    qat = quantize_model(model, skip_layers=["norm", "fc"])  # the advice works
+    assert isinstance(qat.get_layer("quant_out"), QuantizeWrapper)
+    assert isinstance(qat.get_layer("norm"), layers.LayerNormalization)
+
+
+def test_bad_arguments_have_one_line_messages():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(2, name="d")])
+    with pytest.raises(InputError, match=r"skip_layers names layers that are not in the model"
+                                         r".*Received: skip_layers=\['nope'\]$"):
+        quantize_model(model, skip_layers=["nope"])
+    with pytest.raises(InputError, match=r"already quantized"):
+        quantize_model(quantize_model(model))
+    with pytest.raises(InputError, match=r"Sequential model \(start it with keras.Input\)"):
+        quantize_model(keras.Sequential([layers.Dense(2)]))
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)\. Received: decay=1\.5$"):
+        ActivationQuantizer(decay=1.5)
+    with pytest.raises(ValueError, match=r"Received: freeze_after_step=-1$"):
+        FreezeQuantization(freeze_after_step=-1)

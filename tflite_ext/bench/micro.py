@@ -197,13 +197,17 @@ def arena_works(model, arena_size, n_inputs=1):
 def minimum_arena(model, n_inputs=1, report_total=None):
     """Exact smallest tensor arena (bytes) TFLM runs the model in, by bisection.
 
-    The recording allocator's total is a lower bound (it leaves out the allocator objects
-    that TFLM places in the arena itself), so the search starts there and doubles the gap
-    until an arena works, then bisects to the byte.
+    The recording allocator's total is usually the answer or a little below it (it can leave
+    out the allocator objects TFLM places in the arena itself), so the search brackets the
+    answer around that total, widening by doubling steps, then bisects to the byte. Every
+    attempt runs in a child process: a much-too-small arena may crash TFLM.
     """
     data = host.model_bytes(model)
     low = report_total if report_total is not None else allocation_report(data, n_inputs)["total"]
-    low -= 1                                # known (assumed) to fail
+    low -= 1
+    step = 512
+    while low > 0 and arena_works(data, low, n_inputs):   # rare: the total over-estimates
+        low, step = max(0, low - step), step * 2
     step = 512
     high = low + step
     while not arena_works(data, high, n_inputs):

@@ -1,0 +1,131 @@
+"""tflite_ext.bench.micro with the real TFLM interpreter (tflite_micro) and LiteRT."""
+import json
+import os
+import shutil
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tflite_micro
+
+from tflite_ext import convert, models, tasks
+from tflite_ext.bench import micro
+from tflite_ext.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def digits_int8(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    split = tasks.digits()
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Flatten()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    models.compile_classifier(model, 1e-2)
+    model.fit(split.x_train, split.y_train, epochs=5, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("micro") / "digits_int8.tflite"
+    convert.to_tflite(model, split.x_train[:200]).save(str(path))
+    return str(path), split
+
+
+@pytest.fixture(scope="module")
+def analysis(digits_int8):
+    path, split = digits_int8
+    return micro.analyze(path, split.x_test, runs=10)
+
+
+def test_arena_is_exact_and_flash_is_model_size(digits_int8, analysis):
+    path, _ = digits_int8
+    arena = analysis["arena_bytes"]
+    assert micro.arena_works(path, arena)
+    assert not micro.arena_works(path, arena - 1)
+    assert not micro.arena_works(path, arena - 16)
+    # The recording allocator's total can leave out the allocator's own objects.
+    assert 0 < analysis["arena_report"]["total"] <= arena
+    assert analysis["arena_report"]["head"] + analysis["arena_report"]["tail"] == \
+        analysis["arena_report"]["total"]
+    assert analysis["flash_bytes"] == os.path.getsize(path)
+    assert analysis["arena_suggestion"] % 16 == 0 and analysis["arena_suggestion"] >= arena + 16
+
+
+def test_tflm_agrees_with_litert_on_digits(analysis):
+    agreement = analysis["agreement"]
+    assert agreement["samples"] == 540
+    assert agreement["top1_agreement"] >= 0.99
+    assert agreement["max_diff_steps"] <= 2      # same int8 kernels up to rounding
+    assert 0 < analysis["latency"]["min_us"] <= analysis["latency"]["median_us"]
+    assert analysis["op_counts"]["CONV_2D"] == 1 and analysis["unsupported_ops"] == []
+
+
+def test_arena_too_small(digits_int8, analysis):
+    path, _ = digits_int8
+    small = analysis["arena_bytes"] - 16
+    with pytest.raises(InputError, match=rf"^Tensor arena too small: TFLM needs "
+                                         rf"{analysis['arena_bytes']} bytes for this model\. "
+                                         rf"Received: arena_size={small}$"):
+        micro.analyze(path, arena_size=small)
+
+
+def test_op_tflm_lacks_is_listed_before_running(tmp_path):
+    class TopK(keras.layers.Layer):
+        def call(self, x):
+            return tf.math.top_k(x, 3).values
+
+    inputs = keras.Input((10,))
+    model = keras.Model(inputs, TopK()(keras.layers.Dense(10)(inputs)))
+    path = convert.to_tflite(model, mode="float32").save(str(tmp_path / "topk.tflite"))
+    assert micro.unsupported_ops(path) == ["TOPK_V2"]
+    with pytest.raises(InputError, match=r"^TFLite Micro has no kernel for 1 op\(s\) in the "
+                                         r"model: TOPK_V2\. .*Received: ops=\['FULLY_CONNECTED', "
+                                         r"'TOPK_V2'\]$"):
+        micro.analyze(path)
+
+
+def test_float_model_is_refused():
+    sine = os.path.join(os.path.dirname(tflite_micro.__file__), "python", "tflite_micro",
+                        "sine_float.tflite")
+    assert micro.unsupported_ops(sine) == []
+    with pytest.raises(InputError, match=r"^micro expects a full-integer model .*"
+                                         r"Received: float ops=FULLY_CONNECTED$"):
+        micro.analyze(sine)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_c_export_compiles_aligned_and_byte_identical(digits_int8, analysis, tmp_path):
+    path, _ = digits_int8
+    h, c = micro.write_c_source(path, str(tmp_path), "digits_model", analysis["arena_bytes"])
+    header = open(h).read()
+    assert f"#define DIGITS_MODEL_LEN {os.path.getsize(path)}" in header
+    assert f"#define DIGITS_MODEL_ARENA_SIZE {analysis['arena_suggestion']}" in header
+    (tmp_path / "main.c").write_text(
+        '#include <stdint.h>\n#include <stdio.h>\n#include "digits_model.h"\n'
+        "int main(void) {\n"
+        "  if ((uintptr_t)digits_model % 16 != 0) return 3;\n"
+        "  if (digits_model_len != DIGITS_MODEL_LEN) return 4;\n"
+        "  fwrite(digits_model, 1, digits_model_len, stdout);\n  return 0;\n}\n")
+    exe = tmp_path / "dump"
+    subprocess.run(["gcc", "-std=c11", "-Wall", "-Werror", "-o", str(exe), c,
+                    str(tmp_path / "main.c")], check=True, capture_output=True)
+    out = subprocess.run([str(exe)], capture_output=True, check=True).stdout
+    assert out == open(path, "rb").read()
+    with pytest.raises(InputError, match=r"^name must be a C identifier\. Received: name='9x'$"):
+        micro.c_source(path, "9x")
+
+
+def test_cli_micro_json_and_c_files(digits_int8, analysis, tmp_path, capsys):
+    from absl import flags
+    from tflite_ext.bench.commands import COMMANDS
+    command = {c.name: c for c in COMMANDS}["micro"]
+    fv = flags.FlagValues()
+    command.define_flags(fv)
+    path, _ = digits_int8
+    fv(["micro", f"--model={path}", "--task=digits", "--samples=50", "--runs=3", "--json",
+        f"--c_out={tmp_path}", "--c_name=digits"])
+    assert command.main(fv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["arena_bytes"] == analysis["arena_bytes"]
+    assert printed["agreement"]["samples"] == 50
+    assert sorted(os.listdir(tmp_path)) == ["digits.c", "digits.h"]

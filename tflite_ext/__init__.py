@@ -12,3 +12,15 @@ try:
     __version__ = _version("tflite_ext")  # setup.py is the one place the version is written
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
+
+_SUBMODULES = ("bench", "convert", "demo", "errors", "files", "graph", "inspect", "models",
+               "pruning", "quantization", "tasks")
+
+
+def __getattr__(name):
+    # Submodules load on first use, so `import tflite_ext` stays light (no TensorFlow import).
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"tflite_ext.{name}")
+    raise AttributeError(f"module 'tflite_ext' has no attribute {name!r}")

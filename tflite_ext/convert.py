@@ -29,8 +29,9 @@ MODES = ("int8", "int16x8", "float16", "dynamic", "float32")
 _IO_DTYPES = {"int8": ("int8", "uint8", "float32"), "int16x8": ("int16", "float32"),
               "float16": ("float32",), "dynamic": ("float32",), "float32": ("float32",)}
 _INTEGER_MODES = ("int8", "int16x8")
-# Ops that convert between float I/O and integer internals; allowed when I/O is float32.
-_IO_OPS = ("QUANTIZE", "DEQUANTIZE")
+# Ops that convert between float and integer tensors: allowed at float I/O and around ops the
+# caller allowed in float.
+_BRIDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
 
 
 @dataclasses.dataclass
@@ -86,16 +87,20 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
 
     report = inspect.summary(flatbuffer)
     allowed = list(allow_float)
+    if allow_float or io_dtype == "float32":
+        allowed += list(_BRIDGE_OPS)  # the float islands need their (de)quantize bridges
     if io_dtype == "float32":
-        allowed += [t["name"] for t in report["inputs"] + report["outputs"]] + list(_IO_OPS)
+        allowed += [t["name"] for t in report["inputs"] + report["outputs"]]
     leaks = inspect.float_leaks(report, allowed) if mode in _INTEGER_MODES else []
     report.update(mode=mode, io_dtype=io_dtype, allowed_float=list(allow_float),
                   float_leaks=leaks)
     if leaks:
+        culprits = sorted({op["op"] for op in report["operators"] if op["float_tensors"]
+                           and op["op"] not in _BRIDGE_OPS and op["op"] not in allowed})
         raise ConversionError(
-            f"Conversion left {len(leaks)} float op(s)/tensor(s) in a mode={mode} model: "
-            f"{', '.join(leaks[:5])}{' ...' if len(leaks) > 5 else ''}. Pass "
-            f"allow_float=[...] with these op types to accept them.")
+            f"mode={mode} cannot be full integer: op(s) {', '.join(culprits) or leaks[0]} stay "
+            f"float ({len(leaks)} float op(s)/tensor(s) in all). Pass "
+            f"allow_float={culprits!r} to accept them, or replace them in the model.")
     return ConversionResult(flatbuffer, report)
 
 
@@ -237,6 +242,7 @@ def _as_input_arrays(data, specs, limit):
     if isinstance(data, (str, os.PathLike)):
         data = load_array_file(data)
     if isinstance(data, np.ndarray):
+        _check_count(1, len(specs))
         return [data]
     if isinstance(data, (list, tuple)) and all(isinstance(a, np.ndarray) for a in data):
         if len(specs) > 1 or len(data) == 1:

@@ -92,10 +92,10 @@ def summary(model):
         return _summarize(data)
     except ModelFileError:
         raise
-    except Exception as e:  # The flatbuffers runtime reports truncation as a struct/index error.
+    except Exception as e:  # The flatbuffers runtime reports bad offsets as struct/index errors.
         raise ModelFileError(
-            f"Corrupt or truncated TFLite flatbuffer ({type(e).__name__}: {e}); "
-            f"{len(data)} bytes. Received: {label}") from None
+            f"Corrupt or truncated TFLite flatbuffer: an offset points outside its "
+            f"{len(data):,} bytes ({type(e).__name__}). Received: {label}") from None
 
 
 def _summarize(data):
@@ -105,8 +105,15 @@ def _summarize(data):
     buffer_bytes = []
     for b in range(m.BuffersLength()):
         buf = m.Buffers(b)
-        # Large models keep weights outside the flatbuffer: then Offset/Size say where.
-        buffer_bytes.append(buf.DataLength() or (buf.Size() if buf.Offset() > 1 else 0))
+        if buf.DataLength() and buf.DataAsNumpy().size != buf.DataLength():
+            raise ModelFileError(f"Truncated TFLite flatbuffer: buffer {b} runs past the end of "
+                                 f"the {len(data):,} bytes.")
+        # Large models keep weights after the flatbuffer: then Offset/Size say where.
+        external = buf.Size() if buf.Offset() > 1 else 0
+        if external and buf.Offset() + external > len(data):
+            raise ModelFileError(f"Truncated TFLite file: buffer {b} ends at byte "
+                                 f"{buf.Offset() + external:,}, the file has {len(data):,}.")
+        buffer_bytes.append(buf.DataLength() or external)
     op_names = []
     for c in range(m.OperatorCodesLength()):
         code = m.OperatorCodes(c)

@@ -1,0 +1,126 @@
+"""The `tflite-ext` command: exit codes, one-line errors, and no partial output files."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import assert_no_partial_files
+from tflite_ext import cli
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def model_files(trained_tiny, digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    trained_tiny.save(folder / "tiny.keras")
+    np.save(folder / "calib.npy", digits.x_train[:100])
+    return folder
+
+
+def test_console_script_help_lists_commands():
+    done = subprocess.run([sys.executable, "-m", "tflite_ext.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for name in ("demo", "convert", "inspect"):
+        assert f"\n  {name} " in done.stdout
+
+
+def test_command_help_and_usage_errors(capsys):
+    code, out, _ = run(capsys, "convert", "--help")
+    assert code == 0 and "usage: tflite-ext convert MODEL [--flags]" in out and "--mode" in out
+    assert run(capsys)[0] == 2
+    code, _, err = run(capsys, "frobnicate")
+    assert code == 2 and err.strip() == ("tflite-ext: error: unknown command 'frobnicate'; "
+                                         "expected one of: " + ", ".join(cli._commands()))
+    code, _, err = run(capsys, "inspect", "--bogus")
+    assert code == 2 and "Unknown command line flag 'bogus'" in err
+
+
+def test_convert_then_inspect(capsys, model_files, tmp_path):
+    out_path = tmp_path / "tiny.tflite"
+    code, out, err = run(capsys, "convert", str(model_files / "tiny.keras"),
+                         "--data", str(model_files / "calib.npy"), "-o", str(out_path))
+    assert code == 0, err
+    assert "full integer: yes" in out and f"wrote {out_path}" in out
+    code, out, _ = run(capsys, "inspect", str(out_path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["full_integer"] and info["size_bytes"] == os.path.getsize(out_path)
+    code, out, _ = run(capsys, "convert", str(model_files / "tiny.keras"), "--mode", "float16",
+                       "-o", str(tmp_path / "f16.tflite"), "--json")
+    assert code == 0 and json.loads(out)["mode"] == "float16"
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "Model path does not exist"),
+    ("wrong shape", r"does not match model input .* \(N, 8, 8, 1\)"),
+    ("wrong dtype", "dtype must be floating"),
+    ("nan", "NaN/inf"),
+    ("not npy", "Cannot read representative data as .npy/.npz"),
+    ("missing data", "Representative data file not found"),
+    ("no data", "needs representative_data"),
+    ("unwritable output", "Cannot create output folder"),
+])
+def test_convert_bad_input_exits_2_with_one_line_and_no_file(capsys, model_files, tmp_path,
+                                                              case, message):
+    model, data = str(model_files / "tiny.keras"), str(model_files / "calib.npy")
+    x = np.load(data)
+    output = tmp_path / "out" / "m.tflite"
+    bad_arrays = {"wrong shape": x[:, :, :4], "wrong dtype": (x * 16).astype("int64"),
+                  "nan": np.where(np.arange(x.size).reshape(x.shape) == 77, np.nan, x)}
+    if case in bad_arrays:
+        np.save(tmp_path / "d.npy", bad_arrays[case])
+        data = str(tmp_path / "d.npy")
+    elif case == "missing model":
+        model = str(tmp_path / "missing.keras")
+    elif case == "not npy":
+        data = _write(tmp_path / "d.npy", b"1,2,3\n")
+    elif case == "missing data":
+        data = str(tmp_path / "none.npy")
+    elif case == "unwritable output":
+        (tmp_path / "a_file").write_text("x")
+        output = tmp_path / "a_file" / "sub" / "m.tflite"  # a folder under a regular file
+    argv = ["convert", model, "-o", str(output)]
+    if case != "no data":
+        argv += ["--data", data]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tflite-ext convert: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert not output.exists()
+    if output.parent.exists():
+        assert_no_partial_files(output.parent)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "Model file not found"),
+    (b"", "empty"),
+    (b"\x00" * 3, "Not a TFLite flatbuffer"),
+    (b"PK\x03\x04 definitely a zip", "Not a TFLite flatbuffer"),
+])
+def test_inspect_bad_files(capsys, tmp_path, content, message):
+    path = tmp_path / "m.tflite"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run(capsys, "inspect", str(path))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_truncated_file(capsys, tmp_path, tiny_int8):
+    path = _write(tmp_path / "cut.tflite", tiny_int8.flatbuffer[:1500])
+    code, _, err = run(capsys, "inspect", path)
+    assert code == 2 and "truncated" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,41 @@
+"""`tflite-ext demo --quick`: the pipeline runs end to end and writes whole, verified outputs."""
+import json
+
+import pytest
+
+from conftest import assert_no_partial_files
+from tflite_ext import demo, inspect
+from tflite_ext.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.run(out_dir=str(out), quick=True, log=lambda *a: None)
+
+
+def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
+    out, report = quick_report
+    assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
+    variants = {v["name"]: v for v in report["variants"]}
+    assert list(variants)[:2] == ["float32", "int8_ptq"]
+    final = inspect.summary(out / "model.tflite")
+    assert final["full_integer"], final["float_ops"]
+    assert report["model_tflite"] == list(variants)[-1]
+    assert final["size_bytes"] == variants[report["model_tflite"]]["bytes"]
+    int8 = variants["int8_ptq"]
+    assert int8["full_integer"] and not variants["float32"]["full_integer"]
+    # Int8 quantization costs at most a point of accuracy (issue 2's bar), even in quick mode.
+    assert int8["tflite_accuracy"] >= int8["keras_accuracy"] - 0.01
+    assert int8["keras_accuracy"] > 0.9
+    assert int8["bytes"] < variants["float32"]["bytes"] / 3.5
+    assert all(v["median_us"] > 0 for v in variants.values())
+    md = (out / "report.md").read_text()
+    assert "| int8_ptq |" in md and "Quick mode" in md
+    assert_no_partial_files(out)
+
+
+def test_stage_plan_adds_dependencies_and_rejects_unknown():
+    assert demo.plan(["ptq"]) == ["train", "ptq", "evaluate", "report"]
+    with pytest.raises(InputError, match="Unknown demo stage.*nope"):
+        demo.plan(["nope"])

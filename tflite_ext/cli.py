@@ -1,0 +1,230 @@
+"""The `tflite-ext` command: thin over the library, one absl FlagValues per subcommand.
+
+Example:
+    $ tflite-ext demo --quick
+    $ tflite-ext convert model.keras --data calib.npy -o model.tflite
+    $ tflite-ext inspect model.tflite --json
+"""
+import dataclasses
+import json
+import os
+import sys
+import textwrap
+
+from absl import flags
+
+from tflite_ext.errors import TfliteExtError
+
+PROG = "tflite-ext"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: `define_flags(fv)` declares its flags, `main(fv, args) -> exit code`."""
+
+    name: str
+    help: str
+    define_flags: callable
+    main: callable
+    args: str = ""  # positional arguments, for the usage line
+
+
+# ----------------------------------------------------------------------------- demo
+
+def _demo_flags(fv):
+    flags.DEFINE_string("out", "build/demo", "Output folder for model.tflite, report.json, "
+                        "report.md and plots.", flag_values=fv)
+    flags.DEFINE_boolean("quick", False, "Few epochs and small sweeps: a smoke run in about a "
+                         "minute (numbers are not representative).", flag_values=fv)
+    flags.DEFINE_list("stages", None, "Run only these stages, comma separated (default: all). "
+                      "Stages that need an earlier one run it too.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Random seed for weights and shuffling.", flag_values=fv)
+    flags.DEFINE_boolean("json", False, "Print the report as JSON instead of a table.",
+                         flag_values=fv)
+
+
+def _demo_main(fv, args):
+    _no_positionals(args)
+    from tflite_ext import demo
+
+    report = demo.run(out_dir=fv.out, quick=fv.quick, stages=fv.stages, seed=fv.seed,
+                      log=_stderr if fv.json else print)
+    if fv.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert
+
+def _convert_flags(fv):
+    flags.DEFINE_string("data", None, "Representative dataset for calibration: a .npy file "
+                        "(N, *input_shape) or a .npz with one array per input. Not needed for "
+                        "quantization-aware models or float modes.", flag_values=fv)
+    flags.DEFINE_string("output", None, "Where to write the .tflite (default: the model path "
+                        "with a .tflite suffix).", short_name="o", flag_values=fv)
+    flags.DEFINE_enum("mode", "int8", ["int8", "int16x8", "float16", "dynamic", "float32"],
+                      "int8: full integer; int16x8: int16 activations, int8 weights; float16: "
+                      "half-precision weights; dynamic: int8 weights, float activations; "
+                      "float32: no quantization.", flag_values=fv)
+    flags.DEFINE_enum("io", None, ["int8", "uint8", "int16", "float32"], "Model input/output "
+                      "type (default: int8 for int8, int16 for int16x8, float32 otherwise).",
+                      flag_values=fv)
+    flags.DEFINE_list("allow_float", [], "Op types or tensor names that may stay float in an "
+                      "integer mode (float fallback is refused otherwise).", flag_values=fv)
+    flags.DEFINE_integer("samples", 300, "Calibration samples to use at most.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_boolean("json", False, "Print the verification report as JSON.",
+                         flag_values=fv)
+
+
+def _convert_main(fv, args):
+    from tflite_ext import convert, inspect
+    from tflite_ext.errors import InputError
+    from tflite_ext.files import ensure_writable_dir
+
+    model_path = _one_positional(args, "MODEL (.keras file or SavedModel folder)")
+    output = fv.output or os.path.splitext(model_path.rstrip("/"))[0] + ".tflite"
+    if os.path.isdir(output):
+        raise InputError(f"--output is a folder; expected a .tflite file path. "
+                         f"Received: {output!r}")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(output)))  # fail before converting
+    result = convert.to_tflite(model_path, fv.data, mode=fv.mode, io_dtype=fv.io,
+                               allow_float=fv.allow_float, num_calibration_samples=fv.samples)
+    result.save(output)
+    if fv.json:
+        print(json.dumps({"output": output, **result.report}, indent=2))
+    else:
+        print(inspect.render(result.report))
+        print(f"wrote {output} ({len(result.flatbuffer):,} bytes, mode={fv.mode}, "
+              f"io={result.report['io_dtype']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def _inspect_flags(fv):
+    flags.DEFINE_boolean("json", False, "Print the full summary as JSON.", flag_values=fv)
+    flags.DEFINE_integer("top", 12, "How many of the largest constant tensors to list.",
+                         lower_bound=0, flag_values=fv)
+
+
+def _inspect_main(fv, args):
+    from tflite_ext import inspect
+
+    path = _one_positional(args, "MODEL.tflite")
+    info = inspect.summary(path)
+    print(json.dumps(info, indent=2) if fv.json else inspect.render(info, top=fv.top))
+    return 0
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+def _commands():
+    commands = [
+        Command("demo", "Train the reference digits CNN, compress it, convert to full int8, "
+                "verify, evaluate and time it; write a report.", _demo_flags, _demo_main),
+        Command("convert", "Convert a .keras file or SavedModel folder to a verified .tflite "
+                "(full int8 by default).", _convert_flags, _convert_main, "MODEL"),
+        Command("inspect", "Describe a .tflite: ops, dtypes, quantization, constant bytes, "
+                "MACs, and whether it is full integer.", _inspect_flags, _inspect_main,
+                "MODEL.tflite"),
+    ]
+    try:
+        from tflite_ext.bench.commands import COMMANDS as bench_commands
+    except ImportError:  # the benchmarking commands are optional only while being built
+        bench_commands = []
+    commands += [Command(c.name, c.help, c.define_flags, _adapt(c.main)) for c in bench_commands]
+    return {c.name: c for c in commands}
+
+
+def _adapt(main):
+    """Bench commands take positional args through their flags; accept both call forms."""
+    def call(fv, args):
+        _no_positionals(args)
+        return main(fv)
+    return call
+
+
+def _no_positionals(args):
+    if args:
+        raise _UsageError(f"unexpected argument(s): {' '.join(args)}")
+
+
+def _one_positional(args, what):
+    if len(args) != 1:
+        raise _UsageError(f"expected exactly one {what}. Received: {' '.join(args) or 'none'}")
+    return args[0]
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _stderr(*parts):
+    print(*parts, file=sys.stderr)
+
+
+def _usage(commands):
+    width = max(len(n) for n in commands)
+    lines = [f"usage: {PROG} COMMAND [--flags]", "",
+             "Structured pruning, QAT and verified full-integer TFLite for Keras 3.", "",
+             "commands:"]
+    for name, c in commands.items():
+        lines += textwrap.wrap(c.help, 96, initial_indent=f"  {name:<{width}}  ",
+                               subsequent_indent=" " * (width + 4))
+    lines += ["", f"Run '{PROG} COMMAND --help' for a command's flags."]
+    return "\n".join(lines)
+
+
+def _command_help(command, fv):
+    usage = " ".join(filter(None, [PROG, command.name, command.args, "[--flags]"]))
+    lines = [f"usage: {usage}", "", command.help, "", "flags:"]
+    for flag in sorted({fv[name].name: fv[name] for name in fv}.values(), key=lambda f: f.name):
+        short = f"-{flag.short_name}, " if flag.short_name else ""
+        default = "" if flag.default in (None, [], "") else f" (default: {flag.default_as_str})"
+        lines.append(f"  {short}--{flag.name}")
+        lines += textwrap.wrap(flag.help + default, 88, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def main(argv):
+    """Runs the CLI on `argv` (without the program name); returns the exit code."""
+    # Quiet TensorFlow's C++ logging before anything imports it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    commands = _commands()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(commands))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    command = commands.get(name)
+    if command is None:
+        _stderr(f"{PROG}: error: unknown command {name!r}; expected one of: "
+                f"{', '.join(commands)}")
+        return 2
+    fv = flags.FlagValues()
+    command.define_flags(fv)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
+        print(_command_help(command, fv))
+        return 0
+    try:
+        positionals = fv([PROG] + rest)[1:]
+        return command.main(fv, positionals)
+    except (flags.Error, _UsageError) as e:
+        _stderr(f"{PROG} {name}: error: {e}")
+        return 2
+    except TfliteExtError as e:
+        _stderr(f"{PROG} {name}: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _stderr(f"{PROG} {name}: interrupted")
+        return 130
+
+
+def run():
+    """Console-script entry point."""
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

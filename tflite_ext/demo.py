@@ -1,0 +1,264 @@
+"""`tflite-ext demo`: the whole flow on the built-in reference task, as a pipeline of stages.
+
+Each stage is a plain function of a `DemoContext` that may add a `Variant` (a converted model);
+`evaluate` then measures every variant the same way and `report` writes the results.
+
+Example:
+    >>> from tflite_ext import demo
+    >>> report = demo.run(out_dir="build/demo", quick=True)
+    >>> [v["name"] for v in report["variants"]]
+    ['float32', 'int8_ptq', ...]
+"""
+import dataclasses
+import gzip
+import json
+import os
+import platform
+import sys
+import time
+
+import keras
+import numpy as np
+
+from tflite_ext.errors import InputError
+from tflite_ext.files import atomic_write, ensure_writable_dir
+
+# Budgets from references.md (the tfmot figures were measured with these).
+EPOCHS = {"train": 30}
+QUICK_EPOCHS = {"train": 15}  # BatchNorm moving statistics need ~15 epochs to settle
+CALIBRATION_SAMPLES = 300
+
+
+@dataclasses.dataclass
+class Variant:
+    """One converted model: where it came from and, after `evaluate`, what it measured."""
+
+    name: str
+    description: str
+    tflite: bytes
+    keras_model: object = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DemoContext:
+    """What stages share: the data, the trained float model and the variants so far."""
+
+    out_dir: str
+    quick: bool
+    seed: int
+    log: callable
+    data: object = None
+    model: object = None
+    variants: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+    report: dict = dataclasses.field(default_factory=dict)
+
+    def epochs(self, stage):
+        return (QUICK_EPOCHS if self.quick else EPOCHS)[stage]
+
+    def add(self, variant):
+        self.variants[variant.name] = variant
+        self.log(f"  {variant.name}: {len(variant.tflite):,} bytes")
+
+
+class EpochLine(keras.callbacks.Callback):
+    """Prints one compact line per epoch (rewritten in place on a terminal)."""
+
+    def __init__(self, stage, epochs, log):
+        super().__init__()
+        self.stage, self.epochs, self.log = stage, epochs, log
+        self.tty = log is print and sys.stdout.isatty()
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        text = (f"  {self.stage}: epoch {epoch + 1}/{self.epochs}  "
+                f"loss {logs.get('loss', 0):.4f}  accuracy {logs.get('accuracy', 0):.4f}  "
+                f"({time.perf_counter() - self.start:.0f} s)")
+        if self.tty and epoch + 1 < self.epochs:
+            print("\r" + text, end="", flush=True)
+        else:
+            self.log(("\r" if self.tty else "") + text)
+
+
+def fit(ctx, model, stage, epochs, callbacks=(), batch_size=32):
+    """Fits on the task's training split with a per-epoch progress line."""
+    model.fit(ctx.data.x_train, ctx.data.y_train, epochs=epochs, batch_size=batch_size,
+              verbose=0, callbacks=[*callbacks, EpochLine(stage, epochs, ctx.log)])
+    return model
+
+
+def keras_accuracy(ctx, model):
+    logits = model.predict(ctx.data.x_test, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == ctx.data.y_test))
+
+
+def to_int8(ctx, model, **kwargs):
+    """Full-int8 conversion with calibration on the training split."""
+    from tflite_ext import convert
+
+    return convert.to_tflite(model, ctx.data.x_train[:CALIBRATION_SAMPLES], **kwargs).flatbuffer
+
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_train(ctx):
+    """Trains the reference digits CNN (references.md: Adam 1e-3, batch 32)."""
+    from tflite_ext import convert, models
+
+    keras.utils.set_random_seed(ctx.seed)
+    ctx.model = models.compile_classifier(models.digits_cnn(ctx.data.input_shape))
+    fit(ctx, ctx.model, "train", ctx.epochs("train"))
+    ctx.add(Variant("float32", "Keras float model, no quantization",
+                    convert.to_tflite(ctx.model, mode="float32").flatbuffer, ctx.model))
+
+
+def stage_ptq(ctx):
+    """Post-training full-integer quantization of the trained model."""
+    ctx.add(Variant("int8_ptq", "post-training full-int8 (calibrated on 300 train images)",
+                    to_int8(ctx, ctx.model), ctx.model))
+
+
+def stage_evaluate(ctx):
+    """Measures every variant alike: accuracy, bytes, gzip bytes, MACs, LiteRT latency."""
+    from tflite_ext import inspect
+    from tflite_ext.bench import host
+
+    x, y = ctx.data.x_test, ctx.data.y_test
+    for v in ctx.variants.values():
+        info = inspect.summary(v.tflite)
+        v.metrics.update(
+            tflite_accuracy=host.evaluate(v.tflite, x, y)["accuracy"],
+            keras_accuracy=keras_accuracy(ctx, v.keras_model) if v.keras_model else None,
+            bytes=len(v.tflite), gzip_bytes=len(gzip.compress(v.tflite, 9)),
+            macs=info["macs"], full_integer=info["full_integer"], ops=info["op_counts"])
+    runs = 60 if ctx.quick else 400
+    ctx.log(f"  timing {len(ctx.variants)} variants interleaved, {runs} rounds, 1 thread")
+    medians = host.time_interleaved({n: v.tflite for n, v in ctx.variants.items()}, x,
+                                    runs=runs, num_threads=1)
+    for name, median in medians.items():
+        ctx.variants[name].metrics["median_us"] = median
+
+
+def stage_report(ctx):
+    """Writes model.tflite (the last, most compressed variant), report.json and report.md."""
+    final = list(ctx.variants.values())[-1]
+    for v in ctx.variants.values():
+        atomic_write(os.path.join(ctx.out_dir, f"{v.name}.tflite"), v.tflite)
+    atomic_write(os.path.join(ctx.out_dir, "model.tflite"), final.tflite)
+    ctx.report = {
+        "task": "scikit-learn digits, 8x8x1, 70/30 stratified split (random_state=0)",
+        "quick": ctx.quick,
+        "model_tflite": final.name,
+        "variants": [{"name": v.name, "description": v.description, **v.metrics}
+                     for v in ctx.variants.values()],
+        "stage_seconds": ctx.timings,
+        "versions": _versions(),
+    }
+    atomic_write(os.path.join(ctx.out_dir, "report.json"), json.dumps(ctx.report, indent=2))
+    atomic_write(os.path.join(ctx.out_dir, "report.md"), render_markdown(ctx.report))
+
+
+STAGES = {  # name: (function, stages it needs); run in this order
+    "train": (stage_train, ()),
+    "ptq": (stage_ptq, ("train",)),
+    "evaluate": (stage_evaluate, ()),
+    "report": (stage_report, ()),
+}
+ALWAYS = ("evaluate", "report")
+
+
+# ----------------------------------------------------------------------------- running
+
+def plan(stages=None):
+    """The ordered stage names to run for a selection (dependencies and ALWAYS included)."""
+    if not stages:
+        return list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise InputError(f"Unknown demo stage(s) {', '.join(unknown)}; expected some of: "
+                         f"{', '.join(STAGES)}")
+    wanted = set(ALWAYS)
+
+    def need(name):
+        wanted.add(name)
+        for dep in STAGES[name][1]:
+            need(dep)
+
+    for s in stages:
+        need(s)
+    return [s for s in STAGES if s in wanted]
+
+
+def run(out_dir="build/demo", quick=False, stages=None, seed=0, log=print):
+    """Runs the demo pipeline; returns the report dict (also written to out_dir)."""
+    from tflite_ext import tasks
+
+    order = plan(stages)
+    ctx = DemoContext(out_dir=ensure_writable_dir(out_dir), quick=quick, seed=seed, log=log)
+    ctx.data = tasks.digits()
+    log(f"tflite-ext demo: digits CNN, {len(ctx.data.x_train)} train / {len(ctx.data.x_test)} "
+        f"test images{' (quick mode)' if quick else ''}; stages: {', '.join(order)}")
+    for i, name in enumerate(order, 1):
+        log(f"[{i}/{len(order)}] {name}: {STAGES[name][0].__doc__.splitlines()[0]}")
+        start = time.perf_counter()
+        STAGES[name][0](ctx)
+        ctx.timings[name] = round(time.perf_counter() - start, 2)
+    log("")
+    log(render_table(ctx.report))
+    log(f"\nwrote {os.path.join(out_dir, 'model.tflite')} ({ctx.report['model_tflite']}), "
+        f"report.json, report.md in {out_dir}")
+    return ctx.report
+
+
+def _fmt(value, kind):
+    if value is None:
+        return "-"
+    return {"acc": f"{value:.4f}", "int": f"{value:,}", "us": f"{value:.1f}",
+            "bool": "yes" if value else "no"}[kind]
+
+
+_COLUMNS = [("variant", "name", None), ("keras acc", "keras_accuracy", "acc"),
+            ("tflite acc", "tflite_accuracy", "acc"), ("bytes", "bytes", "int"),
+            ("gzip bytes", "gzip_bytes", "int"), ("MACs", "macs", "int"),
+            ("median µs", "median_us", "us"), ("full int", "full_integer", "bool")]
+
+
+def _rows(report):
+    return [[v[key] if kind is None else _fmt(v.get(key), kind) for _, key, kind in _COLUMNS]
+            for v in report["variants"]]
+
+
+def render_table(report):
+    """A fixed-width text table of the variants."""
+    rows = [[c[0] for c in _COLUMNS]] + _rows(report)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+
+def render_markdown(report):
+    """The report as Markdown: the variants table and how it was measured."""
+    lines = ["# tflite-ext demo", "", f"Task: {report['task']}.", "",
+             "| " + " | ".join(c[0] for c in _COLUMNS) + " |",
+             "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _rows(report)]
+    lines += ["", "Latency: LiteRT, 1 thread, median per-sample µs, all variants timed "
+              "interleaved in one process.", "",
+              "Variants:"] + [f"- `{v['name']}`: {v['description']}" for v in report["variants"]]
+    if report.get("quick"):
+        lines += ["", "Quick mode: few epochs, figures are not representative."]
+    return "\n".join(lines) + "\n"
+
+
+def _versions():
+    import tensorflow as tf
+
+    from tflite_ext import __version__
+
+    return {"tflite_ext": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count()}

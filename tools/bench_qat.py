@@ -19,7 +19,7 @@ import tensorflow as tf  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from tflite_ext import convert, inspect, models, tasks  # noqa: E402
-from tflite_ext.quantization import FreezeQuantization, quantize_model  # noqa: E402
+from tflite_ext.quantization import FreezeQuantization, debug, quantize_model  # noqa: E402
 
 
 def qat_to_tflite(model):
@@ -68,6 +68,8 @@ def main():
     ptq = convert.to_tflite(model, data.x_train[:300]).flatbuffer
     ptq_acc = np.mean(tflite_top1(ptq, data.x_test) == data.y_test)
     print(f"PTQ int8     acc {ptq_acc:.4f}   {len(ptq):,} bytes")
+    report = debug.layer_error_report(model, ptq, data.x_test[:200])
+    print("PTQ layers by added error:", ", ".join(report["worst"][:3]))
 
     start = time.time()
     qat = models.compile_classifier(quantize_model(model), args.qat_lr)
@@ -86,6 +88,8 @@ def main():
           f"full_integer={info['full_integer']}")
     print(f"agreement QAT keras vs .tflite top-1: {agree:.4f} "
           f"({int(np.sum(qat_top1 != qat_keras))} of {len(qat_top1)} differ)")
+    report = debug.layer_error_report(model, flatbuffer, data.x_test[:200])
+    print(debug.render_markdown(report, top=5))
     print("targets: QAT int8 >= PTQ int8:", qat_acc >= ptq_acc,
           "| QAT int8 >= float - 0.3 pt:", qat_acc >= float_acc - 0.003,
           "| agreement >= 99.5%:", agree >= 0.995)

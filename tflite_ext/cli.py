@@ -5,6 +5,7 @@ Example:
     $ tflite-ext convert model.keras --data calib.npy -o model.tflite
     $ tflite-ext inspect model.tflite --json
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -133,13 +134,16 @@ def _commands():
         from tflite_ext.bench.commands import COMMANDS as bench_commands
     except ImportError:  # the benchmarking commands are optional only while being built
         bench_commands = []
-    commands += [Command(c.name, c.help, c.define_flags, _adapt(c.main)) for c in bench_commands]
+    commands += [Command(c.name, c.help, c.define_flags, _adapt(c.main), "[MODEL]")
+                 for c in bench_commands]
     return {c.name: c for c in commands}
 
 
 def _adapt(main):
-    """Bench commands take positional args through their flags; accept both call forms."""
+    """Bench commands name their model with --model; accept it as a positional too."""
     def call(fv, args):
+        if len(args) == 1 and "model" in fv and fv["model"].value is None:
+            fv["model"].value, args = args[0], []
         _no_positionals(args)
         return main(fv)
     return call
@@ -205,7 +209,8 @@ def main(argv):
     fv = flags.FlagValues()
     command.define_flags(fv)
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-        print(_command_help(command, fv))
+        with contextlib.suppress(BrokenPipeError):  # e.g. piped into `head`
+            print(_command_help(command, fv))
         return 0
     try:
         positionals = fv([PROG] + rest)[1:]

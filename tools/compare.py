@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import gzip
 import threading
 import time
 
@@ -36,10 +37,10 @@ _START = time.perf_counter()
 BUDGETS = {
     "full": dict(float_epochs=30, float_lr=1e-3, batch_size=32, prune_epochs=15, prune_lr=5e-4,
                  prune_end_step=400, prune_frequency=100, qat_epochs=5, qat_lr=1e-4,
-                 calibration=300, timing_rounds=300, timing_repeats=3),
+                 calibration=300, timing_runs=1000),
     "quick": dict(float_epochs=15, float_lr=1e-3, batch_size=32, prune_epochs=2, prune_lr=5e-4,
                   prune_end_step=40, prune_frequency=10, qat_epochs=1, qat_lr=1e-4,
-                  calibration=100, timing_rounds=20, timing_repeats=2),
+                  calibration=100, timing_runs=50),
 }
 TFMOT_SPARSITY = 0.8  # the issue's peer: unstructured magnitude pruning at 80%
 
@@ -172,7 +173,9 @@ def tx_structured_prune(float_model, data, budget, model_name):
     schedule = pruning.PolynomialDecay(initial_sparsity=0.0, final_sparsity=config["sparsity"],
                                        begin_step=0, end_step=budget["prune_end_step"],
                                        frequency=budget["prune_frequency"])
-    pruned = pruning.prune(model, schedule=schedule, exclude=["logits"])
+    pruned = pruning.prune(model, schedule, layers=lambda layer: layer.name != "logits",
+                           importance=config.get("importance", "l2"),
+                           round_to=config.get("round_to", 1))
     fit(pruned, data, budget["prune_epochs"], budget["prune_lr"], budget["batch_size"],
         "tx_prune", callbacks=[pruning.PruningCallback()])
     return pruning.strip(pruned)
@@ -184,6 +187,34 @@ def tx_qat(model, data, budget, label="tx_qat"):
 
     qat = quantization.quantize_model(model)
     return fit(qat, data, budget["qat_epochs"], budget["qat_lr"], budget["batch_size"], label)
+
+
+def qat_to_tflite(model, label, notes):
+    """A QAT model to int8 (ranges from its fake-quant ops, no calibration data), as for tfmot.
+
+    Uses tflite_ext.convert; if that refuses the model, converts the way tools/tfmot_peer.py
+    does for tfmot QAT (DEFAULT optimizations, int8 I/O, no calibration) and says so in
+    `notes`.
+    """
+    from tflite_ext import convert
+    from tflite_ext.errors import TfliteExtError
+
+    try:
+        return convert.to_tflite(model).flatbuffer
+    except TfliteExtError as e:
+        message = str(e).splitlines()[0]
+        notes.append(f"{label}: tflite_ext.convert.to_tflite failed ({message}); "
+                     f"converted with tf.lite.TFLiteConverter directly, as for tfmot QAT")
+        log(f"WARNING {notes[-1]}")
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    # No INT8-only op set: with it and no calibration data the converter demands a
+    # representative_dataset before it looks for fake-quant ops. Full integer is checked after.
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert()
 
 
 def available_tx_variants():
@@ -200,69 +231,6 @@ def available_tx_variants():
         except ImportError:
             found[module] = False
     return found["tflite_ext.pruning"], found["tflite_ext.quantization"]
-
-
-# --- Measuring .tflite files: evaluation and interleaved timing. ---------------------------
-
-def _interpreter(flatbuffer):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=flatbuffer, num_threads=1)
-    interp.allocate_tensors()
-    return interp
-
-
-def _quantize_input(x, detail):
-    """Float samples to what the model input wants (int8/uint8 via its scale and zero point)."""
-    if detail["dtype"] == np.float32:
-        return x.astype(np.float32)
-    scale, zero = detail["quantization"]
-    info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
-
-
-def tflite_predict(flatbuffer, x):
-    """Top-1 class of each sample, run one at a time (batch 1) on LiteRT."""
-    interp = _interpreter(flatbuffer)
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    preds = np.empty(len(x), dtype=np.int64)
-    for i, sample in enumerate(x):
-        interp.set_tensor(inp["index"], _quantize_input(sample[None], inp))
-        interp.invoke()
-        preds[i] = int(np.argmax(interp.get_tensor(out["index"])[0]))
-    return preds
-
-
-def interleaved_latency(flatbuffers, samples, rounds, repeats, warmup=20):
-    """Median per-sample invoke time (µs) per model, timing all models round-robin.
-
-    Each round sets the same sample in every model and times `repeats` single invokes per
-    model; the model order rotates every round so no model always runs first or last.
-    """
-    names = list(flatbuffers)
-    runners = {}
-    for name in names:
-        interp = _interpreter(flatbuffers[name])
-        inp = interp.get_input_details()[0]
-        runners[name] = (interp, inp)
-        for _ in range(warmup):
-            interp.set_tensor(inp["index"], _quantize_input(samples[0][None], inp))
-            interp.invoke()
-    times = {name: [] for name in names}
-    clock = time.perf_counter_ns
-    for r in range(rounds):
-        sample = samples[r % len(samples)][None]
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            interp, inp = runners[name]
-            interp.set_tensor(inp["index"], _quantize_input(sample, inp))
-            for _ in range(repeats):
-                t0 = clock()
-                interp.invoke()
-                times[name].append(clock() - t0)
-        if (r + 1) % max(1, rounds // 4) == 0:
-            log(f"timing round {r + 1}/{rounds}")
-    return {name: float(np.median(t)) / 1e3 for name, t in times.items()}
 
 
 # --- Report. -------------------------------------------------------------------------------
@@ -351,6 +319,8 @@ def render_markdown(result):
         lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['passed'] else 'NO'} |"
                   for c in result["targets"]]
         lines.append("")
+    if result["notes"]:
+        lines += ["Notes: " + "; ".join(result["notes"]), ""]
     if result["skipped"]:
         lines += ["Not run: " + "; ".join(result["skipped"]), ""]
     return "\n".join(lines)
@@ -373,6 +343,7 @@ def main(argv=None):
     import keras
 
     from tflite_ext import convert, inspect
+    from tflite_ext.bench import host
 
     keras.utils.set_random_seed(args.seed)
     build, data = load_task(args.model)
@@ -394,7 +365,7 @@ def main(argv=None):
     files = {"float32": convert.to_tflite(float_model, mode="float32").flatbuffer,
              "PTQ int8": to_int8(float_model)}
     log("float32 and PTQ int8 converted")
-    skipped, peer = [], None
+    skipped, notes, peer = [], [], None
 
     # 3-4. tfmot, isolated in its own process with tf_keras.
     if args.skip_tfmot:
@@ -423,23 +394,21 @@ def main(argv=None):
         keras.utils.set_random_seed(args.seed)
         qat = tx_qat(copy_model(float_model), data, budget)
         label = "tflite_ext QAT → int8"
-        files[label], keras_models[label] = convert.to_tflite(qat).flatbuffer, qat
+        files[label], keras_models[label] = qat_to_tflite(qat, label, notes), qat
         if stripped is not None:
             keras.utils.set_random_seed(args.seed)
             both = tx_qat(stripped, data, budget, label="tx_prune_qat")
             label = "tflite_ext prune → strip → QAT → int8"
-            files[label], keras_models[label] = convert.to_tflite(both).flatbuffer, both
+            files[label], keras_models[label] = qat_to_tflite(both, label, notes), both
     else:
         skipped.append("tflite_ext QAT (tflite_ext.quantization not available yet)")
 
     # Measure every .tflite the same way, here.
-    import gzip
-
     rows = []
     for name, flatbuffer in files.items():
         atomic_write(os.path.join(out, f"{_file_name(name)}.tflite"), flatbuffer)
         info = inspect.summary(flatbuffer)
-        preds = tflite_predict(flatbuffer, data.x_test)
+        preds = np.argmax(host.predict(flatbuffer, data.x_test), axis=-1)
         row = {"variant": name, "accuracy": float(np.mean(preds == data.y_test)),
                "bytes": len(flatbuffer), "gzip_bytes": len(gzip.compress(flatbuffer, 9)),
                "macs": int(info["macs"]), "full_integer": bool(info["full_integer"]),
@@ -449,9 +418,10 @@ def main(argv=None):
             row["keras_agreement"] = float(np.mean(keras_preds == preds))
         rows.append(row)
         log(f"evaluated {name}: acc={row['accuracy']:.4f} bytes={row['bytes']:,}")
-    log(f"timing {len(files)} variants interleaved ({budget['timing_rounds']} rounds)")
-    latency = interleaved_latency(files, data.x_test, budget["timing_rounds"],
-                                  budget["timing_repeats"])
+    log(f"timing {len(files)} variants interleaved, round-robin, {budget['timing_runs']} "
+        f"rounds, 1 thread")
+    latency = host.time_interleaved(files, data.x_test, runs=budget["timing_runs"], warmup=20,
+                                    num_threads=1)
     ptq = next(r for r in rows if r["variant"] == "PTQ int8")
     ptq["median_us"] = latency["PTQ int8"]
     for row in rows:
@@ -465,10 +435,9 @@ def main(argv=None):
         "data": (f"sklearn digits {data.input_shape}, {len(data.x_train)} train / "
                  f"{len(data.x_test)} test (70/30 stratified, random_state=0)"),
         "tx_pruning": TX_PRUNING[args.model], "tfmot_sparsity": TFMOT_SPARSITY,
-        "timing": {"threads": 1, "rounds": budget["timing_rounds"],
-                   "repeats": budget["timing_repeats"],
-                   "samples_per_variant": budget["timing_rounds"] * budget["timing_repeats"]},
-        "rows": rows, "tfmot": peer, "skipped": skipped,
+        "timing": {"threads": 1, "rounds": budget["timing_runs"],
+                   "samples_per_variant": budget["timing_runs"]},
+        "rows": rows, "tfmot": peer, "skipped": skipped, "notes": notes,
         "targets": check_targets(args.model, rows),
     }
     atomic_write(os.path.join(out, "compare.json"), json.dumps(result, indent=2))

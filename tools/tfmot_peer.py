@@ -100,8 +100,12 @@ def compile_classifier(model, learning_rate):
     return model
 
 
-def to_int8_tflite(model, representative):
-    """Full-integer conversion, int8 I/O, batch 1: the settings tflite_ext.convert uses."""
+def to_int8_tflite(model, representative=None):
+    """Full-integer conversion, int8 I/O, batch 1: the settings tflite_ext.convert uses.
+
+    A QAT model carries its own ranges (fake-quant ops): no representative data, as tfmot
+    documents; a pruned float model is calibrated on `representative`.
+    """
     spec = tf.TensorSpec([1, *model.inputs[0].shape[1:]], tf.float32, name="image")
 
     @tf.function(input_signature=[spec])
@@ -116,8 +120,12 @@ def to_int8_tflite(model, representative):
         for sample in representative:
             yield [sample[None].astype("float32")]
 
-    converter.representative_dataset = gen
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if representative is not None:
+        converter.representative_dataset = gen
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    # (Without calibration data the INT8-only op set makes the converter demand a
+    # representative_dataset before it has looked for fake-quant ops; the parent verifies
+    # that the QAT result is full integer instead.)
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
     return converter.convert()
@@ -199,7 +207,8 @@ def main(argv=None):
         start = time.perf_counter()
         model, extra = RUNNERS[variant["kind"]](base, spec, variant, data)
         train_seconds = time.perf_counter() - start
-        flatbuffer = to_int8_tflite(model, data["representative"])
+        calibration = None if variant["kind"] == "qat" else data["representative"]
+        flatbuffer = to_int8_tflite(model, calibration)
         path = os.path.join(spec["out"], f"{variant['name']}.tflite")
         atomic_write(path, flatbuffer)
         result["variants"][variant["name"]] = {

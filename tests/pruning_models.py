@@ -178,3 +178,14 @@ def nested_model():
     x = layers.Reshape((8 * 8 * 6,), name="flat")(x)
     outputs = layers.Dense(3, name="logits")(x)
     return keras.Model(inputs, outputs, name="nested")
+
+
+def sequential_cnn_8x8():
+    """A tiny Sequential CNN for the digits (8x8x1 -> 10 logits), for fit-based tests."""
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        layers.Conv2D(8, 3, padding="same", name="c1"), layers.BatchNormalization(name="b1"),
+        layers.ReLU(name="r1"), layers.MaxPooling2D(name="p1"),
+        layers.Conv2D(16, 3, padding="same", activation="relu", name="c2"),
+        layers.GlobalAveragePooling2D(name="gap"), layers.Dense(10, name="out"),
+    ], name="seq_8x8")

@@ -69,12 +69,12 @@ class PruningPlan:
         self.producer_of = {g.id: channel[g.producers[0]] for g in self.groups}
 
     def step(self):
-        return int(np.asarray(self.wrappers[0].pruning_step)) if self.wrappers else 0
+        return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0
 
     def _current_keep(self, group):
         node = self.producer_of[group.id]
         keep = np.ones(group.size, bool)
-        mask = np.asarray(node.layer.out_mask) > 0
+        mask = keras.ops.convert_to_numpy(node.layer.out_mask) > 0
         for root, fidx, cidx in self.graph.index_of(node.outputs[0]):
             if root == group.id:
                 keep[cidx] = mask[fidx]
@@ -119,7 +119,7 @@ class PruningPlan:
                         v.assign(np.zeros(v.shape, np.float32))
         for wrapper in self.elementwise:
             kernel = masked_kernel(wrapper.layer)
-            values = np.asarray(kernel)
+            values = keras.ops.convert_to_numpy(kernel)
             if wrapper.granularity == "2:4":
                 mask = n_m_mask(values)
             else:

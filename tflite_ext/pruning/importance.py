@@ -13,6 +13,7 @@ Example:
     >>> scores = imp(context, group)        # numpy array, one score per channel
     >>> keep = select_channels({group.id: scores}, {group.id: group.size}, 0.5)
 """
+import keras
 import numpy as np
 
 from tflite_ext.errors import InputError
@@ -57,7 +58,7 @@ class Context:
     def value(self, variable):
         key = id(variable)
         if key not in self._cache:
-            self._cache[key] = np.asarray(variable)
+            self._cache[key] = keras.ops.convert_to_numpy(variable)
         return self._cache[key]
 
     def consumer_kernel(self, node_name):
@@ -156,15 +157,15 @@ class MeanActivation(Importance):
     needs_activations = True
 
     def per_feature(self, wrapper):
-        count = float(np.asarray(wrapper.act_count))
-        return np.asarray(wrapper.act_abs_sum) / max(count, 1.0)
+        count = float(keras.ops.convert_to_numpy(wrapper.act_count))
+        return keras.ops.convert_to_numpy(wrapper.act_abs_sum) / max(count, 1.0)
 
     def member_scores(self, ctx, group):
         out = []
         for name, fidx, cidx in group.consumers:
             wrapper = ctx.graph.node_by_name[name].layer
             if getattr(wrapper, "track_activations", False) and float(
-                    np.asarray(wrapper.act_count)) > 0:
+                    keras.ops.convert_to_numpy(wrapper.act_count)) > 0:
                 values = _per_channel(self.per_feature(wrapper), fidx, cidx, group.size)
                 out.append(values / np.maximum(np.bincount(cidx, minlength=group.size), 1))
         return out or Magnitude(2).member_scores(ctx, group)
@@ -181,8 +182,8 @@ class APoZ(MeanActivation):
     name = "apoz"
 
     def per_feature(self, wrapper):
-        count = float(np.asarray(wrapper.act_count))
-        return 1.0 - np.asarray(wrapper.act_zero_sum) / max(count, 1.0)
+        count = float(keras.ops.convert_to_numpy(wrapper.act_count))
+        return 1.0 - keras.ops.convert_to_numpy(wrapper.act_zero_sum) / max(count, 1.0)
 
 
 IMPORTANCES = {"l1": lambda: Magnitude(1), "l2": lambda: Magnitude(2), "bn_scale": BNScale,

@@ -11,6 +11,7 @@ Example:
     >>> np.abs(small.predict(x) - pruned.predict(x)).max() < 1e-5
     True
 """
+import keras
 import numpy as np
 
 from tflite_ext.errors import InputError
@@ -30,7 +31,7 @@ def _group_keep(graph):
         keep = np.zeros(group.size, bool)
         if consumers:
             for (name, fidx, cidx), node in zip(group.consumers, consumers):
-                keep[cidx] |= np.asarray(node.layer.in_mask)[fidx] > 0
+                keep[cidx] |= keras.ops.convert_to_numpy(node.layer.in_mask)[fidx] > 0
         else:
             for name in group.producers:
                 node = graph.node_by_name[name]
@@ -39,7 +40,7 @@ def _group_keep(graph):
                     continue
                 for root, fidx, cidx in graph.index_of(node.outputs[0]):
                     if root == group.id:
-                        keep[cidx] |= np.asarray(node.layer.out_mask)[fidx] > 0
+                        keep[cidx] |= keras.ops.convert_to_numpy(node.layer.out_mask)[fidx] > 0
         if not keep.any():
             keep[0] = True  # a layer needs one channel; min_channels >= 1 avoids this anyway
         if not keep.all():
@@ -109,10 +110,10 @@ def strip(model):
     def make_layer(node):
         source = node.layer
         inner = source.layer if isinstance(source, PruneWrapper) else source
-        weights = {v.name: np.asarray(v) for v in inner.weights}
+        weights = {v.name: keras.ops.convert_to_numpy(v) for v in inner.weights}
         if isinstance(source, PruneWrapper) and source.granularity != "channel":
             kernel = masked_kernel(inner)
-            weights[kernel.name] = np.asarray(kernel) * np.asarray(source.weight_mask)
+            weights[kernel.name] = keras.ops.convert_to_numpy(kernel) * keras.ops.convert_to_numpy(source.weight_mask)
         config = inner.get_config()
         config["name"] = names[node.name]
         in_keep = graph.keep_mask(node.inputs[0], keeps)

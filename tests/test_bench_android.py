@@ -262,3 +262,24 @@ def test_bad_delegate_and_threads(device):
         android.run_benchmark(model, binary, delegate="tpu", adb=adb)
     with pytest.raises(InputError, match=r"^threads must be >= 1"):
         android.sweep(model, binary, "/tmp/x", threads=(0,), adb=adb)
+
+
+def test_cli_android_sweep_json(device, tmp_path, capsys):
+    from absl import flags
+    from tflite_ext.bench.commands import COMMANDS
+    adb, state, save, model, binary, fake = device
+    command = {c.name: c for c in COMMANDS}["android"]
+    fv = flags.FlagValues()
+    command.define_flags(fv)
+    out = tmp_path / "report"
+    fv(["android", f"--model={model}", f"--binary={binary}", "-s", "FAKE123", "--threads=1,4",
+        "--delegates=cpu,xnnpack", "--num_runs=5", f"--adb={FAKE_ADB}", f"--out_dir={out}",
+        "--json"])
+    assert command.main(fv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(r["threads"], r["delegate"], r["timings_us"]["inference_avg"]) for r in printed] == [
+        (1, "cpu", 4250.0), (1, "xnnpack", 4000.0), (4, "cpu", 1250.0), (4, "xnnpack", 1000.0)]
+    assert sorted(os.listdir(out)) == ["android.json", "android.md", "android_sweep.csv",
+                                       "android_sweep.json"]
+    assert "| FAKE123 | Pixel 7 | Tensor G2 | 14 | 4 | xnnpack | ok | 1,000 |" in (
+        out / "android.md").read_text()

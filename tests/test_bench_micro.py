@@ -129,3 +129,12 @@ def test_cli_micro_json_and_c_files(digits_int8, analysis, tmp_path, capsys):
     assert printed["arena_bytes"] == analysis["arena_bytes"]
     assert printed["agreement"]["samples"] == 50
     assert sorted(os.listdir(tmp_path)) == ["digits.c", "digits.h"]
+
+
+def test_micro_markdown_report(analysis, tmp_path):
+    from tflite_ext.bench import report
+    text = report.micro_markdown(dict(analysis, model="digits_int8.tflite"))
+    assert f"| tensor arena bytes (exact minimum) | {analysis['arena_bytes']:,} |" in text
+    json_path, md_path = report.write_report(str(tmp_path), "micro", analysis, text)
+    assert json.loads(open(json_path).read())["arena_bytes"] == analysis["arena_bytes"]
+    assert open(md_path).read() == text

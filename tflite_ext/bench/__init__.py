@@ -1,0 +1,11 @@
+"""Benchmarks: host (LiteRT), micro (TFLite Micro), android (adb + benchmark_model), reports.
+
+Submodules are imported on use so `import tflite_ext.bench` stays light:
+`host`, `micro`, `android`, `benchmark_output` (the benchmark_model parser), `report`,
+`commands` (the CLI commands).
+
+Example:
+    >>> from tflite_ext.bench import host, micro
+    >>> host.time_model("model.tflite")["median_us"]
+    >>> micro.analyze("model.tflite")["arena_bytes"]
+"""

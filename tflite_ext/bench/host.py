@@ -8,7 +8,6 @@ Example:
     0.9963
 """
 import itertools
-import os
 import time
 
 import numpy as np
@@ -214,5 +213,4 @@ def describe(model):
                 "zero_point": int(zp)}
     return {"inputs": [_one(d) for d in interp.get_input_details()],
             "outputs": [_one(d) for d in interp.get_output_details()],
-            "size_bytes": len(model_bytes(model)) if not isinstance(model, (str, os.PathLike))
-            else os.path.getsize(model)}
+            "size_bytes": len(model_bytes(model))}

@@ -254,3 +254,13 @@ def test_stripped_tflite_is_smaller(digits):
     full = convert.to_tflite(model, rep).flatbuffer
     stripped = convert.to_tflite(small, rep).flatbuffer
     assert len(stripped) < len(full) / 8
+
+
+def test_sparsity_for_mac_ratio_is_the_smallest_on_its_grid():
+    from tflite_ext.pruning import mac_ratio, sparsity_for_mac_ratio
+
+    model = pm.resnet()
+    sparsity, ratio = sparsity_for_mac_ratio(model, 3.0, round_to=4)
+    assert ratio >= 3.0 and mac_ratio(model, sparsity - 0.025, round_to=4) < 3.0
+    with pytest.raises(InputError, match=r"^ratio must be >= 1\. Received: ratio=0\.5$"):
+        sparsity_for_mac_ratio(model, 0.5)

@@ -19,8 +19,8 @@ layer opts in with `register_handler(MyLayer, PASS_THROUGH)` (or `BARRIER`), or 
 Example:
     >>> from tflite_ext import graph, models
     >>> g = graph.DependencyGraph(models.resnet8())
-    >>> [(grp.size, grp.producers) for grp in g.groups][:2]
-    [(16, ['stem_conv']), (16, ['s1a_conv'])]
+    >>> [(grp.size, grp.producers) for grp in g.groups][:2]   # the identity add ties 2 convs
+    [(16, ['stem_conv', 's1b_conv']), (16, ['s1a_conv'])]
 """
 import dataclasses
 import math

@@ -23,9 +23,10 @@ from tflite_ext.pruning.importance import (APoZ, BNScale, Importance, Magnitude,
 from tflite_ext.pruning.macs import count_macs
 from tflite_ext.pruning.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 from tflite_ext.pruning.strip import strip
+from tflite_ext.pruning.targets import mac_ratio, sparsity_for_mac_ratio
 from tflite_ext.pruning.wrapper import PruneWrapper
 
 __all__ = ["prune", "strip", "PruningCallback", "PruneWrapper", "PruningPlan",
            "ConstantSparsity", "PolynomialDecay", "PruningSchedule", "Importance", "Magnitude",
            "BNScale", "MeanActivation", "APoZ", "Taylor", "select_channels", "magnitude_mask",
-           "n_m_mask", "count_macs", "pruning_wrappers", "importance", "schedules"]
+           "n_m_mask", "count_macs", "mac_ratio", "sparsity_for_mac_ratio", "pruning_wrappers", "importance", "schedules"]

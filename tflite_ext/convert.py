@@ -94,6 +94,8 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
     leaks = inspect.float_leaks(report, allowed) if mode in _INTEGER_MODES else []
     report.update(mode=mode, io_dtype=io_dtype, allowed_float=list(allow_float),
                   float_leaks=leaks)
+    if leaks and representative_data is None:
+        raise _needs_calibration(mode)
     if leaks:
         culprits = sorted({op["op"] for op in report["operators"] if op["float_tensors"]
                            and op["op"] not in _BRIDGE_OPS and op["op"] not in allowed})
@@ -115,7 +117,12 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
         converter.target_spec.supported_types = [tf.float16]
     if mode in _INTEGER_MODES:
         fallback = [tf.lite.OpsSet.TFLITE_BUILTINS] if allow_float else []
-        if mode == "int8":
+        if mode == "int8" and representative_data is None:
+            # A quantization-aware model: TF's front end would demand a representative dataset
+            # for TFLITE_BUILTINS_INT8 although the fake-quant ops carry every range; the
+            # check after conversion still refuses any float left behind.
+            pass
+        elif mode == "int8":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *fallback]
         else:
             converter.target_spec.supported_ops = [
@@ -132,14 +139,17 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
         try:
             flatbuffer = converter.convert()
         except Exception as e:
-            if "representative_dataset" in str(e) and representative_data is None:
-                # Only a quantization-aware (fake-quant) model carries its own ranges.
-                raise InputError(
-                    f"mode={mode} needs representative_data to calibrate activation ranges "
-                    f"(or a quantization-aware model). Received: representative_data=None"
-                ) from None
+            if representative_data is None and re.search(
+                    "representative_dataset|inference_input_type", str(e)):
+                raise _needs_calibration(mode) from None
             raise ConversionError(_conversion_message(e, log(), mode)) from None
     return flatbuffer
+
+
+def _needs_calibration(mode):
+    # Only a quantization-aware (fake-quant) model carries its own activation ranges.
+    return InputError(f"mode={mode} needs representative_data to calibrate activation ranges "
+                      f"(or a quantization-aware model). Received: representative_data=None")
 
 
 def load_model(path):

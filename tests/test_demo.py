@@ -18,7 +18,7 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     out, report = quick_report
     assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
     variants = {v["name"]: v for v in report["variants"]}
-    assert list(variants)[:2] == ["float32", "int8_ptq"]
+    assert list(variants)[:3] == ["float32", "int8_ptq", "int8_qat"]
     final = inspect.summary(out / "model.tflite")
     assert final["full_integer"], final["float_ops"]
     assert report["model_tflite"] == list(variants)[-1]
@@ -30,6 +30,11 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     assert int8["keras_accuracy"] > 0.9
     assert int8["bytes"] < variants["float32"]["bytes"] / 3.5
     assert all(v["median_us"] > 0 for v in variants.values())
+    qat = variants["int8_qat"]
+    assert qat["full_integer"] and qat["bytes"] < int8["bytes"]  # no calibration tensors left
+    assert qat["tflite_accuracy"] >= qat["keras_accuracy"] - 0.01
+    for plot in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "| int8_ptq |" in md and "Quick mode" in md
     assert_no_partial_files(out)
@@ -37,5 +42,6 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
 
 def test_stage_plan_adds_dependencies_and_rejects_unknown():
     assert demo.plan(["ptq"]) == ["train", "ptq", "evaluate", "report"]
+    assert demo.plan(["qat"]) == ["train", "qat", "evaluate", "report"]
     with pytest.raises(InputError, match="Unknown demo stage.*nope"):
         demo.plan(["nope"])

@@ -83,18 +83,6 @@ def _int8_accuracy(flatbuffer, data):
     return host.evaluate(flatbuffer, data.x_test, data.y_test)["accuracy"]
 
 
-def _sparsity_for_macs(model, target_ratio, round_to):
-    """Smallest sparsity (step 0.05) whose stripped model has >= target_ratio fewer MACs."""
-    base = pruning.count_macs(model)
-    for s in np.arange(0.3, 0.95, 0.05):
-        pruned = pruning.prune(model, float(s), round_to=round_to)
-        pruning.PruningPlan(pruned).apply(float(s))
-        macs = pruning.count_macs(pruning.strip(pruned))
-        if base / macs >= target_ratio:
-            return float(round(s, 2)), base / macs
-    return 0.9, base / macs
-
-
 def _fit(model, data, epochs, lr, callbacks=()):
     models.compile_classifier(model, lr)
     model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=32, verbose=0,
@@ -102,7 +90,7 @@ def _fit(model, data, epochs, lr, callbacks=()):
     return model.evaluate(data.x_test, data.y_test, verbose=0)[1]
 
 
-def part_c(quick=False):
+def part_c(quick=False, mac_ratio=3.2):
     from tflite_ext.bench import host
 
     data = tasks.digits(32, 3)
@@ -110,7 +98,7 @@ def part_c(quick=False):
     float_model = models.resnet8()
     epochs, ft_epochs = (3, 2) if quick else (20, 15)
     acc = _fit(float_model, data, epochs, 1e-3)
-    sparsity, ratio = _sparsity_for_macs(float_model, 3.2, round_to=4)
+    sparsity, ratio = pruning.sparsity_for_mac_ratio(float_model, mac_ratio, round_to=4)
     steps = len(data.x_train) // 32 + 1
     schedule = pruning.PolynomialDecay(0.0, sparsity, 0, steps * max(ft_epochs // 2, 1),
                                        frequency=steps // 2)
@@ -133,7 +121,7 @@ def part_c(quick=False):
           f"{_int8_accuracy(fb_full, data):.4f} -> {_int8_accuracy(fb_small, data):.4f}")
 
 
-def part_d(quick=False, sparsities=(0.75, 0.8)):
+def part_d(quick=False, sparsities=(0.75, 0.8), ft_epochs=15, importance="l2", scope="local"):
     data = tasks.digits()
     keras.utils.set_random_seed(0)
     float_model = models.digits_cnn()
@@ -146,11 +134,12 @@ def part_d(quick=False, sparsities=(0.75, 0.8)):
     for s in sparsities:
         keras.utils.set_random_seed(0)
         schedule = pruning.PolynomialDecay(0.0, s, 0, 400, frequency=50)
-        pruned = pruning.prune(float_model, schedule, round_to=8)
-        p_acc = _fit(pruned, data, 2 if quick else 15, 5e-4, [pruning.PruningCallback()])
+        pruned = pruning.prune(float_model, schedule, round_to=8, importance=importance,
+                               scope=scope)
+        p_acc = _fit(pruned, data, 2 if quick else ft_epochs, 5e-4, [pruning.PruningCallback()])
         small = pruning.strip(pruned)
         fb = _int8(small, rep)
-        print(f"    sparsity {s}: params {small.count_params():,}, MACs "
+        print(f"    sparsity {s} ({importance}, {scope}, round_to=8, {ft_epochs} epochs at 5e-4): params {small.count_params():,}, MACs "
               f"{pruning.count_macs(small):,}, int8 {len(fb):,} bytes "
               f"({len(fb_full) / len(fb):.1f}x smaller), float acc {p_acc:.4f}, int8 acc "
               f"{_int8_accuracy(fb, data):.4f}")
@@ -160,15 +149,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", default="abcd")
     parser.add_argument("--quick", action="store_true", help="few epochs (smoke run)")
+    parser.add_argument("--digits-sparsity", type=float, nargs="+", default=[0.75, 0.8])
+    parser.add_argument("--ft-epochs", type=int, default=15)
+    parser.add_argument("--importance", default="l2")
+    parser.add_argument("--scope", default="local")
+    parser.add_argument("--mac-ratio", type=float, default=3.2, help="ResNet-8 MAC target")
     args = parser.parse_args()
     if "a" in args.parts:
         part_a()
     if "b" in args.parts:
         part_b()
     if "c" in args.parts:
-        part_c(args.quick)
+        part_c(args.quick, args.mac_ratio)
     if "d" in args.parts:
-        part_d(args.quick)
+        part_d(args.quick, args.digits_sparsity, args.ft_epochs, args.importance, args.scope)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ def _out_scores(kernel):
     return kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
 
 
-def _in_scores(layer, kernel_values):
-    """Per-input-feature sum for a consumer (Dense/Conv: axis -2; separable: depthwise)."""
-    k = kernel_values
+def _in_scores(k):
+    """Per-input-feature sum over a kernel whose axis -2 is the input axis (Dense, Conv,
+    depthwise kernels all are)."""
     return np.moveaxis(k, -2, 0).reshape(k.shape[-2], -1).sum(axis=1)
 
 
@@ -108,13 +108,13 @@ class Magnitude(Importance):
         for name in group.producers:
             out.append(_out_scores(self.transform(ctx, ctx.producer_kernel(name))))
         for name, fidx, cidx in group.consumers:
-            per_feature = _in_scores(None, self.transform(ctx, ctx.consumer_kernel(name)))
+            per_feature = _in_scores(self.transform(ctx, ctx.consumer_kernel(name)))
             out.append(_per_channel(per_feature, fidx, cidx, group.size))
         for name, fidx, cidx in group.carriers:
             layer = ctx.layer(name)
             kernel = getattr(layer, "kernel", None)
             if kernel is not None and len(kernel.shape) >= 3:  # depthwise: (..., C, 1)
-                per_feature = _in_scores(None, self.transform(ctx, kernel))
+                per_feature = _in_scores(self.transform(ctx, kernel))
                 out.append(_per_channel(per_feature, fidx, cidx, group.size))
         return [o ** (1.0 / self.p) for o in out]
 

@@ -44,11 +44,12 @@ BUDGETS = {
 }
 TFMOT_SPARSITY = 0.8  # the peer: unstructured magnitude pruning at 80%
 
-# tflite_ext structured pruning per model: fraction of channels removed from each pruned layer.
-# The logits layer is never pruned (its outputs are the classes).
+# tflite_ext structured pruning per model: fraction of channels removed from each dependency
+# group, ranked by BatchNorm scale (|gamma|, "network slimming"; layers without BN fall back to
+# weight magnitude). The logits layer is never pruned (its outputs are the classes).
 TX_PRUNING = {
-    "digits_cnn": dict(sparsity=0.75),
-    "resnet8": dict(sparsity=0.5),
+    "digits_cnn": dict(sparsity=0.75, importance="bn_scale"),
+    "resnet8": dict(sparsity=0.5, importance="bn_scale"),
 }
 
 
@@ -170,6 +171,8 @@ def tx_structured_prune(float_model, data, budget, model_name):
 
     config = TX_PRUNING[model_name]
     model = copy_model(float_model)
+    # Gradient-based importance scores channels on a fixed batch of training data.
+    taylor_batch = (data.x_train[:256], data.y_train[:256])
     schedule = pruning.PolynomialDecay(initial_sparsity=0.0, final_sparsity=config["sparsity"],
                                        begin_step=0, end_step=budget["prune_end_step"],
                                        frequency=budget["prune_frequency"])
@@ -177,7 +180,7 @@ def tx_structured_prune(float_model, data, budget, model_name):
                            importance=config.get("importance", "l2"),
                            round_to=config.get("round_to", 1))
     fit(pruned, data, budget["prune_epochs"], budget["prune_lr"], budget["batch_size"],
-        "tx_prune", callbacks=[pruning.PruningCallback()])
+        "tx_prune", callbacks=[pruning.PruningCallback(data=taylor_batch)])
     return pruning.strip(pruned)
 
 

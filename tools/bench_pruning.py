@@ -90,7 +90,7 @@ def _fit(model, data, epochs, lr, callbacks=()):
     return model.evaluate(data.x_test, data.y_test, verbose=0)[1]
 
 
-def part_c(quick=False, mac_ratio=3.2):
+def part_c(quick=False, mac_ratio=3.2, round_to=4):
     from tflite_ext.bench import host
 
     data = tasks.digits(32, 3)
@@ -98,18 +98,18 @@ def part_c(quick=False, mac_ratio=3.2):
     float_model = models.resnet8()
     epochs, ft_epochs = (3, 2) if quick else (20, 15)
     acc = _fit(float_model, data, epochs, 1e-3)
-    sparsity, ratio = pruning.sparsity_for_mac_ratio(float_model, mac_ratio, round_to=4)
+    sparsity, ratio = pruning.sparsity_for_mac_ratio(float_model, mac_ratio, round_to=round_to)
     steps = len(data.x_train) // 32 + 1
     schedule = pruning.PolynomialDecay(0.0, sparsity, 0, steps * max(ft_epochs // 2, 1),
                                        frequency=steps // 2)
-    pruned = pruning.prune(float_model, schedule, round_to=4)
+    pruned = pruning.prune(float_model, schedule, round_to=round_to)
     pruned_acc = _fit(pruned, data, ft_epochs, 5e-4, [pruning.PruningCallback()])
     small = pruning.strip(pruned)
     rep = data.x_train[:200]
     fb_full, fb_small = _int8(float_model, rep), _int8(small, rep)
     lat = host.time_interleaved({"full": fb_full, "small": fb_small}, x=data.x_test[:50],
                                 runs=300)
-    print(f"(c) ResNet-8 on digits 32x32x3, sparsity {sparsity} (predicted MAC ratio "
+    print(f"(c) ResNet-8 on digits 32x32x3, sparsity {sparsity}, round_to={round_to} (predicted MAC ratio "
           f"{ratio:.2f}x), {ft_epochs} fine-tune epochs:")
     print(f"    MACs    {pruning.count_macs(float_model):>10,} -> "
           f"{pruning.count_macs(small):>10,}  ({pruning.count_macs(float_model) / pruning.count_macs(small):.2f}x)")
@@ -154,13 +154,14 @@ def main():
     parser.add_argument("--importance", default="l2")
     parser.add_argument("--scope", default="local")
     parser.add_argument("--mac-ratio", type=float, default=3.2, help="ResNet-8 MAC target")
+    parser.add_argument("--round-to", type=int, default=4, help="ResNet-8 channel multiple")
     args = parser.parse_args()
     if "a" in args.parts:
         part_a()
     if "b" in args.parts:
         part_b()
     if "c" in args.parts:
-        part_c(args.quick, args.mac_ratio)
+        part_c(args.quick, args.mac_ratio, args.round_to)
     if "d" in args.parts:
         part_d(args.quick, args.digits_sparsity, args.ft_epochs, args.importance, args.scope)
 

@@ -12,8 +12,9 @@ space that reaches a model output, a model input or a layer that mixes channels 
 ways (a "barrier", e.g. LayerNormalization) is blocked. Every unblocked space is a `Group`:
 the unit that importance scores and pruning masks work on.
 
-All layer knowledge lives in `HANDLERS`, a table from layer class to a small handler. A custom
-layer opts in with `register_handler(MyLayer, PASS_THROUGH)` (or `BARRIER`), or by defining
+All layer knowledge lives in `HANDLERS` (module `tflite_ext.graph_handlers`, re-exported
+here), a table from layer class to a small handler; wrappers are looked through. A custom layer
+opts in with `register_handler(MyLayer, PASS_THROUGH)` (or `BARRIER`), or by defining
 `tflite_ext_channel_rule = "pass_through"` (or `"barrier"`) on its class.
 
 Example:
@@ -29,6 +30,9 @@ import keras
 import numpy as np
 
 from tflite_ext.errors import InputError, UnsupportedLayerError
+# The handler table lives in its own module; re-exported here (the public import path).
+from tflite_ext.graph_handlers import (BARRIER, HANDLERS, PASS_THROUGH, Handler,  # noqa: F401
+                                       handler_for, register_handler, unwrap)
 
 # ----------------------------------------------------------------------------- channel maps
 # A channel map is a tuple of blocks; a block is (segments, repeat) where segments is a tuple
@@ -54,159 +58,6 @@ def _expand(cmap):
         spaces.append(np.tile(s, repeat))
         chans.append(np.tile(c, repeat))
     return np.concatenate(spaces), np.concatenate(chans)
-
-
-# ----------------------------------------------------------------------------- handlers
-
-
-class Handler:
-    """Channel rule of one layer type: how channel maps flow and how weights are sliced.
-
-    `kind` is one of "producer" (new prunable output space, consumes input channels),
-    "pass_through" (output channels are the input channels), "merge" (element-wise op over
-    inputs), "concat", "flatten", "barrier" (mixes channels: nothing around it is pruned).
-    """
-
-    kind = "barrier"
-
-    def check(self, layer, rank):
-        """Returns the kind, or "barrier" when this layer's config is not supported."""
-        return self.kind
-
-
-class _Producer(Handler):
-    kind = "producer"
-
-    def check(self, layer, rank):
-        cfg = layer.get_config()
-        if cfg.get("groups", 1) != 1 or cfg.get("data_format", "channels_last") != "channels_last":
-            return "barrier"
-        return self.kind
-
-
-class _Depthwise(Handler):
-    kind = "pass_through"
-
-    def check(self, layer, rank):
-        cfg = layer.get_config()
-        if cfg.get("depth_multiplier", 1) != 1 or cfg.get("data_format") == "channels_first":
-            return "barrier"
-        return self.kind
-
-
-class _PassThrough(Handler):
-    kind = "pass_through"
-
-    def check(self, layer, rank):
-        cfg = layer.get_config()
-        if cfg.get("data_format") == "channels_first":
-            return "barrier"
-        axis = cfg.get("axis", -1)
-        if isinstance(axis, (list, tuple)):
-            axis = axis[0] if len(axis) == 1 else None
-        if "axis" in cfg and axis not in (-1, rank - 1):
-            return "barrier"
-        return self.kind
-
-
-class _Activation(Handler):
-    kind = "pass_through"
-
-    def check(self, layer, rank):
-        act = layer.get_config().get("activation")
-        return "barrier" if act in ("softmax", "log_softmax") else self.kind
-
-
-class _Rescaling(Handler):
-    kind = "pass_through"
-
-    def check(self, layer, rank):
-        cfg = layer.get_config()
-        scalar = all(np.ndim(cfg.get(k, 0)) == 0 for k in ("scale", "offset"))
-        return self.kind if scalar else "barrier"
-
-
-class _Merge(Handler):
-    kind = "merge"
-
-
-class _Concat(Handler):
-    kind = "concat"
-
-
-class _Flatten(Handler):
-    kind = "flatten"
-
-
-class _Reshape(Handler):
-    kind = "reshape"
-
-
-class _Barrier(Handler):
-    kind = "barrier"
-
-
-PASS_THROUGH = _PassThrough()
-BARRIER = _Barrier()
-L = keras.layers
-HANDLERS = {}
-for _cls in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.SeparableConv1D, L.SeparableConv2D):
-    HANDLERS[_cls] = _Producer()
-for _cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
-    HANDLERS[_cls] = _Depthwise()
-for _cls in (L.BatchNormalization, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.Dropout,
-             L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianDropout,
-             L.GaussianNoise, L.AlphaDropout, L.ActivityRegularization, L.Identity,
-             L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
-             L.AveragePooling2D, L.AveragePooling3D, L.GlobalAveragePooling1D,
-             L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.GlobalMaxPooling1D,
-             L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.ZeroPadding1D, L.ZeroPadding2D,
-             L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.UpSampling1D,
-             L.UpSampling2D, L.UpSampling3D):
-    HANDLERS[_cls] = PASS_THROUGH
-HANDLERS[L.Activation] = _Activation()
-HANDLERS[L.Rescaling] = _Rescaling()
-for _cls in (L.Add, L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average):
-    HANDLERS[_cls] = _Merge()
-HANDLERS[L.Concatenate] = _Concat()
-HANDLERS[L.Flatten] = _Flatten()
-HANDLERS[L.Reshape] = _Reshape()
-for _cls in (L.InputLayer, L.LayerNormalization, L.GroupNormalization, L.UnitNormalization,
-             L.Normalization, L.Softmax, L.Permute, L.Embedding, L.RepeatVector,
-             L.MultiHeadAttention, L.Attention, L.Dot):
-    HANDLERS[_cls] = BARRIER
-del _cls, L
-
-_RULES = {"pass_through": PASS_THROUGH, "barrier": BARRIER}
-
-
-def register_handler(layer_class, handler):
-    """Teaches the graph a custom layer type.
-
-    Args:
-        layer_class: the Keras layer class.
-        handler: `PASS_THROUGH` (per-channel layer: output channel i depends only on input
-            channel i; its weights whose last axis is the channel axis get sliced) or `BARRIER`
-            (nothing on either side of it is pruned), or a `Handler` instance.
-
-    Example:
-        >>> graph.register_handler(MyScale, graph.PASS_THROUGH)
-    """
-    if isinstance(handler, str):
-        handler = _RULES[handler]
-    HANDLERS[layer_class] = handler
-
-
-def handler_for(layer):
-    """The handler of `layer` (unwrapping pruning wrappers), or None if unknown."""
-    layer = getattr(layer, "tflite_ext_inner", None) or layer
-    rule = getattr(type(layer), "tflite_ext_channel_rule", None)
-    if rule is not None:
-        return _RULES[rule]
-    for cls in type(layer).__mro__:
-        if cls in HANDLERS:
-            return HANDLERS[cls]
-    return None
 
 
 # ----------------------------------------------------------------------------- graph nodes
@@ -447,14 +298,14 @@ class DependencyGraph:
             if node.layer.name in self.opaque or node.name in self.opaque:
                 handler = BARRIER
             if handler is None:
-                inner = getattr(node.layer, "tflite_ext_inner", None) or node.layer
+                inner = unwrap(node.layer)
                 raise UnsupportedLayerError(
                     f"The channel graph does not know layer '{node.name}' "
                     f"({type(inner).__name__}): exclude it with opaque=['{node.name}'] or opt "
                     "it in with tflite_ext.graph.register_handler("
                     f"{type(inner).__name__}, tflite_ext.graph.PASS_THROUGH).")
             rank = len(self.shapes.get(node.inputs[0], ()))
-            kind = handler.check(getattr(node.layer, "tflite_ext_inner", None) or node.layer, rank)
+            kind = handler.check(unwrap(node.layer), rank)
             in_maps = [self.maps.get(t, ()) for t in node.inputs]
             out = node.outputs[0]
             kind = self._apply(node, kind, in_maps, out)

@@ -10,6 +10,12 @@ import pytest  # noqa: E402
 from tflite_ext import tasks  # noqa: E402
 
 
+def pytest_configure(config):
+    # TensorFlow and Keras emit hundreds of deprecation notices about their own internals.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore::FutureWarning")
+
+
 @pytest.fixture(scope="session")
 def digits():
     return tasks.digits()

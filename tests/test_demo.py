@@ -18,7 +18,8 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     out, report = quick_report
     assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
     variants = {v["name"]: v for v in report["variants"]}
-    assert list(variants)[:3] == ["float32", "int8_ptq", "int8_qat"]
+    assert list(variants) == ["float32", "int8_ptq", "int8_qat", "int8_pruned",
+                              "int8_pruned_qat"]
     final = inspect.summary(out / "model.tflite")
     assert final["full_integer"], final["float_ops"]
     assert report["model_tflite"] == list(variants)[-1]
@@ -33,6 +34,10 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     qat = variants["int8_qat"]
     assert qat["full_integer"] and qat["bytes"] < int8["bytes"]  # no calibration tensors left
     assert qat["tflite_accuracy"] >= qat["keras_accuracy"] - 0.01
+    pruned = variants["int8_pruned_qat"]
+    assert pruned["full_integer"] and pruned["bytes"] < int8["bytes"] / 8
+    assert pruned["macs"] < int8["macs"] / 8
+    assert report["model_tflite"] == "int8_pruned_qat"
     for plot in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
@@ -43,5 +48,6 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
 def test_stage_plan_adds_dependencies_and_rejects_unknown():
     assert demo.plan(["ptq"]) == ["train", "ptq", "evaluate", "report"]
     assert demo.plan(["qat"]) == ["train", "qat", "evaluate", "report"]
+    assert demo.plan(["prune_qat"]) == ["train", "prune", "prune_qat", "evaluate", "report"]
     with pytest.raises(InputError, match="Unknown demo stage.*nope"):
         demo.plan(["nope"])

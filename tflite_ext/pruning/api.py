@@ -7,16 +7,14 @@ Example:
 """
 import re
 
+import keras
+
 from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
 from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
 from tflite_ext.pruning.schedules import ConstantSparsity, PruningSchedule, check_sparsity
 from tflite_ext.pruning.wrapper import GRANULARITIES, SUPPORTED, PruneWrapper
-
-
-def _inner(layer):
-    return getattr(layer, "tflite_ext_inner", None) or layer
 
 
 def _matcher(layers):
@@ -81,8 +79,11 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
     graph = DependencyGraph(model, opaque=opaque)
-    if any(isinstance(n.layer, PruneWrapper) for n in graph.nodes):
+    if any(prune_wrapper_of(n.layer) is not None for n in graph.nodes):
         raise InputError(f"The model is already wrapped for pruning. Received: model={model.name}")
+    if any(getattr(n.layer, "tflite_ext_inner", None) is not None for n in graph.nodes):
+        raise InputError("prune() takes the float model: call quantize_model(prune(model)) for "
+                         f"pruning during QAT. Received: model={model.name} (already wrapped)")
     match = _matcher(layers)
     chosen = {n.name for n in graph.nodes if n.inputs and isinstance(n.layer, SUPPORTED)
               and match(n.layer)}
@@ -121,9 +122,34 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
     return rebuild(graph, make_layer)
 
 
+def prune_wrapper_of(layer):
+    """The `PruneWrapper` that is `layer` or sits inside it, or None.
+
+    Other wrappers are looked through: `quantize_model(prune(model))` puts each `PruneWrapper`
+    inside a `QuantizeWrapper`, whose kernels then carry the pruning masks.
+    """
+    while isinstance(layer, keras.layers.Wrapper):
+        if isinstance(layer, PruneWrapper):
+            return layer
+        layer = layer.layer
+    return None
+
+
 def pruning_wrappers(model):
-    """The `PruneWrapper` layers of a model (top level), in model order."""
-    return [layer for layer in model.layers if isinstance(layer, PruneWrapper)]
+    """The `PruneWrapper` layers of a model in model order, also inside other wrappers
+    (QAT) and nested models.
+
+    Example:
+        >>> len(pruning_wrappers(quantize_model(prune(model))))
+        4
+    """
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(pruning_wrappers(layer))
+        elif prune_wrapper_of(layer) is not None:
+            found.append(prune_wrapper_of(layer))
+    return found
 
 
 def get_schedule_and_policy(model):

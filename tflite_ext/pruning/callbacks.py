@@ -2,7 +2,9 @@
 
 It does work only on pruning steps (the schedule says when): on other steps it just counts.
 The step counter and the masks are model variables, so a model saved to `.keras` mid-pruning
-reloads and continues with the same masks and step.
+reloads and continues with the same masks and step. It also drives a QAT model made from a
+pruned one (`quantize_model(prune(model))`): the masks it sets are folded into the
+fake-quantized kernels, so pruned channels are exact zeros in the QAT model and the .tflite.
 
 Example:
     >>> pruned = prune(model, PolynomialDecay(0.0, 0.5, 0, 200, frequency=20))
@@ -15,8 +17,8 @@ import numpy as np
 from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
-from tflite_ext.pruning.api import get_schedule_and_policy
-from tflite_ext.pruning.wrapper import PruneWrapper, masked_kernel
+from tflite_ext.pruning.api import get_schedule_and_policy, prune_wrapper_of
+from tflite_ext.pruning.wrapper import masked_kernel
 
 
 def magnitude_mask(weights, sparsity):
@@ -52,10 +54,13 @@ class PruningPlan:
         self.schedule, self.policy = get_schedule_and_policy(model)
         self.importance = importance_lib.get(importance or self.policy.get("importance", "l2"))
         self.graph = DependencyGraph(model)
-        nodes = [n for n in self.graph.nodes if isinstance(n.layer, PruneWrapper)]
-        self.wrappers = [n.layer for n in nodes]
-        self.elementwise = [n.layer for n in nodes if n.layer.granularity != "channel"]
-        channel = {n.name: n for n in nodes if n.layer.granularity == "channel"}
+        # A node's PruneWrapper may sit inside a QuantizeWrapper (prune + QAT in one fit).
+        found = [(n, prune_wrapper_of(n.layer)) for n in self.graph.nodes]
+        found = [(n, w) for n, w in found if w is not None]
+        self.wrappers = [w for _, w in found]
+        self.elementwise = [w for _, w in found if w.granularity != "channel"]
+        channel = {n.name: n for n, w in found if w.granularity == "channel"}
+        self._wrapper = {n.name: w for n, w in found}
         self.groups = [g for g in self.graph.groups
                        if g.producers and all(p in channel for p in g.producers)
                        and all(c in channel for c, _, _ in g.consumers)]
@@ -65,7 +70,7 @@ class PruningPlan:
             ins = [r for r in self.graph.index_of(node.inputs[0]) if r[0] in ids]
             outs = [r for r in self.graph.index_of(node.outputs[0]) if r[0] in ids]
             if ins or outs:
-                self.assign.append((node.layer, ins, outs))
+                self.assign.append((self._wrapper[name], ins, outs))
         self.producer_of = {g.id: channel[g.producers[0]] for g in self.groups}
 
     def step(self):
@@ -74,7 +79,7 @@ class PruningPlan:
     def _current_keep(self, group):
         node = self.producer_of[group.id]
         keep = np.ones(group.size, bool)
-        mask = keras.ops.convert_to_numpy(node.layer.out_mask) > 0
+        mask = keras.ops.convert_to_numpy(self._wrapper[node.name].out_mask) > 0
         for root, fidx, cidx in self.graph.index_of(node.outputs[0]):
             if root == group.id:
                 keep[cidx] = mask[fidx]

@@ -15,32 +15,35 @@ import keras
 import numpy as np
 
 from tflite_ext.errors import InputError
-from tflite_ext.graph import DependencyGraph
+from tflite_ext.graph import DependencyGraph, unwrap
+from tflite_ext.pruning.api import prune_wrapper_of
 from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
-from tflite_ext.pruning.wrapper import PruneWrapper, masked_kernel
+from tflite_ext.pruning.wrapper import masked_kernel
+from tflite_ext.quantization.wrapper import QuantizeWrapper
 
 
 def _group_keep(graph):
     """{group id: bool keep array}: a channel goes only if every consumer ignores it."""
     keeps = {}
     for group in graph.groups:
-        consumers = [graph.node_by_name[name] for name, _, _ in group.consumers]
-        if any(not isinstance(n.layer, PruneWrapper) or n.layer.granularity != "channel"
-               for n in consumers):
+        consumers = [prune_wrapper_of(graph.node_by_name[name].layer)
+                     for name, _, _ in group.consumers]
+        if any(w is None or w.granularity != "channel" for w in consumers):
             continue
         keep = np.zeros(group.size, bool)
         if consumers:
-            for (name, fidx, cidx), node in zip(group.consumers, consumers):
-                keep[cidx] |= keras.ops.convert_to_numpy(node.layer.in_mask)[fidx] > 0
+            for (name, fidx, cidx), wrapper in zip(group.consumers, consumers):
+                keep[cidx] |= keras.ops.convert_to_numpy(wrapper.in_mask)[fidx] > 0
         else:
             for name in group.producers:
                 node = graph.node_by_name[name]
-                if not isinstance(node.layer, PruneWrapper):
+                wrapper = prune_wrapper_of(node.layer)
+                if wrapper is None:
                     keep[:] = True
                     continue
                 for root, fidx, cidx in graph.index_of(node.outputs[0]):
                     if root == group.id:
-                        keep[cidx] |= keras.ops.convert_to_numpy(node.layer.out_mask)[fidx] > 0
+                        keep[cidx] |= keras.ops.convert_to_numpy(wrapper.out_mask)[fidx] > 0
         if not keep.any():
             keep[0] = True  # a layer needs one channel; min_channels >= 1 avoids this anyway
         if not keep.all():
@@ -85,12 +88,45 @@ def _slice_per_channel(config, weights, in_keep, out_keep):
     return config, out
 
 
+def _sliced_like(source, base, out_keep, name):
+    """A `QuantizeWrapper` like `source` around the sliced `base`, its folded BN sliced too.
+
+    Exact: pruned channels were zeroed in the QAT model's kernels and bias (after folding), so
+    per-channel weight ranges, the per-tensor Dense range and every activation range (which
+    always holds 0) are unchanged by removing them. Ranges and observer states are copied.
+    """
+    bn, bn_weights = source.batch_norm, None
+    if bn is not None:
+        bn_weights = [w[out_keep] if w.ndim and w.shape[-1] == out_keep.size else w
+                      for w in bn.get_weights()]
+        bn = clone_layer(bn)
+    wrapper = QuantizeWrapper(base, batch_norm=bn, name=name)
+
+    def init(new, base_weights):
+        new.layer.set_weights([base_weights[v.name] for v in new.layer.weights])
+        if bn is not None:
+            new.batch_norm.set_weights(bn_weights)
+        new.bn_observing.assign(source.bn_observing)
+        for mine, theirs in ((new.mid_quantizer, source.mid_quantizer),
+                             (new.logits_quantizer, source.logits_quantizer)):
+            if mine is not None:
+                mine.set_weights(theirs.get_weights())
+    return wrapper, init
+
+
 def strip(model):
     """Returns an ordinary Keras functional model: no wrappers, masked channels removed.
 
+    A QAT model made from a pruned one (`quantize_model(prune(model))`, trained with
+    `PruningCallback`) strips to a smaller QAT model: `QuantizeWrapper`s and activation
+    quantizers stay (with their ranges, folded BN and frozen state), only the pruning wrappers
+    and the pruned channels go. It computes what the unstripped QAT model computes, and its
+    `.tflite` is the unstripped one's minus the zero channels; convert it directly, no
+    re-quantization needed.
+
     Args:
-        model: a model returned by `prune` (trained with `PruningCallback`), or one loaded
-            from `.keras`.
+        model: a model returned by `prune` (trained with `PruningCallback`), one loaded
+            from `.keras`, or `quantize_model` of such a model.
 
     Raises:
         InputError: the model has no pruning wrappers (it was never pruned).
@@ -99,9 +135,11 @@ def strip(model):
         >>> small = strip(pruned)
         >>> small.count_params() < pruned.count_params()
         True
+        >>> small_qat = strip(qat)            # qat = quantize_model(pruned), trained
+        >>> flatbuffer = convert.to_tflite(small_qat).flatbuffer
     """
     graph = DependencyGraph(model)
-    if not any(isinstance(n.layer, PruneWrapper) for n in graph.nodes):
+    if not any(prune_wrapper_of(n.layer) is not None for n in graph.nodes):
         raise InputError("strip() needs a model returned by prune(); this one has no pruning "
                          f"wrappers. Received: model={model.name}")
     keeps = _group_keep(graph)
@@ -109,13 +147,15 @@ def strip(model):
 
     def make_layer(node):
         source = node.layer
-        inner = source.layer if isinstance(source, PruneWrapper) else source
+        pruner, inner = prune_wrapper_of(source), unwrap(source)
         weights = {v.name: keras.ops.convert_to_numpy(v) for v in inner.weights}
-        if isinstance(source, PruneWrapper) and source.granularity != "channel":
+        if pruner is not None and pruner.granularity != "channel":
             kernel = masked_kernel(inner)
-            weights[kernel.name] = keras.ops.convert_to_numpy(kernel) * keras.ops.convert_to_numpy(source.weight_mask)
+            weights[kernel.name] = (keras.ops.convert_to_numpy(kernel)
+                                    * keras.ops.convert_to_numpy(pruner.weight_mask))
         config = inner.get_config()
-        config["name"] = names[node.name]
+        if not isinstance(source, QuantizeWrapper):
+            config["name"] = names[node.name]
         in_keep = graph.keep_mask(node.inputs[0], keeps)
         out_keep = graph.keep_mask(node.outputs[0], keeps)
         if node.kind == "producer":
@@ -124,6 +164,9 @@ def strip(model):
                                                            not out_keep.all()):
             config, weights = _slice_per_channel(config, weights, in_keep, out_keep)
         layer = clone_layer(inner, config)
+        if isinstance(source, QuantizeWrapper):
+            wrapper, init_wrapper = _sliced_like(source, layer, out_keep, names[node.name])
+            return wrapper, lambda new: init_wrapper(new, weights)
 
         def init(new):
             new.set_weights([weights[v.name] for v in new.weights])

@@ -22,9 +22,14 @@ import collections
 import keras
 from keras import layers
 
+from tflite_ext import graph_handlers
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.quantization.quantizers import ActivationQuantizer
 from tflite_ext.quantization.wrapper import QuantizeWrapper, innermost, layer_kind
+
+# A per-tensor fake quant: channel i out is channel i in, and 0 stays exactly 0 (the range
+# always holds 0), so pruned channels stay removed through it. The pruning graph must know.
+graph_handlers.register_handler(ActivationQuantizer, graph_handlers.PASS_THROUGH)
 
 # TFLite keeps the input's scale through these (or needs none): no quantizer after them.
 _SAME_SCALE = (layers.MaxPooling1D, layers.MaxPooling2D, layers.AveragePooling1D,

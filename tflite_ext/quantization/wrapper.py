@@ -246,13 +246,30 @@ class QuantizeWrapper(layers.Wrapper):
 
     @property
     def tflite_ext_inner(self):
-        """The wrapped layer (graph code looks through wrappers with this)."""
-        return self.layer
+        """The innermost wrapped layer, whose channels and weights this wrapper computes (the
+        dependency graph and pruning importance read it; a pruning wrapper in between is
+        reached through `.layer`)."""
+        return self._base
+
+    def _pruning_bookkeeping(self, inputs):
+        """What the pruning wrapper's own `call` would do in training (this one replaces it):
+        count the step, and gather input statistics for activation-based importance."""
+        pruner = self.layer
+        while isinstance(pruner, layers.Wrapper) and getattr(pruner, "pruning_step", None) is None:
+            pruner = pruner.layer
+        if getattr(pruner, "pruning_step", None) is None:
+            return
+        pruner.pruning_step.assign_add(1)
+        if getattr(pruner, "track_activations", False):
+            axes = tuple(range(len(inputs.shape) - 1))
+            pruner.act_abs_sum.assign_add(ops.sum(ops.abs(inputs), axis=axes))
+            pruner.act_zero_sum.assign_add(
+                ops.sum(ops.cast(ops.equal(inputs, 0), inputs.dtype), axis=axes))
+            pruner.act_count.assign_add(ops.sum(ops.ones_like(inputs[..., 0])))
 
     def call(self, inputs, training=False):
-        step = getattr(self.layer, "pruning_step", None)
-        if training and step is not None:  # the pruning wrapper's own bookkeeping
-            step.assign_add(1)
+        if training:
+            self._pruning_bookkeeping(inputs)
         kernels, bias = self._kernels_and_bias()
         if training and self._bn is not None:
             self._update_bn_statistics(inputs, kernels, bias)

@@ -24,6 +24,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# With TF's oneDNN CPU kernels on, training ResNet-8 again after a structured-pruning fit
+# corrupts the heap ("double free or corruption", segfault) in this TF 2.21 build; the same
+# runs clean with them off. Set before TensorFlow is imported; the tfmot subprocess inherits
+# it, so both sides train the same way. (Training numerics only; .tflite timing is LiteRT.)
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402
 
@@ -338,10 +343,14 @@ def main(argv=None):
     parser.add_argument("--out", help="output folder (default build/compare/<model>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-tfmot", action="store_true", help="leave out the tfmot peer")
+    parser.add_argument("--sparsity", type=float,
+                        help="tflite_ext structured sparsity (default: per model, TX_PRUNING)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out or os.path.join("build", "compare", args.model))
     ensure_writable_dir(out)
     budget = dict(BUDGETS["quick" if args.quick else "full"])
+    if args.sparsity is not None:
+        TX_PRUNING[args.model] = dict(TX_PRUNING[args.model], sparsity=args.sparsity)
 
     import keras
 
@@ -388,9 +397,9 @@ def main(argv=None):
     if has_pruning:
         keras.utils.set_random_seed(args.seed)
         stripped = tx_structured_prune(float_model, data, budget, args.model)
+        stripped.save(os.path.join(out, "tx_pruned.keras"))
         label = "tflite_ext structured prune + strip → int8"
         files[label], keras_models[label] = to_int8(stripped), stripped
-        stripped.save(os.path.join(out, "tx_pruned.keras"))
     else:
         skipped.append("tflite_ext structured pruning (tflite_ext.pruning not available yet)")
     if has_quantization:

@@ -146,3 +146,18 @@ def test_mobilenet_v2_graph():
     g = graph.DependencyGraph(keras.applications.MobileNetV2(weights=None))
     assert len(g.nodes) == 156 and len(g.groups) == 25  # input + 155 layers
     assert g.groups[0].producers == ["Conv1"]
+
+
+def test_handlers_look_through_nested_wrappers():
+    from tflite_ext import graph_handlers
+    from tflite_ext.pruning import PruneWrapper
+    from tflite_ext.quantization import ActivationQuantizer, QuantizeWrapper
+
+    conv = layers.Conv2D(4, 3)
+    nested = QuantizeWrapper(PruneWrapper(conv))
+    assert graph.unwrap(nested) is conv
+    assert graph.handler_for(nested).kind == "producer"
+    # the quantization package opts its range layer in through the same table
+    assert graph.HANDLERS[ActivationQuantizer] is graph.PASS_THROUGH
+    assert graph.register_handler is graph_handlers.register_handler
+    assert graph.handler_for(layers.LayerNormalization()) is graph.BARRIER

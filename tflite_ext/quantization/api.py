@@ -186,6 +186,9 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
     Args:
         model: a built functional or Sequential Keras 3 model; its weighted layers may be
             wrapped by the pruning wrapper (masks are kept and applied after BN folding).
+            Prune + QAT in one fit: `qat = quantize_model(prune(model, schedule))`, fit with
+            `PruningCallback()` and `FreezeQuantization(...)`, then `strip(qat)` (a smaller
+            QAT model, exact) and convert without representative data.
         skip_layers: names of layers to leave in float (convert with float fallback allowed).
         fold_batch_norm: fold BatchNormalization into the preceding conv/Dense.
         range_decay: moving-average decay of the activation ranges, per training step.

@@ -17,12 +17,9 @@ import keras
 import numpy as np
 
 from tflite_ext.errors import InputError
+from tflite_ext.graph import unwrap
 
 _EPS = 1e-12
-
-
-def _inner(layer):
-    return getattr(layer, "tflite_ext_inner", None) or layer
 
 
 def _per_channel(values, fidx, cidx, size):
@@ -53,7 +50,7 @@ class Context:
         self._cache = {}
 
     def layer(self, node_name):
-        return _inner(self.graph.node_by_name[node_name].layer)
+        return unwrap(self.graph.node_by_name[node_name].layer)
 
     def value(self, variable):
         key = id(variable)

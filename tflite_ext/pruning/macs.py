@@ -2,15 +2,17 @@
 
 Example:
     >>> count_macs(models.digits_cnn())
-    2326528
+    7150080
 """
 import math
 
 import keras
 
+from tflite_ext.graph import unwrap
+
 
 def _layer_macs(layer, in_shape, out_shape):
-    layer = getattr(layer, "tflite_ext_inner", None) or layer
+    layer = unwrap(layer)
     out_positions = math.prod(d for d in out_shape[1:-1] if d)
     if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
         k = math.prod(layer.kernel.shape[:-2])

@@ -1,18 +1,23 @@
-"""Pruning + QAT on the digits CNN of references.md: prints bytes and int8 accuracy (issue 4).
+"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, targets (issue 4).
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
-Pruning: PolynomialDecay(0.0, 0.75, 0, 400, frequency=50), round_to=8, l2, local.
+Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency),
+--round_to, --importance, local.
 
-(a) prune -> strip -> QAT: 15 pruning epochs at Adam 5e-4, `strip`, `quantize_model`, 5 QAT
-    epochs at 3e-5 with `FreezeQuantization` after 3 epochs, convert.
-(b) prune + QAT in one fit: `quantize_model(prune(model))`, one fit of 15 + 5 epochs with
-    `PruningCallback` and `FreezeQuantization` (after 15 + 3 epochs); the learning rate is 5e-4
-    for the first 15 epochs and 3e-5 for the last 5 (same budget as (a)). Then `strip` (exact
-    on a QAT model: it drops the zero channels and keeps the ranges) and convert.
-QAT models are converted with no representative data.
+(a) prune -> strip -> QAT: --prune_epochs at Adam --prune_lr (constant or cosine decay), `strip`,
+    `quantize_model`, --qat_epochs at --qat_lr with `FreezeQuantization` after --freeze_epoch
+    epochs, convert (no representative data: QAT ranges are used).
+(b) prune + QAT in one fit (--variants a,b): `quantize_model(prune(model))`, one fit of
+    prune_epochs + qat_epochs; learning rate prune_lr then qat_lr; `strip`; convert.
+--distill prune|qat|both: the float model teaches the student (tflite_ext.distillation.distill,
+    KL at --temperature, ground-truth weight --alpha) in that stage's fit.
+
+Targets (issue 4, pruned + QAT): int8 acc >= PTQ int8 acc, int8 acc >= float - 0.3 point,
+top-1 agreement Keras QAT vs .tflite >= 99.5%, bytes <= 27,797 (issue 3).
 
 Usage:
-    PYTHONPATH=. python tools/bench_prune_qat.py [--seed 0] [--float_epochs 30]
+    PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both
+    PYTHONPATH=. python tools/bench_prune_qat.py --help
 """
 import argparse
 import os
@@ -24,10 +29,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
-from tflite_ext import convert, inspect, models, pruning, tasks  # noqa: E402
+from tflite_ext import convert, distillation, inspect, models, pruning, tasks  # noqa: E402
 from tflite_ext.quantization import FreezeQuantization, quantize_model  # noqa: E402
 
 SIZE_TARGET = 27_797  # 1/10 of tfmot's 80%-pruned int8 digits model (references.md)
+BATCH = 32
 
 
 def tflite_top1(flatbuffer, x):
@@ -44,78 +50,154 @@ def tflite_top1(flatbuffer, x):
     return interpreter.get_tensor(out["index"]).argmax(-1)
 
 
-def schedule():
-    return pruning.PolynomialDecay(0.0, 0.75, 0, 400, frequency=50)
+def prune(model, args):
+    schedule = pruning.PolynomialDecay(0.0, args.sparsity, 0, args.ramp_steps,
+                                       frequency=args.frequency)
+    return pruning.prune(model, schedule, round_to=args.round_to, importance=args.importance,
+                         scope="local")
 
 
-def prune(model):
-    return pruning.prune(model, schedule(), round_to=8, importance="l2", scope="local")
+def learning_rate(lr, epochs, steps, cosine):
+    if not cosine:
+        return lr
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=epochs * steps, alpha=0.05)
 
 
-def report(name, qat, data, seconds):
-    """Converts a QAT model, prints and returns (int8 acc, bytes, agreement)."""
+def train(student, teacher, data, args, *, distill, lr, epochs, callbacks):
+    """Fits `student` (optionally distilled from `teacher`); returns the trained student."""
+    optimizer = keras.optimizers.Adam(lr)
+    if distill:
+        trainer = distillation.distill(teacher, student, temperature=args.temperature,
+                                       alpha=args.alpha, optimizer=optimizer)
+        callbacks = [distillation.StudentCallback(c) for c in callbacks]
+    else:
+        trainer = student
+        trainer.compile(optimizer=optimizer,
+                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        metrics=["accuracy"])
+    trainer.fit(data.x_train, data.y_train, epochs=epochs, batch_size=BATCH, verbose=0,
+                callbacks=callbacks)
+    return student
+
+
+def float_model(seed, data, args):
+    """The float teacher for `seed` (trained, or read from --cache_dir)."""
+    path = args.cache_dir and os.path.join(args.cache_dir, f"digits_float_seed{seed}.keras")
+    if path and os.path.exists(path):
+        return keras.saving.load_model(path)
+    model = models.digits_cnn()
+    models.compile_classifier(model, 1e-3)
+    model.fit(data.x_train, data.y_train, epochs=args.float_epochs, batch_size=BATCH, verbose=0)
+    if path:
+        os.makedirs(args.cache_dir, exist_ok=True)
+        model.save(path)
+    return model
+
+
+def measure(qat, data):
+    """Converts a QAT model; returns (int8 acc, keras acc, bytes, agreement, full_integer)."""
     flatbuffer = convert.to_tflite(qat).flatbuffer
-    info = inspect.summary(flatbuffer)
     keras_top1 = qat.predict(data.x_test, verbose=0).argmax(-1)
     top1 = tflite_top1(flatbuffer, data.x_test)
-    acc, agree = np.mean(top1 == data.y_test), np.mean(top1 == keras_top1)
-    print(f"{name:<34} int8 acc {acc:.4f}  keras acc {np.mean(keras_top1 == data.y_test):.4f}"
-          f"  {len(flatbuffer):>9,} bytes  MACs {info['macs']:>9,}  agree {agree:.4f}"
-          f"  full_integer={info['full_integer']}  ({seconds:.0f} s)")
-    return acc, len(flatbuffer), agree
+    return (np.mean(top1 == data.y_test), np.mean(keras_top1 == data.y_test), len(flatbuffer),
+            np.mean(top1 == keras_top1), inspect.summary(flatbuffer)["full_integer"])
+
+
+def variant_a(model, data, args, steps):
+    """prune -> strip -> QAT."""
+    pruned = prune(model, args)
+    lr = learning_rate(args.prune_lr, args.prune_epochs, steps, args.cosine)
+    train(pruned, model, data, args, distill=args.distill in ("prune", "both"), lr=lr,
+          epochs=args.prune_epochs, callbacks=[pruning.PruningCallback()])
+    qat = quantize_model(pruning.strip(pruned))
+    train(qat, model, data, args, distill=args.distill in ("qat", "both"), lr=args.qat_lr,
+          epochs=args.qat_epochs, callbacks=[FreezeQuantization(args.freeze_epoch * steps)])
+    return qat
+
+
+def variant_b(model, data, args, steps):
+    """prune + QAT in one fit, then strip."""
+    qat = quantize_model(prune(model, args))
+    lr = keras.callbacks.LearningRateScheduler(
+        lambda epoch, _: args.prune_lr if epoch < args.prune_epochs else args.qat_lr)
+    freeze = FreezeQuantization((args.prune_epochs + args.freeze_epoch) * steps)
+    train(qat, model, data, args, distill=args.distill != "none", lr=args.prune_lr,
+          epochs=args.prune_epochs + args.qat_epochs,
+          callbacks=[pruning.PruningCallback(), freeze, lr])
+    return pruning.strip(qat)
+
+
+def run_seed(seed, data, args):
+    keras.utils.set_random_seed(seed)
+    steps = int(np.ceil(len(data.x_train) / BATCH))
+    model = float_model(seed, data, args)
+    float_acc = model.evaluate(data.x_test, data.y_test, verbose=0)[1]
+    ptq = convert.to_tflite(model, data.x_train[:300]).flatbuffer
+    ptq_acc = np.mean(tflite_top1(ptq, data.x_test) == data.y_test)
+    rows = []
+    for name in args.variants.split(","):
+        keras.utils.set_random_seed(seed)
+        start = time.time()
+        qat = {"a": variant_a, "b": variant_b}[name](model, data, args, steps)
+        seconds = time.time() - start
+        acc, keras_acc, size, agree, full_int = measure(qat, data)
+        ok = {"int8>=PTQ": acc >= ptq_acc - 1e-9, "int8>=float-0.3": acc >= float_acc - 0.003 - 1e-9,
+              "agree>=99.5%": agree >= 0.995, f"bytes<={SIZE_TARGET:,}": size <= SIZE_TARGET}
+        rows.append(dict(seed=seed, variant=name, float=float_acc, ptq=ptq_acc, int8=acc,
+                         keras=keras_acc, bytes=size, agree=agree, full_int=full_int,
+                         seconds=seconds, ok=ok))
+        print_row(rows[-1], flush=True)
+    return rows
+
+
+HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'int8':>7} {'kerasQAT':>8} "
+          f"{'bytes':>7} {'agree':>7} {'secs':>5}  targets")
+
+
+def print_row(r, flush=False):
+    failed = [k for k, v in r["ok"].items() if not v]
+    print(f"{r['seed']:>4} {r['variant']:>3} {r['float']:.4f} {r['ptq']:.4f} {r['int8']:.4f} "
+          f"{r['keras']:>8.4f} {r['bytes']:>7,} {r['agree']:.4f} {r['seconds']:>5.0f}  "
+          + ("ALL MET" if not failed else "FAIL: " + ", ".join(failed))
+          + ("" if r["full_int"] else "  (not full integer!)"), flush=flush)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", default="a", help="a, b or a,b (see the module doc)")
     parser.add_argument("--float_epochs", type=int, default=30)
+    parser.add_argument("--cache_dir", default="",
+                        help="save/reuse the float model per seed here (speeds up sweeps)")
+    parser.add_argument("--sparsity", type=float, default=0.75)
+    parser.add_argument("--ramp_steps", type=int, default=400)
+    parser.add_argument("--frequency", type=int, default=50)
+    parser.add_argument("--round_to", type=int, default=8)
+    parser.add_argument("--importance", default="l2", help="l1, l2, bn_scale")
     parser.add_argument("--prune_epochs", type=int, default=15)
+    parser.add_argument("--prune_lr", type=float, default=5e-4)
+    parser.add_argument("--cosine", action="store_true", help="cosine decay of the prune lr")
     parser.add_argument("--qat_epochs", type=int, default=5)
+    parser.add_argument("--qat_lr", type=float, default=3e-5)
     parser.add_argument("--freeze_epoch", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distill", default="none", choices=["none", "prune", "qat", "both"])
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="weight of the ground-truth loss when distilling")
     args = parser.parse_args()
+    print(" ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
 
-    keras.utils.set_random_seed(args.seed)
     data = tasks.digits()
-    steps = int(np.ceil(len(data.x_train) / 32))
-    fit = dict(batch_size=32, verbose=0)
-
-    start = time.time()
-    model = models.compile_classifier(models.digits_cnn(), 1e-3)
-    model.fit(data.x_train, data.y_train, epochs=args.float_epochs, **fit)
-    float_acc = model.evaluate(data.x_test, data.y_test, verbose=0)[1]
-    print(f"{'float':<34} acc {float_acc:.4f}  ({time.time() - start:.0f} s)")
-    ptq = convert.to_tflite(model, data.x_train[:300]).flatbuffer
-    ptq_acc = np.mean(tflite_top1(ptq, data.x_test) == data.y_test)
-    print(f"{'PTQ int8':<34} int8 acc {ptq_acc:.4f}  {len(ptq):>9,} bytes")
-
-    # (a) prune -> strip -> QAT
-    start = time.time()
-    pruned = models.compile_classifier(prune(model), 5e-4)
-    pruned.fit(data.x_train, data.y_train, epochs=args.prune_epochs,
-               callbacks=[pruning.PruningCallback()], **fit)
-    qat = models.compile_classifier(quantize_model(pruning.strip(pruned)), 3e-5)
-    qat.fit(data.x_train, data.y_train, epochs=args.qat_epochs,
-            callbacks=[FreezeQuantization(args.freeze_epoch * steps)], **fit)
-    results = {"a": report("(a) prune -> strip -> QAT -> int8", qat, data,
-                           time.time() - start)}
-
-    # (b) prune + QAT in one fit
-    start = time.time()
-    qat = models.compile_classifier(quantize_model(prune(model)), 5e-4)
-    total = args.prune_epochs + args.qat_epochs
-    lr = keras.callbacks.LearningRateScheduler(
-        lambda epoch, _: 5e-4 if epoch < args.prune_epochs else 3e-5)
-    freeze = FreezeQuantization((args.prune_epochs + args.freeze_epoch) * steps)
-    qat.fit(data.x_train, data.y_train, epochs=total,
-            callbacks=[pruning.PruningCallback(), freeze, lr], **fit)
-    seconds = time.time() - start
-    report("(b) prune+QAT one fit -> int8", qat, data, seconds)  # unstripped: zeros
-    results["b"] = report("(b) ... -> strip -> int8", pruning.strip(qat), data, seconds)
-
-    for key, (acc, size, agree) in results.items():
-        print(f"targets ({key}): int8 >= PTQ int8: {acc >= ptq_acc} | int8 >= float - 0.3 pt: "
-              f"{acc >= float_acc - 0.003 - 1e-9} | agreement >= 99.5%: {agree >= 0.995} | "
-              f"bytes <= {SIZE_TARGET:,}: {size <= SIZE_TARGET}")
+    print(HEADER, flush=True)
+    rows = [r for seed in args.seeds for r in run_seed(seed, data, args)]
+    print("\nsummary\n" + HEADER)
+    for r in rows:
+        print_row(r)
+    for name in args.variants.split(","):
+        mine = [r for r in rows if r["variant"] == name]
+        met = sum(all(r["ok"].values()) for r in mine)
+        print(f"variant {name}: all targets met on {met}/{len(mine)} seeds; mean int8 "
+              f"{np.mean([r['int8'] for r in mine]):.4f}, mean {np.mean([r['seconds'] for r in mine]):.0f} s")
 
 
 if __name__ == "__main__":

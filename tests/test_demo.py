@@ -4,7 +4,7 @@ import json
 import pytest
 
 from conftest import assert_no_partial_files
-from tflite_ext import demo, inspect
+from tflite_ext import demo, inspect, models
 from tflite_ext.errors import InputError
 
 
@@ -40,8 +40,10 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     assert report["model_tflite"] == "int8_pruned_qat"
     for plot in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    worst = report["quantization_error"]["worst"]
+    assert worst and set(worst) <= {layer.name for layer in models.digits_cnn().layers}
     md = (out / "report.md").read_text()
-    assert "| int8_ptq |" in md and "Quick mode" in md
+    assert "| int8_ptq |" in md and "Quick mode" in md and "loses precision" in md
     assert_no_partial_files(out)
 
 

@@ -122,9 +122,15 @@ def stage_train(ctx):
 
 
 def stage_ptq(ctx):
-    """Post-training full-integer quantization of the trained model."""
+    """Post-training full-integer quantization, and where it costs precision, layer by layer."""
+    from tflite_ext.quantization import debug
+
+    flatbuffer = to_int8(ctx, ctx.model)
     ctx.add(Variant("int8_ptq", "post-training full-int8 (calibrated on 300 train images)",
-                    to_int8(ctx, ctx.model), ctx.model))
+                    flatbuffer, ctx.model))
+    errors = debug.layer_error_report(ctx.model, flatbuffer, ctx.data.x_test[:100])
+    ctx.report["quantization_error"] = errors
+    ctx.log(f"  layers int8 hurts most: {', '.join(errors['worst'][:3])}")
 
 
 def stage_prune(ctx):
@@ -203,7 +209,7 @@ def stage_report(ctx):
     for v in ctx.variants.values():
         atomic_write(os.path.join(ctx.out_dir, f"{v.name}.tflite"), v.tflite)
     atomic_write(os.path.join(ctx.out_dir, "model.tflite"), final.tflite)
-    ctx.report = {
+    ctx.report.update({
         "task": "scikit-learn digits, 8x8x1, 70/30 stratified split (random_state=0)",
         "quick": ctx.quick,
         "model_tflite": final.name,
@@ -211,7 +217,7 @@ def stage_report(ctx):
                      for v in ctx.variants.values()],
         "stage_seconds": ctx.timings,
         "versions": _versions(),
-    }
+    })
     atomic_write(os.path.join(ctx.out_dir, "report.json"), json.dumps(ctx.report, indent=2))
     atomic_write(os.path.join(ctx.out_dir, "report.md"), render_markdown(ctx.report))
     plot_variants([{"name": v["name"], "accuracy": v["tflite_accuracy"],
@@ -311,6 +317,11 @@ def render_markdown(report):
               "![accuracy vs size](accuracy_vs_size.png) "
               "![accuracy vs latency](accuracy_vs_latency.png)", "",
               "Variants:"] + [f"- `{v['name']}`: {v['description']}" for v in report["variants"]]
+    if report.get("quantization_error"):
+        from tflite_ext.quantization import debug
+
+        lines += ["", "## Where post-training int8 loses precision (first 100 test images)", "",
+                  debug.render_markdown(report["quantization_error"], top=6)]
     if report.get("quick"):
         lines += ["", "Quick mode: few epochs, figures are not representative."]
     return "\n".join(lines) + "\n"

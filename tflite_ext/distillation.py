@@ -30,8 +30,10 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
     """Returns a compiled `keras.distillation.Distiller` that trains `student` from `teacher`.
 
     The loss is `alpha * loss(y, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) ||
-    softmax(student / T))`. Both models output logits. The teacher is frozen (Keras sets
-    `teacher.trainable = False`) and runs in inference mode.
+    softmax(student / T))`. Both models output logits. The teacher runs in inference mode and
+    is frozen: Keras sets `teacher.trainable = False` on the object you pass, so pass a copy if
+    you will prune or quantize that model again (its layers' configs would carry
+    `trainable=False` into the new copy).
 
     Args:
         teacher: trained `keras.Model` (e.g. the float model).
@@ -83,6 +85,8 @@ class StudentCallback(keras.callbacks.Callback):
 
     `PruningCallback` builds a dependency graph of its model and `FreezeQuantization` looks
     for quantizers in it; both need the student's functional graph, not the `Distiller`.
+    Wrap only callbacks that work on the layers: those that use the optimizer or the training
+    loop (`LearningRateScheduler`, `EarlyStopping`) go to `fit` unwrapped.
 
     Args:
         callback: a `keras.callbacks.Callback`.

@@ -54,7 +54,7 @@ def prune(model, args):
     schedule = pruning.PolynomialDecay(0.0, args.sparsity, 0, args.ramp_steps,
                                        frequency=args.frequency)
     return pruning.prune(model, schedule, round_to=args.round_to, importance=args.importance,
-                         scope="local")
+                         scope=args.scope)
 
 
 def learning_rate(lr, epochs, steps, cosine):
@@ -67,9 +67,17 @@ def train(student, teacher, data, args, *, distill, lr, epochs, callbacks):
     """Fits `student` (optionally distilled from `teacher`); returns the trained student."""
     optimizer = keras.optimizers.Adam(lr)
     if distill:
+        # A copy: the Distiller freezes its teacher, and prune()/quantize_model() of a frozen
+        # model would copy `trainable=False` into every layer of the next student.
+        copy = keras.models.clone_model(teacher)
+        copy.set_weights(teacher.get_weights())
+        teacher = copy
         trainer = distillation.distill(teacher, student, temperature=args.temperature,
                                        alpha=args.alpha, optimizer=optimizer)
-        callbacks = [distillation.StudentCallback(c) for c in callbacks]
+        # Callbacks on the layers go to the student; the others (lr) stay on the distiller.
+        callbacks = [distillation.StudentCallback(c)
+                     if isinstance(c, (pruning.PruningCallback, FreezeQuantization)) else c
+                     for c in callbacks]
     else:
         trainer = student
         trainer.compile(optimizer=optimizer,
@@ -95,28 +103,32 @@ def float_model(seed, data, args):
 
 
 def measure(qat, data):
-    """Converts a QAT model; returns (int8 acc, keras acc, bytes, agreement, full_integer)."""
+    """Converts a QAT model; returns (int8 acc, keras acc, bytes, agreement, full_integer,
+    indices of the test images the .tflite gets wrong)."""
     flatbuffer = convert.to_tflite(qat).flatbuffer
     keras_top1 = qat.predict(data.x_test, verbose=0).argmax(-1)
     top1 = tflite_top1(flatbuffer, data.x_test)
     return (np.mean(top1 == data.y_test), np.mean(keras_top1 == data.y_test), len(flatbuffer),
-            np.mean(top1 == keras_top1), inspect.summary(flatbuffer)["full_integer"])
+            np.mean(top1 == keras_top1), inspect.summary(flatbuffer)["full_integer"],
+            np.flatnonzero(top1 != data.y_test).tolist())
 
 
 def variant_a(model, data, args, steps):
-    """prune -> strip -> QAT."""
+    """prune -> strip -> QAT; returns (QAT model, float accuracy of the stripped model)."""
     pruned = prune(model, args)
     lr = learning_rate(args.prune_lr, args.prune_epochs, steps, args.cosine)
     train(pruned, model, data, args, distill=args.distill in ("prune", "both"), lr=lr,
           epochs=args.prune_epochs, callbacks=[pruning.PruningCallback()])
-    qat = quantize_model(pruning.strip(pruned))
+    small = pruning.strip(pruned)
+    pruned_acc = np.mean(small.predict(data.x_test, verbose=0).argmax(-1) == data.y_test)
+    qat = quantize_model(small)
     train(qat, model, data, args, distill=args.distill in ("qat", "both"), lr=args.qat_lr,
           epochs=args.qat_epochs, callbacks=[FreezeQuantization(args.freeze_epoch * steps)])
-    return qat
+    return qat, pruned_acc
 
 
 def variant_b(model, data, args, steps):
-    """prune + QAT in one fit, then strip."""
+    """prune + QAT in one fit, then strip; returns (QAT model, nan)."""
     qat = quantize_model(prune(model, args))
     lr = keras.callbacks.LearningRateScheduler(
         lambda epoch, _: args.prune_lr if epoch < args.prune_epochs else args.qat_lr)
@@ -124,7 +136,7 @@ def variant_b(model, data, args, steps):
     train(qat, model, data, args, distill=args.distill != "none", lr=args.prune_lr,
           epochs=args.prune_epochs + args.qat_epochs,
           callbacks=[pruning.PruningCallback(), freeze, lr])
-    return pruning.strip(qat)
+    return pruning.strip(qat), float("nan")  # one fit: no float pruned model to measure
 
 
 def run_seed(seed, data, args):
@@ -138,28 +150,31 @@ def run_seed(seed, data, args):
     for name in args.variants.split(","):
         keras.utils.set_random_seed(seed)
         start = time.time()
-        qat = {"a": variant_a, "b": variant_b}[name](model, data, args, steps)
+        qat, pruned_acc = {"a": variant_a, "b": variant_b}[name](model, data, args, steps)
         seconds = time.time() - start
-        acc, keras_acc, size, agree, full_int = measure(qat, data)
+        acc, keras_acc, size, agree, full_int, wrong = measure(qat, data)
         ok = {"int8>=PTQ": acc >= ptq_acc - 1e-9, "int8>=float-0.3": acc >= float_acc - 0.003 - 1e-9,
               "agree>=99.5%": agree >= 0.995, f"bytes<={SIZE_TARGET:,}": size <= SIZE_TARGET}
         rows.append(dict(seed=seed, variant=name, float=float_acc, ptq=ptq_acc, int8=acc,
+                         pruned=pruned_acc, wrong=wrong,
                          keras=keras_acc, bytes=size, agree=agree, full_int=full_int,
                          seconds=seconds, ok=ok))
         print_row(rows[-1], flush=True)
     return rows
 
 
-HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'int8':>7} {'kerasQAT':>8} "
+HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'pruned':>7} {'int8':>7} {'kerasQAT':>8} "
           f"{'bytes':>7} {'agree':>7} {'secs':>5}  targets")
 
 
-def print_row(r, flush=False):
+def print_row(r, flush=False, show_wrong=True):
     failed = [k for k, v in r["ok"].items() if not v]
-    print(f"{r['seed']:>4} {r['variant']:>3} {r['float']:.4f} {r['ptq']:.4f} {r['int8']:.4f} "
+    print(f"{r['seed']:>4} {r['variant']:>3} {r['float']:.4f} {r['ptq']:.4f} {r['pruned']:>7.4f} "
+          f"{r['int8']:.4f} "
           f"{r['keras']:>8.4f} {r['bytes']:>7,} {r['agree']:.4f} {r['seconds']:>5.0f}  "
           + ("ALL MET" if not failed else "FAIL: " + ", ".join(failed))
-          + ("" if r["full_int"] else "  (not full integer!)"), flush=flush)
+          + ("" if r["full_int"] else "  (not full integer!)")
+          + (f"  wrong={r['wrong']}" if show_wrong else ""), flush=flush)
 
 
 def main():
@@ -174,6 +189,7 @@ def main():
     parser.add_argument("--frequency", type=int, default=50)
     parser.add_argument("--round_to", type=int, default=8)
     parser.add_argument("--importance", default="l2", help="l1, l2, bn_scale")
+    parser.add_argument("--scope", default="local", choices=["local", "global"])
     parser.add_argument("--prune_epochs", type=int, default=15)
     parser.add_argument("--prune_lr", type=float, default=5e-4)
     parser.add_argument("--cosine", action="store_true", help="cosine decay of the prune lr")
@@ -192,7 +208,7 @@ def main():
     rows = [r for seed in args.seeds for r in run_seed(seed, data, args)]
     print("\nsummary\n" + HEADER)
     for r in rows:
-        print_row(r)
+        print_row(r, show_wrong=False)
     for name in args.variants.split(","):
         mine = [r for r in rows if r["variant"] == name]
         met = sum(all(r["ok"].values()) for r in mine)

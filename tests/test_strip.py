@@ -1,11 +1,15 @@
 """strip(): the stripped model equals the masked model (max abs diff <= 1e-5, float32)."""
+import platform
+import warnings
+
 import keras
 import numpy as np
 import pytest
 
 from tests import pruning_models as pm
+from tflite_ext import models
 from tflite_ext.errors import InputError
-from tflite_ext.pruning import count_macs, strip
+from tflite_ext.pruning import PruningCallback, count_macs, prune, strip
 
 
 def _widths(model):
@@ -107,3 +111,65 @@ def test_strip_of_never_pruned_model_is_an_error():
     with pytest.raises(InputError, match=r"^strip\(\) needs a model returned by prune\(\); .* "
                                          r"Received: model=seq_cnn$"):
         strip(pm.sequential_cnn())
+
+
+def _regularized_cnn():
+    l2 = keras.regularizers.L2(1e-2)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", kernel_regularizer=l2, name="c1")(inputs)
+    x = keras.layers.ReLU(name="r1")(keras.layers.BatchNormalization(name="b1")(x))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", kernel_regularizer=l2,
+                            name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(10, kernel_regularizer=l2, name="logits")(x))
+
+
+def _assert_losses_follow_kernels(model):
+    # One loss per regularized kernel, each computed from the kernel the model holds now.
+    kernels = [model.get_layer(n).kernel for n in ("c1", "c2", "logits")]
+    assert len(model.losses) == 3
+    for loss, kernel in zip(model.losses, kernels):
+        want = 1e-2 * np.square(keras.ops.convert_to_numpy(kernel)).sum()
+        assert np.isclose(float(loss), want, rtol=1e-5)
+
+
+def test_stripped_model_with_regularizers_trains_again_in_process(digits):
+    # Regression: prune -> fit -> strip -> fit in one process. The stripped layers get their
+    # own regularizers on their own (sliced) kernels, nothing shared with the pruned model.
+    pruned = prune(_regularized_cnn(), 0.5, layers=["c1", "c2"])
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    models.compile_classifier(pruned, 1e-3).fit(x, y, epochs=1, batch_size=32, verbose=0,
+                                                callbacks=[PruningCallback()])
+    small = strip(pruned)
+    assert _widths(small) == {"c1": 4, "c2": 4, "logits": 10}
+    _assert_losses_follow_kernels(small)
+    before = [v.numpy().copy() for v in pruned.weights]
+    loss = models.compile_classifier(small, 1e-3).fit(x, y, epochs=1, batch_size=32,
+                                                      verbose=0).history["loss"][0]
+    assert np.isfinite(loss)
+    _assert_losses_follow_kernels(small)  # still the trained, stripped kernels
+    assert all((v.numpy() == b).all() for v, b in zip(pruned.weights, before))
+
+
+def _strided_shortcut_model():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", name="stem")(inputs)
+    y = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="branch")(x)
+    s = keras.layers.Conv2D(16, 1, strides=2, name="shortcut")(x)
+    return keras.Model(inputs, keras.layers.Add(name="add")([s, y]))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN#6035 is an x86-64 kernel bug")
+def test_strip_warns_about_onednn_strided_1x1_crash(monkeypatch):
+    # Only build and strip here: fitting the result with oneDNN on would crash pytest.
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    pruned = pm.masked(_strided_shortcut_model(), 0.5, layers="stem")
+    with pytest.warns(RuntimeWarning, match=r"\(shortcut\): .*\(uxlfoundation/oneDNN#6035\)"):
+        small = strip(pruned)
+    assert small.get_layer("shortcut").kernel.shape == (1, 1, 8, 16)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        strip(pruned)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]

@@ -24,10 +24,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# With TF's oneDNN CPU kernels on, training ResNet-8 again after a structured-pruning fit
-# corrupts the heap ("double free or corruption", segfault) in this TF 2.21 build; the same
-# runs clean with them off. Set before TensorFlow is imported; the tfmot subprocess inherits
-# it, so both sides train the same way. (Training numerics only; .tflite timing is LiteRT.)
+# oneDNN v3.7 (bundled with TF 2.21) corrupts the heap in the weight gradient of a strided 1x1
+# Conv2D with fewer than 16 input channels and an odd batch (uxlfoundation/oneDNN#6035): the
+# stripped ResNet-8's s2_shortcut has 8, and 1257 training images end each epoch on a batch of
+# 9. Off before TensorFlow is imported; the tfmot subprocess inherits it, so both sides train
+# the same way. (Training numerics only; .tflite timing is LiteRT.) `strip` warns about it.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402

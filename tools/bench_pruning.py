@@ -13,11 +13,15 @@ Usage:
     PYTHONPATH=. python tools/bench_pruning.py [--parts abcd] [--quick]
 """
 import argparse
+import dataclasses
 import os
 import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Re-training ResNet-8 after a structured-pruning fit corrupts the heap with TF's oneDNN
+# kernels on in this TF 2.21 build (see tools/compare.py); training numerics only.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -90,35 +94,155 @@ def _fit(model, data, epochs, lr, callbacks=()):
     return model.evaluate(data.x_test, data.y_test, verbose=0)[1]
 
 
-def part_c(quick=False, mac_ratio=3.2, round_to=4):
+RESNET8_STAGES = ("stem_relu", "s1_out", "s2_out", "s3_out")  # cumulative-latency cut points
+
+
+def _split(data, val_fraction, seed):
+    """Tuning split: a stratified `val_fraction` of the TRAINING data becomes the "test" set."""
+    if not val_fraction:
+        return data
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_val, y_tr, y_val = train_test_split(
+        data.x_train, data.y_train, test_size=val_fraction, stratify=data.y_train,
+        random_state=seed)
+    return dataclasses.replace(data, x_train=x_tr, y_train=y_tr, x_test=x_val, y_test=y_val)
+
+
+def _float_resnet8(data, seed, epochs, cache_dir):
+    """Trained float ResNet-8 for `seed` (Adam 1e-3, batch 32), optionally cached on disk."""
+    name = f"resnet8_seed{seed}_e{epochs}_n{len(data.x_train)}.keras"
+    path = cache_dir and os.path.join(cache_dir, name)
+    if path and os.path.exists(path):
+        return keras.saving.load_model(path)
+    keras.utils.set_random_seed(seed)
+    model = models.resnet8(data.input_shape, data.num_classes)
+    _fit(model, data, epochs, 1e-3)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        model.save(path)
+    return model
+
+
+def _prune_finetune(float_model, data, args, seed, sparsity):
+    """prune (logits excluded) -> fine-tune with PruningCallback (optionally distilled) -> strip."""
+    from tflite_ext import distillation
+
+    keras.utils.set_random_seed(seed)
+    steps = -(-len(data.x_train) // 32)
+    end_step = args.end_step or steps * max(args.ft_epochs // 2, 1)
+    schedule = pruning.PolynomialDecay(0.0, sparsity, 0, end_step, frequency=args.frequency)
+    student = pruning.prune(float_model, schedule, layers=lambda layer: layer.name != "logits",
+                            importance=args.importance, scope=args.scope,
+                            round_to=args.round_to)
+    lr = args.ft_lr
+    if args.cosine:
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=args.ft_epochs * steps,
+                                                    alpha=0.05)
+    callbacks = [pruning.PruningCallback(data=(data.x_train[:256], data.y_train[:256]))]
+    if args.distill:
+        trainer = distillation.distill(float_model, student, temperature=args.temperature,
+                                       alpha=args.alpha, optimizer=keras.optimizers.Adam(lr))
+        callbacks = [distillation.StudentCallback(c) for c in callbacks]
+    else:
+        trainer = models.compile_classifier(student, lr)
+    trainer.fit(data.x_train, data.y_train, epochs=args.ft_epochs, batch_size=32, verbose=0,
+                callbacks=callbacks)
+    return pruning.strip(student)
+
+
+def _widths(model):
+    """Output channels of every Conv2D, in model order (e.g. stem 8, s1a 8, ...)."""
+    return {layer.name: layer.filters for layer in model.layers
+            if isinstance(layer, keras.layers.Conv2D)}
+
+
+def _stage_profile(full, small, rep, runs):
+    """Cumulative LiteRT latency up to each stage output: where the remaining time is spent.
+
+    Each prefix model (input -> stage output, int8) is converted and all are timed interleaved.
+    """
     from tflite_ext.bench import host
 
-    data = tasks.digits(32, 3)
-    keras.utils.set_random_seed(0)
-    float_model = models.resnet8()
-    epochs, ft_epochs = (3, 2) if quick else (20, 15)
-    acc = _fit(float_model, data, epochs, 1e-3)
-    sparsity, ratio = pruning.sparsity_for_mac_ratio(float_model, mac_ratio, round_to=round_to)
-    steps = len(data.x_train) // 32 + 1
-    schedule = pruning.PolynomialDecay(0.0, sparsity, 0, steps * max(ft_epochs // 2, 1),
-                                       frequency=steps // 2)
-    pruned = pruning.prune(float_model, schedule, round_to=round_to)
-    pruned_acc = _fit(pruned, data, ft_epochs, 5e-4, [pruning.PruningCallback()])
-    small = pruning.strip(pruned)
+    fbs = {}
+    for tag, model in (("full", full), ("small", small)):
+        names = {layer.name for layer in model.layers}
+        for cut in RESNET8_STAGES:
+            if cut in names:
+                prefix = keras.Model(model.inputs, model.get_layer(cut).output)
+                fbs[f"{tag}:{cut}"] = _int8(prefix, rep)
+        fbs[f"{tag}:logits"] = _int8(model, rep)
+    lat = host.time_interleaved(fbs, x=rep[:50], runs=runs)
+    for tag in ("full", "small"):
+        prev, parts = 0.0, []
+        for key in [k for k in fbs if k.startswith(tag + ":")]:
+            parts.append(f"{key.split(':')[1]} +{lat[key] - prev:.1f}")
+            prev = lat[key]
+        print(f"    profile {tag:5s} (cumulative, us): " + ", ".join(parts)
+              + f" = {prev:.1f}")
+
+
+def _resnet8_seed(args, seed):
+    """One seed of part (c); returns the row of figures and prints it."""
+    from tflite_ext.bench import host
+
+    data = _split(tasks.digits(32, 3), args.val_fraction, seed)
+    epochs = 3 if args.quick else args.float_epochs
+    float_model = _float_resnet8(data, seed, epochs, args.float_cache)
+    acc = float_model.evaluate(data.x_test, data.y_test, verbose=0)[1]
+    sparsity, predicted = args.sparsity, None
+    if sparsity is None:
+        sparsity, predicted = pruning.sparsity_for_mac_ratio(
+            float_model, args.mac_ratio, round_to=args.round_to, scope=args.scope,
+            layers=lambda layer: layer.name != "logits")
+    if args.quick:
+        args.ft_epochs = 2
+    small = _prune_finetune(float_model, data, args, seed, sparsity)
+    small_acc = models.compile_classifier(small).evaluate(data.x_test, data.y_test, verbose=0)[1]
     rep = data.x_train[:200]
     fb_full, fb_small = _int8(float_model, rep), _int8(small, rep)
     lat = host.time_interleaved({"full": fb_full, "small": fb_small}, x=data.x_test[:50],
-                                runs=300)
-    print(f"(c) ResNet-8 on digits 32x32x3, sparsity {sparsity}, round_to={round_to} (predicted MAC ratio "
-          f"{ratio:.2f}x), {ft_epochs} fine-tune epochs:")
-    print(f"    MACs    {pruning.count_macs(float_model):>10,} -> "
-          f"{pruning.count_macs(small):>10,}  ({pruning.count_macs(float_model) / pruning.count_macs(small):.2f}x)")
+                                runs=args.timing_runs)
+    macs_full, macs_small = pruning.count_macs(float_model), pruning.count_macs(small)
+    int8_full, int8_small = _int8_accuracy(fb_full, data), _int8_accuracy(fb_small, data)
+    row = dict(seed=seed, sparsity=sparsity, mac_x=macs_full / macs_small,
+               lat_full=lat["full"], lat_small=lat["small"], lat_x=lat["full"] / lat["small"],
+               acc_full=int8_full, acc_small=int8_small)
+    split = f"validation ({args.val_fraction:.0%} of train)" if args.val_fraction else "test"
+    print(f"(c) ResNet-8 on digits 32x32x3, seed {seed}, sparsity {sparsity} ({args.scope}, "
+          f"{args.importance}, round_to={args.round_to}"
+          + (f", predicted MAC ratio {predicted:.2f}x" if predicted else "") + f"), "
+          f"{args.ft_epochs} fine-tune epochs at {args.ft_lr}"
+          + (" cosine" if args.cosine else "")
+          + (f", distilled T={args.temperature} alpha={args.alpha}" if args.distill else "")
+          + f"; accuracy on {split}:")
+    print("    widths  " + " ".join(f"{k.replace('_conv', '')}={v}"
+                                    for k, v in _widths(small).items()))
+    print(f"    MACs    {macs_full:>10,} -> {macs_small:>10,}  ({row['mac_x']:.2f}x)")
     print(f"    params  {float_model.count_params():>10,} -> {small.count_params():>10,}")
     print(f"    int8    {len(fb_full):>10,} -> {len(fb_small):>10,} bytes")
-    print(f"    LiteRT  {lat['full']:>10.1f} -> {lat['small']:>10.1f} us median, 1 thread "
-          f"({lat['full'] / lat['small']:.2f}x)")
-    print(f"    float accuracy {acc:.4f} -> {pruned_acc:.4f}; int8 "
-          f"{_int8_accuracy(fb_full, data):.4f} -> {_int8_accuracy(fb_small, data):.4f}")
+    print(f"    LiteRT  {lat['full']:>10.1f} -> {lat['small']:>10.1f} us median, 1 thread, "
+          f"interleaved ({row['lat_x']:.2f}x)")
+    print(f"    float accuracy {acc:.4f} -> {small_acc:.4f}; int8 {int8_full:.4f} -> "
+          f"{int8_small:.4f} ({(int8_small - int8_full) * 100:+.2f} pt)")
+    checks = [("MACs >= 3x fewer", row["mac_x"] >= 3.0),
+              ("latency >= 2x lower", row["lat_x"] >= 2.0),
+              ("int8 accuracy >= unpruned int8 - 1 pt", int8_small >= int8_full - 0.01)]
+    print("    targets: " + "; ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in checks))
+    if args.profile:
+        _stage_profile(float_model, small, rep, args.timing_runs)
+    row["passed"] = all(ok for _, ok in checks)
+    return row
+
+
+def part_c(args):
+    rows = [_resnet8_seed(args, seed) for seed in args.seeds]
+    if len(rows) > 1:
+        print("    seeds summary: " + " | ".join(
+            f"seed {r['seed']}: MACs {r['mac_x']:.2f}x, latency {r['lat_x']:.2f}x "
+            f"({r['lat_full']:.1f} -> {r['lat_small']:.1f} us), int8 acc "
+            f"{r['acc_full']:.4f} -> {r['acc_small']:.4f}, {'PASS' if r['passed'] else 'FAIL'}"
+            for r in rows))
 
 
 def part_d(quick=False, sparsities=(0.75, 0.8), ft_epochs=15, importance="l2", scope="local"):
@@ -152,16 +276,36 @@ def main():
     parser.add_argument("--digits-sparsity", type=float, nargs="+", default=[0.75, 0.8])
     parser.add_argument("--ft-epochs", type=int, default=15)
     parser.add_argument("--importance", default="l2")
-    parser.add_argument("--scope", default="local")
-    parser.add_argument("--mac-ratio", type=float, default=3.2, help="ResNet-8 MAC target")
+    parser.add_argument("--mac-ratio", type=float, default=3.2,
+                        help="ResNet-8 MAC target (used when --sparsity is not given)")
     parser.add_argument("--round-to", type=int, default=4, help="ResNet-8 channel multiple")
+    c = parser.add_argument_group("part (c) ResNet-8 recipe")
+    c.add_argument("--sparsity", type=float, default=None,
+                   help="ResNet-8 sparsity (overrides --mac-ratio)")
+    c.add_argument("--scope", default="local", help="local or global channel ranking")
+    c.add_argument("--float-epochs", type=int, default=30, help="float training (Adam 1e-3)")
+    c.add_argument("--ft-lr", type=float, default=5e-4, help="pruning fine-tune Adam rate")
+    c.add_argument("--cosine", action="store_true", help="cosine-decay the fine-tune rate")
+    c.add_argument("--end-step", type=int, default=None,
+                   help="sparsity ramp end step (default: half the fine-tune steps)")
+    c.add_argument("--frequency", type=int, default=20, help="mask update every N steps")
+    c.add_argument("--distill", action="store_true", help="the float model teaches the student")
+    c.add_argument("--temperature", type=float, default=4.0)
+    c.add_argument("--alpha", type=float, default=0.5, help="ground-truth loss weight")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0])
+    c.add_argument("--val-fraction", type=float, default=0.0,
+                   help="tune on a stratified split of the training data (0: report test)")
+    c.add_argument("--float-cache", default=None, help="directory caching float models")
+    c.add_argument("--timing-runs", type=int, default=1000)
+    c.add_argument("--profile", action="store_true",
+                   help="cumulative per-stage LiteRT latency of both int8 models")
     args = parser.parse_args()
     if "a" in args.parts:
         part_a()
     if "b" in args.parts:
         part_b()
     if "c" in args.parts:
-        part_c(args.quick, args.mac_ratio, args.round_to)
+        part_c(args)
     if "d" in args.parts:
         part_d(args.quick, args.digits_sparsity, args.ft_epochs, args.importance, args.scope)
 

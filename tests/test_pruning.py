@@ -264,3 +264,91 @@ def test_sparsity_for_mac_ratio_is_the_smallest_on_its_grid():
     assert ratio >= 3.0 and mac_ratio(model, sparsity - 0.025, round_to=4) < 3.0
     with pytest.raises(InputError, match=r"^ratio must be >= 1\. Received: ratio=0\.5$"):
         sparsity_for_mac_ratio(model, 0.5)
+
+
+# ----------------------------------------------------------------------------- group sparsity
+
+# ResNet-8 groups: stem/s1 (16), s1a (16), s2a (32), s2 (32), s3a (64), s3 (64).
+GROUPS = {"stem": "stem_conv", "s1a": "s1a_conv", "s2a": "s2a_conv", "s2": "s2b_conv",
+          "s3a": "s3a_conv", "s3": "s3b_conv"}
+
+
+def _group_widths(model):
+    """Kept output channels per group of a stripped (or masked) ResNet-8."""
+    def width(name):
+        layer = model.get_layer(name)
+        if isinstance(layer, PruneWrapper):
+            return int(np.asarray(layer.out_mask).sum())
+        return layer.filters
+    return {group: width(name) for group, name in GROUPS.items()}
+
+
+def test_group_sparsity_widths_after_strip_and_round_trip(tmp_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(64, 16, 16, 3)).astype("float32"), rng.integers(0, 5, 64)
+    # s3a_ comes first, so s3a takes 0.3 although "s3.*" matches it too.
+    overrides = {"s3a_.*": 0.3, "s3.*": 0.5, "s2a_.*": 0.8}
+    schedule = PolynomialDecay(0.0, 0.6, 0, 4, power=1, frequency=2)
+    pruned = prune(pm.resnet(), schedule, layers=lambda layer: layer.name != "logits",
+                   round_to=8, group_sparsity=overrides)
+    models.compile_classifier(pruned).fit(x, y, epochs=1, batch_size=32, verbose=0,
+                                          callbacks=[PruningCallback()])  # steps 0, 2 pruned
+    path = tmp_path / "mid.keras"
+    pruned.save(path)
+    loaded = keras.models.load_model(path)
+    for w in pruning_wrappers(loaded):
+        assert w.policy["group_sparsity"] == overrides
+        assert list(w.policy["group_sparsity"]) == list(overrides)  # order decides
+    assert _group_widths(loaded) == _group_widths(pruned)
+    callback = PruningCallback()
+    models.compile_classifier(loaded).fit(x, y, epochs=1, batch_size=32, verbose=0,
+                                          callbacks=[callback])
+    assert callback.history == [(4, 0.6)]
+    # keep = n - floor(s * n), then the nearest multiple of 8 (at least 8):
+    # stem 16-9=7 -> 8; s1a 7 -> 8; s2a 32-25=7 -> 8; s2 32-19=13 -> 16;
+    # s3a 64-19=45 -> 48; s3 64-32=32.
+    expected = {"stem": 8, "s1a": 8, "s2a": 8, "s2": 16, "s3a": 48, "s3": 32}
+    assert _group_widths(strip(loaded)) == expected
+
+
+def test_group_sparsity_ramps_in_proportion():
+    pruned = prune(pm.resnet(), PolynomialDecay(0.0, 0.5, 0, 10),
+                   layers=lambda layer: layer.name != "logits",
+                   group_sparsity={"s2a_bn": 0.75, "s3b_.*": 0.25})  # carriers match too
+    plan = PruningPlan(pruned)
+    plan.apply(0.25)  # half way: every group at half its final sparsity
+    assert _group_widths(pruned) == {"stem": 12, "s1a": 12, "s2a": 20, "s2": 24, "s3a": 48,
+                                     "s3": 56}
+    plan.apply(0.5)
+    assert _group_widths(pruned) == {"stem": 8, "s1a": 8, "s2a": 8, "s2": 16, "s3a": 32,
+                                     "s3": 48}
+
+
+def test_group_sparsity_bad_input():
+    model = pm.resnet()
+    with pytest.raises(InputError, match=r"^group_sparsity\['s3\.\*'\] must be in \[0, 1\)\. "
+                                         r"Received: group_sparsity\['s3\.\*'\]=1\.2$"):
+        prune(model, 0.5, group_sparsity={"s3.*": 1.2})
+    with pytest.raises(InputError, match=r"^group_sparsity\['s3'\] must be in \[0, 1\)\. "
+                                         r"Received: group_sparsity\['s3'\]='half'$"):
+        prune(model, 0.5, group_sparsity={"s3": "half"})
+    with pytest.raises(InputError, match=r"^group_sparsity pattern matches no layer of a "
+                                         r"pruned group\. Received: group_sparsity key "
+                                         r"'s9_.\*'$"):
+        prune(model, 0.5, group_sparsity={"s3.*": 0.5, "s9_.*": 0.5})
+    with pytest.raises(InputError, match=r"^group_sparsity pattern .* key 'logits'$"):
+        prune(model, 0.5, group_sparsity={"logits": 0.5})  # feeds the output: never pruned
+    with pytest.raises(InputError, match=r"^group_sparsity keys must be layer-name regexes\. "
+                                         r"Received: group_sparsity key 's3\['$"):
+        prune(model, 0.5, group_sparsity={"s3[": 0.5})
+    with pytest.raises(InputError, match=r"^group_sparsity must be a non-empty dict .* "
+                                         r"Received: group_sparsity=\[\('s3', 0\.5\)\]$"):
+        prune(model, 0.5, group_sparsity=[("s3", 0.5)])
+    with pytest.raises(InputError, match=r"^group_sparsity needs granularity='channel' and "
+                                         r"scope='local'\. Received: granularity='channel', "
+                                         r"scope='global'$"):
+        prune(model, 0.5, scope="global", group_sparsity={"s3.*": 0.5})
+    with pytest.raises(InputError, match=r"^group_sparsity ramps with the schedule, whose final "
+                                         r"sparsity must be > 0\. Received: final sparsity=0\.0$"):
+        prune(model, 0.0, group_sparsity={"s3.*": 0.5})

@@ -33,6 +33,48 @@ def _matcher(layers):
         p.fullmatch(layer.name) for p in patterns)
 
 
+def _check_group_sparsity(group_sparsity):
+    """{compiled regex: sparsity} in the caller's order, or {} for None."""
+    if group_sparsity is None:
+        return {}
+    if not isinstance(group_sparsity, dict) or not group_sparsity:
+        raise InputError("group_sparsity must be a non-empty dict {layer-name regex: sparsity}. "
+                         f"Received: group_sparsity={group_sparsity!r}")
+    checked = {}
+    for pattern, value in group_sparsity.items():
+        try:
+            regex = re.compile(pattern)
+        except (TypeError, re.error):
+            raise InputError("group_sparsity keys must be layer-name regexes. "
+                             f"Received: group_sparsity key {pattern!r}") from None
+        checked[regex] = check_sparsity(value, f"group_sparsity[{pattern!r}]")
+    return checked
+
+
+def group_members(group):
+    """Names of the layers whose output channels are `group`: its producers (Conv/Dense) and
+    carriers (BatchNormalization, depthwise convs). Not its consumers, whose *outputs*
+    belong to other groups."""
+    return list(group.producers) + [name for name, _, _ in group.carriers]
+
+
+def group_overrides(groups, group_sparsity):
+    """{group id: sparsity} from `{layer-name regex: sparsity}`.
+
+    A group takes the value of the first pattern (in dict order) that full-matches the name
+    of any of its `group_members`; groups no pattern matches are absent.
+    """
+    patterns = [(re.compile(p), v) for p, v in (group_sparsity or {}).items()]
+    overrides = {}
+    for group in groups:
+        members = group_members(group)
+        for regex, value in patterns:
+            if any(regex.fullmatch(name) for name in members):
+                overrides[group.id] = float(value)
+                break
+    return overrides
+
+
 def _schedule(sparsity):
     if isinstance(sparsity, PruningSchedule):
         return sparsity
@@ -40,7 +82,7 @@ def _schedule(sparsity):
 
 
 def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", min_channels=1,
-          round_to=1, granularity="channel", opaque=()):
+          round_to=1, granularity="channel", opaque=(), group_sparsity=None):
     """Returns a copy of `model` whose chosen layers are wrapped in `PruneWrapper`s.
 
     Train the result with `PruningCallback()` in `fit`, then call `strip()`.
@@ -64,11 +106,32 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
         granularity: "channel" (structured; `strip` removes channels), "unstructured"
             (magnitude) or "2:4" (two of every four weights along the input axis).
         opaque: layer names the graph treats as barriers (for unknown layer types).
+        group_sparsity: per-group overrides of the final sparsity, a dict
+            `{layer-name regex: sparsity in [0, 1)}` ("channel" granularity, "local" scope).
+            Each pruned dependency group takes the value of the FIRST pattern, in dict order,
+            that full-matches (`re.fullmatch`) the name of any of its members: the layers
+            whose output channels are the group (producer Conv/Dense layers and carriers such
+            as BatchNormalization; not the layers consuming it). Other groups follow
+            `sparsity`. Every pattern must match at least one pruned group. The schedule ramps
+            each overridden group in proportion: its target at a step is
+            `override * schedule(step) / schedule.final_sparsity` (so the final sparsity of
+            the schedule must be > 0), reached exactly at the schedule's end.
 
     Example:
         >>> pruned = prune(models.digits_cnn(), 0.75, layers=keras.layers.Conv2D)
+        >>> pruned = prune(models.resnet8(), PolynomialDecay(0.0, 0.7, 0, 600, frequency=20),
+        ...                group_sparsity={"s3.*": 0.5, "s2a_.*": 0.75}, round_to=8)
     """
     schedule = _schedule(sparsity)
+    overrides = _check_group_sparsity(group_sparsity)
+    if overrides:
+        if granularity != "channel" or scope != "local":
+            raise InputError("group_sparsity needs granularity='channel' and scope='local'. "
+                             f"Received: granularity={granularity!r}, scope={scope!r}")
+        if not schedule.final_sparsity > 0:
+            raise InputError("group_sparsity ramps with the schedule, whose final sparsity "
+                             "must be > 0. Received: final sparsity="
+                             f"{schedule.final_sparsity!r}")
     imp = importance_lib.get(importance)
     if scope not in ("local", "global"):
         raise InputError(f"scope must be 'local' or 'global'. Received: scope={scope!r}")
@@ -92,9 +155,10 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
                          f"Received: layers={layers!r}")
     consumers = set()
     if granularity == "channel":
-        wrap = set()
+        wrap, pruned_groups = set(), []
         for group in graph.groups:
             if chosen & set(group.producers):
+                pruned_groups.append(group)
                 wrap.update(group.producers)
                 consumers.update(name for name, _, _ in group.consumers)
         wrap |= consumers
@@ -106,6 +170,15 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
     policy = {"importance": imp.name, "scope": scope, "min_channels": min_channels,
               "round_to": round_to}
     names = unique_names(graph)
+    if overrides:
+        # Patterns are matched against the names the layers get in the pruned model, which
+        # is what the PruningCallback sees.
+        members = [[names[m] for m in group_members(g)] for g in pruned_groups]
+        for regex in overrides:
+            if not any(regex.fullmatch(m) for ms in members for m in ms):
+                raise InputError("group_sparsity pattern matches no layer of a pruned group. "
+                                 f"Received: group_sparsity key {regex.pattern!r}")
+        policy["group_sparsity"] = {r.pattern: v for r, v in overrides.items()}
 
     def make_layer(node):
         source = node.layer

@@ -17,7 +17,7 @@ import numpy as np
 from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
-from tflite_ext.pruning.api import get_schedule_and_policy, prune_wrapper_of
+from tflite_ext.pruning.api import get_schedule_and_policy, group_overrides, prune_wrapper_of
 from tflite_ext.pruning.wrapper import masked_kernel
 
 
@@ -72,6 +72,8 @@ class PruningPlan:
             if ins or outs:
                 self.assign.append((self._wrapper[name], ins, outs))
         self.producer_of = {g.id: channel[g.producers[0]] for g in self.groups}
+        # {group id: final sparsity} from prune(group_sparsity=...); ramped in apply().
+        self.overrides = group_overrides(self.groups, self.policy.get("group_sparsity"))
 
     def step(self):
         return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0
@@ -110,9 +112,15 @@ class PruningPlan:
                 scores[group.id] = np.where(self._current_keep(group), s, -np.inf)
                 sizes[group.id] = group.size
             p = self.policy
+            per_group = None
+            if self.overrides:
+                # Ratio first: at the schedule's end it is exactly 1.0, so groups reach
+                # exactly their override.
+                ramp = sparsity / self.schedule.final_sparsity
+                per_group = {g: v * ramp for g, v in self.overrides.items()}
             keeps = importance_lib.select_channels(
                 scores, sizes, sparsity, p.get("scope", "local"), p.get("min_channels", 1),
-                p.get("round_to", 1))
+                p.get("round_to", 1), group_sparsity=per_group)
             for wrapper, ins, outs in self.assign:
                 for variable, refs in ((wrapper.in_mask, ins), (wrapper.out_mask, outs)):
                     mask = np.ones(variable.shape, np.float32)

@@ -204,7 +204,8 @@ def _keep_count(n, keep, min_channels, round_to):
     return int(min(n, max(keep, min_channels, 1)))
 
 
-def select_channels(scores, sizes, sparsity, scope="local", min_channels=1, round_to=1):
+def select_channels(scores, sizes, sparsity, scope="local", min_channels=1, round_to=1,
+                    group_sparsity=None):
     """Chooses the channels to keep in every group.
 
     Args:
@@ -214,11 +215,17 @@ def select_channels(scores, sizes, sparsity, scope="local", min_channels=1, roun
             ("global", scores are compared after per-group mean normalization).
         min_channels: never keep fewer channels in a group.
         round_to: keep a multiple of this many channels (e.g. 8 for SIMD-friendly widths).
+        group_sparsity: {group id: sparsity} replacing `sparsity` for those groups ("local"
+            scope only).
 
     Returns:
         {group id: boolean keep array}.
     """
     keeps = {}
+    group_sparsity = group_sparsity or {}
+    if group_sparsity and scope != "local":
+        raise InputError("Per-group sparsity needs scope='local'. Received: "
+                         f"scope={scope!r}")
     if scope == "global":
         ids = list(scores)
         flat = np.concatenate([_normalized(scores[g]) for g in ids])
@@ -228,7 +235,8 @@ def select_channels(scores, sizes, sparsity, scope="local", min_channels=1, roun
         removed = np.bincount(owner[pruned], minlength=len(ids))
         counts = {g: sizes[g] - removed[i] for i, g in enumerate(ids)}
     elif scope == "local":
-        counts = {g: sizes[g] - int(np.floor(sparsity * sizes[g])) for g in scores}
+        counts = {g: sizes[g] - int(np.floor(group_sparsity.get(g, sparsity) * sizes[g]))
+                  for g in scores}
     else:
         raise InputError(f"scope must be 'local' or 'global'. Received: scope={scope!r}")
     for g, s in scores.items():

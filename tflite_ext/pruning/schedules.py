@@ -32,7 +32,9 @@ def _check_steps(begin_step, end_step, frequency):
 
 
 class PruningSchedule:
-    """Base class: subclasses implement `__call__(step) -> (should_prune, sparsity)`."""
+    """Base class: subclasses implement `__call__(step) -> (should_prune, sparsity)` and a
+    `final_sparsity` attribute (the sparsity they end at; per-group overrides ramp in
+    proportion to it)."""
 
     def __call__(self, step):
         raise NotImplementedError
@@ -65,6 +67,10 @@ class ConstantSparsity(PruningSchedule):
         active = step >= self.begin_step and (self.end_step == -1 or step <= self.end_step)
         hit = (step - self.begin_step) % self.frequency == 0 or step == self.end_step
         return bool(active and hit), self.target_sparsity
+
+    @property
+    def final_sparsity(self):
+        return self.target_sparsity
 
     def get_config(self):
         return {"target_sparsity": self.target_sparsity, "begin_step": self.begin_step,

@@ -134,7 +134,7 @@ def _prune_finetune(float_model, data, args, seed, sparsity):
     schedule = pruning.PolynomialDecay(0.0, sparsity, 0, end_step, frequency=args.frequency)
     student = pruning.prune(float_model, schedule, layers=lambda layer: layer.name != "logits",
                             importance=args.importance, scope=args.scope,
-                            round_to=args.round_to)
+                            round_to=args.round_to, group_sparsity=args.group_sparsity)
     lr = args.ft_lr
     if args.cosine:
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=args.ft_epochs * steps,
@@ -149,6 +149,21 @@ def _prune_finetune(float_model, data, args, seed, sparsity):
     trainer.fit(data.x_train, data.y_train, epochs=args.ft_epochs, batch_size=32, verbose=0,
                 callbacks=callbacks)
     return pruning.strip(student)
+
+
+def _group_sparsity(text):
+    """'s3.*=0.5,s2a_.*=0.75' -> {"s3.*": 0.5, "s2a_.*": 0.75} (order kept: first match wins)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        pattern, _, value = item.rpartition("=")
+        if not pattern:
+            raise argparse.ArgumentTypeError(f"expected regex=sparsity, got {item!r}")
+        out[pattern] = float(value)
+    return out
+
+
+def _format_groups(groups):
+    return ",".join(f"{p}={v}" for p, v in groups.items())
 
 
 def _widths(model):
@@ -211,6 +226,7 @@ def _resnet8_seed(args, seed):
     split = f"validation ({args.val_fraction:.0%} of train)" if args.val_fraction else "test"
     print(f"(c) ResNet-8 on digits 32x32x3, seed {seed}, sparsity {sparsity} ({args.scope}, "
           f"{args.importance}, round_to={args.round_to}"
+          + (f", groups {_format_groups(args.group_sparsity)}" if args.group_sparsity else "")
           + (f", predicted MAC ratio {predicted:.2f}x" if predicted else "") + f"), "
           f"{args.ft_epochs} fine-tune epochs at {args.ft_lr}"
           + (" cosine" if args.cosine else "")
@@ -283,6 +299,10 @@ def main():
     c.add_argument("--sparsity", type=float, default=None,
                    help="ResNet-8 sparsity (overrides --mac-ratio)")
     c.add_argument("--scope", default="local", help="local or global channel ranking")
+    c.add_argument("--group-sparsity", type=_group_sparsity, default=None,
+                   help="per-group final sparsity, e.g. 's3.*=0.5,s2a_.*=0.75' (prune's "
+                        "group_sparsity: first regex matching a group's layers wins; the "
+                        "schedule ramps each group in proportion; no commas inside regexes)")
     c.add_argument("--float-epochs", type=int, default=30, help="float training (Adam 1e-3)")
     c.add_argument("--ft-lr", type=float, default=5e-4, help="pruning fine-tune Adam rate")
     c.add_argument("--cosine", action="store_true", help="cosine-decay the fine-tune rate")

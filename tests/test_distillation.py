@@ -130,3 +130,12 @@ def test_student_callback_bad_inputs(teacher, digits):
                                          r"model=Functional"):
         teacher.fit(digits.x_train[:32], digits.y_train[:32], epochs=1, verbose=0,
                     callbacks=[distillation.StudentCallback(pruning.PruningCallback())])
+
+
+def test_distill_leaves_the_callers_teacher_trainable():
+    teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    distiller = distillation.distill(teacher, student)
+    assert teacher.trainable and all(layer.trainable for layer in teacher.layers)
+    assert not distiller.teacher.trainable
+    np.testing.assert_array_equal(distiller.teacher.get_weights()[0], teacher.get_weights()[0])

@@ -30,10 +30,10 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
     """Returns a compiled `keras.distillation.Distiller` that trains `student` from `teacher`.
 
     The loss is `alpha * loss(y, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) ||
-    softmax(student / T))`. Both models output logits. The teacher runs in inference mode and
-    is frozen: Keras sets `teacher.trainable = False` on the object you pass, so pass a copy if
-    you will prune or quantize that model again (its layers' configs would carry
-    `trainable=False` into the new copy).
+    softmax(student / T))`. Both models output logits. The teacher runs in inference mode,
+    frozen; a functional or Sequential teacher is copied first, so the model you pass stays
+    trainable (Keras' Distiller sets `trainable = False` on the teacher it is given, and a later
+    `prune` or `quantize_model` of that model would carry the flag into its copies).
 
     Args:
         teacher: trained `keras.Model` (e.g. the float model).
@@ -62,8 +62,13 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
     if len(teacher.outputs) != 1 or len(student.outputs) != 1 or t_shape != s_shape:
         raise InputError("teacher and student must have one output of the same shape. Received: "
                          f"teacher output {t_shape}, student output {s_shape}")
+    try:
+        frozen = keras.models.clone_model(teacher)
+        frozen.set_weights(teacher.get_weights())
+    except (TypeError, ValueError, NotImplementedError):
+        frozen = teacher  # a subclassed model without a config: frozen in place
     distiller = keras.distillation.Distiller(
-        teacher=teacher,
+        teacher=frozen,
         student=student,
         # A KLDivergence *instance*: with the string "kl_divergence" Keras applies KL to the
         # scaled logits instead of to their softmax.

@@ -29,6 +29,7 @@ EPOCHS = {"train": 30, "prune": 15, "qat": 5}
 QUICK_EPOCHS = {"train": 15, "prune": 4, "qat": 2}
 PRUNE_SPARSITY = 0.75  # tools/bench_pruning.py: 0.8 costs 1.1 points, 0.75 costs 0.4
 PRUNE_LEARNING_RATE = 5e-4
+DISTILL_TEMPERATURE, DISTILL_ALPHA = 4.0, 0.5  # alpha weighs the labels, 1 - alpha the teacher
 QAT_LEARNING_RATE = 3e-5  # tools/bench_qat.py: 1e-4 lost one test image on one seed
 CALIBRATION_SAMPLES = 300
 
@@ -133,24 +134,34 @@ def stage_ptq(ctx):
     ctx.log(f"  layers int8 hurts most: {', '.join(errors['worst'][:3])}")
 
 
+def teach(ctx, student, learning_rate):
+    """The float model teaches its compressed copy (tools/bench_prune_qat.py: +0.1 point)."""
+    from tflite_ext import distillation
+
+    return distillation.distill(ctx.model, student, temperature=DISTILL_TEMPERATURE,
+                                alpha=DISTILL_ALPHA,
+                                optimizer=keras.optimizers.Adam(learning_rate))
+
+
 def stage_prune(ctx):
     """Structured pruning of whole filters and neurons during fit, then strip and int8."""
-    from tflite_ext import models, pruning
+    from tflite_ext import distillation, pruning
 
     steps_per_epoch = -(-len(ctx.data.x_train) // 32)
     end = min(400, (ctx.epochs("prune") - 1) * steps_per_epoch)  # ramp, then recover
     schedule = pruning.PolynomialDecay(0.0, PRUNE_SPARSITY, 0, end, frequency=min(50, end // 4))
-    pruned = models.compile_classifier(pruning.prune(ctx.model, schedule, round_to=8),
-                                       PRUNE_LEARNING_RATE)
-    fit(ctx, pruned, "prune", ctx.epochs("prune"), [pruning.PruningCallback()])
+    pruned = pruning.prune(ctx.model, schedule, round_to=8)
+    trainer = teach(ctx, pruned, PRUNE_LEARNING_RATE)
+    fit(ctx, trainer, "prune", ctx.epochs("prune"),
+        [distillation.StudentCallback(pruning.PruningCallback())])
     ctx.stripped = pruning.strip(pruned)
     before, after = pruning.count_macs(ctx.model), pruning.count_macs(ctx.stripped)
     ctx.log(f"  strip: {ctx.model.count_params():,} -> {ctx.stripped.count_params():,} "
             f"parameters, {before:,} -> {after:,} MACs")
     ctx.add(Variant("int8_pruned", f"{PRUNE_SPARSITY:.0%} of channels removed per group "
                     f"(L2, multiples of 8), {ctx.epochs('prune')} epochs at "
-                    f"{PRUNE_LEARNING_RATE:g}, stripped, int8", to_int8(ctx, ctx.stripped),
-                    ctx.stripped))
+                    f"{PRUNE_LEARNING_RATE:g} taught by the float model, stripped, int8",
+                    to_int8(ctx, ctx.stripped), ctx.stripped))
 
 
 def stage_prune_qat(ctx):
@@ -162,13 +173,14 @@ def stage_prune_qat(ctx):
 
 def quantization_aware(ctx, model, stage):
     """QAT fine-tune of `model`; ranges and BN statistics freeze after 60% of the steps."""
-    from tflite_ext import convert, models
+    from tflite_ext import convert, distillation
     from tflite_ext.quantization import FreezeQuantization, quantize_model
 
-    qat = models.compile_classifier(quantize_model(model), QAT_LEARNING_RATE)
+    qat = quantize_model(model)
     epochs = ctx.epochs("qat")
     steps = epochs * -(-len(ctx.data.x_train) // 32)
-    fit(ctx, qat, stage, epochs, [FreezeQuantization(freeze_after_step=int(0.6 * steps))])
+    fit(ctx, teach(ctx, qat, QAT_LEARNING_RATE), stage, epochs, [distillation.StudentCallback(
+        FreezeQuantization(freeze_after_step=int(0.6 * steps)))])
     # No representative data: the fake-quant ranges learned in training are the int8 scales.
     return qat, convert.to_tflite(qat).flatbuffer
 
@@ -176,8 +188,9 @@ def quantization_aware(ctx, model, stage):
 def stage_qat(ctx):
     """Quantization-aware fine-tuning of the float model, converted without calibration."""
     qat, flatbuffer = quantization_aware(ctx, ctx.model, "qat")
-    ctx.add(Variant("int8_qat", f"QAT, {ctx.epochs('qat')} epochs at {QAT_LEARNING_RATE:g}, "
-                    "int8 scales from the trained fake-quant ranges", flatbuffer, qat))
+    ctx.add(Variant("int8_qat", f"QAT, {ctx.epochs('qat')} epochs at {QAT_LEARNING_RATE:g} "
+                    "taught by the float model; int8 scales from the trained fake-quant ranges",
+                    flatbuffer, qat))
 
 
 def stage_evaluate(ctx):

@@ -15,37 +15,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from tflite_ext import convert, inspect, models, tasks  # noqa: E402
+from tflite_ext.bench import host  # noqa: E402
 from tflite_ext.quantization import FreezeQuantization, debug, quantize_model  # noqa: E402
 
 
-def qat_to_tflite(model):
-    """DEFAULT optimizations, int8 I/O, no representative data: scales from fake quant."""
-    try:
-        return convert.to_tflite(model).flatbuffer
-    except Exception as e:  # convert.to_tflite refuses QAT models without data (see report)
-        print(f"  (convert.to_tflite: {type(e).__name__}: {e}; using TFLiteConverter directly)")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    return converter.convert()
-
-
 def tflite_top1(flatbuffer, x):
-    interpreter = Interpreter(model_content=flatbuffer)
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
-    interpreter.allocate_tensors()
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    scale, zero = inp["quantization"]
-    interpreter.set_tensor(inp["index"],
-                           np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8))
-    interpreter.invoke()
-    return interpreter.get_tensor(out["index"]).argmax(-1)
+    """Top-1 of a .tflite on float samples (LiteRT, the model's own quantization)."""
+    return np.argmax(host.predict(flatbuffer, x), axis=-1)
 
 
 def main():
@@ -78,7 +56,7 @@ def main():
     qat.fit(data.x_train, data.y_train, epochs=args.qat_epochs, batch_size=32, verbose=0,
             callbacks=[freeze])
     qat_keras = qat.predict(data.x_test, verbose=0).argmax(-1)
-    flatbuffer = qat_to_tflite(qat)
+    flatbuffer = convert.to_tflite(qat).flatbuffer  # QAT ranges: no calibration data
     info = inspect.summary(flatbuffer)
     qat_top1 = tflite_top1(flatbuffer, data.x_test)
     qat_acc, agree = np.mean(qat_top1 == data.y_test), np.mean(qat_top1 == qat_keras)

@@ -1,6 +1,8 @@
 """tflite_ext: structured pruning, QAT and verified full-integer TFLite conversion for Keras 3."""
 from setuptools import find_packages, setup
 
+COMPARE = ["tensorflow-model-optimization==0.8.1", "tf-keras==2.21.*"]
+
 setup(
     name="tflite_ext",
     version="0.1.0",
@@ -24,9 +26,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist"],
-        # The peer we compare against; only tools/compare.py imports it, in its own process.
-        "compare": ["tensorflow-model-optimization==0.8.1", "tf-keras==2.21.*"],
+        # The peer we compare against; only tools/tfmot_peer.py imports it, in its own process.
+        "compare": COMPARE,
+        # The suite runs tools/compare.py in quick mode, tfmot side included.
+        "test": ["pytest>=8", "pytest-xdist", *COMPARE],
     },
     entry_points={"console_scripts": ["tflite-ext=tflite_ext.cli:run"]},
 )

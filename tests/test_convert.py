@@ -158,3 +158,23 @@ def test_op_without_any_tflite_kernel_names_the_op():
 def test_inspect_agrees_with_conversion_report(tiny_int8):
     info = inspect.summary(tiny_int8.flatbuffer)
     assert {k: tiny_int8.report[k] for k in info} == info
+
+
+def test_more_bad_inputs_are_one_line_errors(trained_tiny, digits, tmp_path):
+    with pytest.raises(InputError, match="representative_data must be an array.*Received: int"):
+        convert.to_tflite(trained_tiny, 42)
+    with pytest.raises(InputError, match="num_calibration_samples must be an integer >= 1"):
+        convert.to_tflite(trained_tiny, digits.x_train[:20], num_calibration_samples=0)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "saved_model.pb").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelFileError, match="Cannot load SavedModel"):
+        convert.to_tflite(str(tmp_path / "saved"))
+
+
+def test_saved_files_get_ordinary_permissions(tiny_int8, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tiny_int8.save(tmp_path / "m.tflite")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644

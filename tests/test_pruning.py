@@ -352,3 +352,31 @@ def test_group_sparsity_bad_input():
     with pytest.raises(InputError, match=r"^group_sparsity ramps with the schedule, whose final "
                                          r"sparsity must be > 0\. Received: final sparsity=0\.0$"):
         prune(model, 0.0, group_sparsity={"s3.*": 0.5})
+
+
+def test_unstructured_masks_hold_in_predict_after_fit(digits):
+    import keras as _keras
+    from tflite_ext import pruning as _pruning
+
+    inputs = _keras.Input((8, 8, 1))
+    x = _keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    model = _keras.Model(inputs, _keras.layers.Dense(10)(_keras.layers.Flatten()(x)))
+    pruned = _pruning.prune(model, 0.5, granularity="unstructured")
+    pruned.compile("adam", _keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruned.fit(digits.x_train[:128], digits.y_train[:128], epochs=2, batch_size=32, verbose=0,
+               callbacks=[_pruning.PruningCallback()])
+    # predict between/after batches sees the sparse kernels: equal to the stripped model.
+    np.testing.assert_allclose(pruned.predict(digits.x_test[:64], verbose=0),
+                               _pruning.strip(pruned).predict(digits.x_test[:64], verbose=0),
+                               atol=1e-5)
+
+
+def test_bad_handler_rule_is_one_line_error():
+    from tflite_ext import graph
+
+    class Scale(keras.layers.Layer):
+        pass
+
+    with pytest.raises(InputError, match="must be 'pass_through', 'barrier' or a Handler. "
+                                         "Received: 'passthrough'"):
+        graph.register_handler(Scale, "passthrough")

@@ -215,10 +215,7 @@ def main(argv):
     try:
         positionals = fv([PROG] + rest)[1:]
         return command.main(fv, positionals)
-    except (flags.Error, _UsageError) as e:
-        _stderr(f"{PROG} {name}: error: {e}")
-        return 2
-    except TfliteExtError as e:
+    except (flags.Error, _UsageError, TfliteExtError) as e:
         _stderr(f"{PROG} {name}: error: {e}")
         return 2
     except KeyboardInterrupt:
@@ -231,5 +228,5 @@ def run():
     sys.exit(main(sys.argv[1:]))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m tflite_ext.cli
     run()

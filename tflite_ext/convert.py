@@ -81,6 +81,10 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
         raise InputError(f"io_dtype for mode={mode} must be one of "
                          f"{', '.join(_IO_DTYPES[mode])}. Received: io_dtype={io_dtype!r}")
     allow_float = tuple(allow_float)
+    if isinstance(num_calibration_samples, bool) or not isinstance(num_calibration_samples, int) \
+            or num_calibration_samples < 1:
+        raise InputError(f"num_calibration_samples must be an integer >= 1. Received: "
+                         f"num_calibration_samples={num_calibration_samples!r}")
 
     with tempfile.TemporaryDirectory(prefix="tflite_ext-") as workdir:
         flatbuffer = _convert(model, representative_data, mode, io_dtype, allow_float,
@@ -118,12 +122,10 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
         converter.target_spec.supported_types = [tf.float16]
     if mode in _INTEGER_MODES:
         fallback = [tf.lite.OpsSet.TFLITE_BUILTINS] if allow_float else []
-        if mode == "int8" and representative_data is None:
-            # A quantization-aware model: TF's front end would demand a representative dataset
-            # for TFLITE_BUILTINS_INT8 although the fake-quant ops carry every range; the
-            # check after conversion still refuses any float left behind.
-            pass
-        elif mode == "int8":
+        # Without representative data (a quantization-aware model) the op set stays default:
+        # TF's front end would demand a representative dataset for TFLITE_BUILTINS_INT8 although
+        # the fake-quant ops carry every range; the check after conversion refuses any float.
+        if mode == "int8" and representative_data is not None:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *fallback]
         else:
             converter.target_spec.supported_ops = [
@@ -209,13 +211,17 @@ def _make_converter(model, batch_size, workdir):
                          [specs[0] if len(specs) == 1 else specs])
     with _captured_stderr():
         archive.write_out(workdir, verbose=False)
-    return _saved_model_converter(workdir, batch_size)[0], specs
+    return tf.lite.TFLiteConverter.from_saved_model(workdir), specs
 
 
 def _saved_model_converter(path, batch_size):
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(path)
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as e:
+        raise ModelFileError(f"Cannot load SavedModel ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). Received: {path!r}") from None
     signature = loaded.signatures.get("serving_default")
     if signature is None:
         raise ModelFileError(f"SavedModel has no 'serving_default' signature. Received: {path!r}")
@@ -266,8 +272,14 @@ def _as_input_arrays(data, specs, limit):
         data = data()
     # Anything else is iterated: a tf.data.Dataset, a generator, a list of samples. An element
     # is x, [x] (TFLite's representative_dataset convention), (x, y), or one array per input.
+    try:
+        elements = iter(data)
+    except TypeError:
+        raise InputError(f"representative_data must be an array, a list of arrays, a "
+                         f"tf.data.Dataset, a generator or a .npy/.npz path. Received: "
+                         f"{type(data).__name__}") from None
     samples = []
-    for element in data:
+    for element in elements:
         if len(samples) >= limit:
             break
         if isinstance(element, dict):

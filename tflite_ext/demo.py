@@ -102,11 +102,11 @@ def keras_accuracy(ctx, model):
     return float(np.mean(np.argmax(logits, axis=-1) == ctx.data.y_test))
 
 
-def to_int8(ctx, model, **kwargs):
+def to_int8(ctx, model):
     """Full-int8 conversion with calibration on the training split."""
     from tflite_ext import convert
 
-    return convert.to_tflite(model, ctx.data.x_train[:CALIBRATION_SAMPLES], **kwargs).flatbuffer
+    return convert.to_tflite(model, ctx.data.x_train[:CALIBRATION_SAMPLES]).flatbuffer
 
 
 # ----------------------------------------------------------------------------- stages
@@ -244,7 +244,7 @@ STAGES = {  # name: (function, stages it needs); run in this order
     "qat": (stage_qat, ("train",)),
     "prune": (stage_prune, ("train",)),
     "prune_qat": (stage_prune_qat, ("prune",)),
-    "evaluate": (stage_evaluate, ()),
+    "evaluate": (stage_evaluate, ("train",)),
     "report": (stage_report, ()),
 }
 ALWAYS = ("evaluate", "report")

@@ -17,8 +17,12 @@ def read_model_bytes(path):
         raise ModelFileError(f"Model file not found. Received: path={path!r}")
     if os.path.isdir(path):
         raise ModelFileError(f"Expected a model file, got a directory. Received: path={path!r}")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ModelFileError(f"Cannot read model file ({e.strerror}). Received: path={path!r}") \
+            from None
     if not data:
         raise ModelFileError(f"Model file is empty (0 bytes). Received: path={path!r}")
     return data
@@ -36,6 +40,12 @@ def ensure_writable_dir(path):
     return path
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, data):
     """Writes bytes or str to `path` through a temporary file and a rename.
 
@@ -49,6 +59,7 @@ def atomic_write(path, data):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

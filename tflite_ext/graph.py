@@ -108,8 +108,8 @@ def _functional_config(model):
                 "The Sequential model must be built with a known input shape (add keras.Input "
                 f"or call it once). Received: model={model.name}")
         model = keras.Model(model.inputs, model.outputs, name=model.name)
-    config = model.get_config() if hasattr(model, "get_config") else None
     try:
+        config = model.get_config()
         ok = isinstance(config, dict) and "layers" in config and "output_layers" in config
     except Exception:  # noqa: BLE001 - subclassed models may raise in get_config
         ok = False

@@ -19,6 +19,8 @@ Example:
 import keras
 import numpy as np
 
+from tflite_ext.errors import InputError
+
 
 class Handler:
     """Channel rule of one layer type: how channel maps flow and how weights are sliced.
@@ -153,9 +155,17 @@ def register_handler(layer_class, handler):
     Example:
         >>> graph.register_handler(MyScale, graph.PASS_THROUGH)
     """
-    if isinstance(handler, str):
-        handler = _RULES[handler]
-    HANDLERS[layer_class] = handler
+    HANDLERS[layer_class] = _rule(handler, f"handler for {layer_class.__name__}")
+
+
+def _rule(handler, what):
+    """A Handler from a rule name or a Handler; a one-line error for anything else."""
+    if isinstance(handler, Handler):
+        return handler
+    if isinstance(handler, str) and handler in _RULES:
+        return _RULES[handler]
+    raise InputError(f"{what} must be 'pass_through', 'barrier' or a Handler. "
+                     f"Received: {handler!r}")
 
 
 def unwrap(layer):
@@ -174,7 +184,7 @@ def handler_for(layer):
     layer = unwrap(layer)
     rule = getattr(type(layer), "tflite_ext_channel_rule", None)
     if rule is not None:
-        return _RULES[rule]
+        return _rule(rule, f"{type(layer).__name__}.tflite_ext_channel_rule")
     for cls in type(layer).__mro__:
         if cls in HANDLERS:
             return HANDLERS[cls]

@@ -46,7 +46,10 @@ def _eval_arrays(fv, model):
         from tflite_ext.files import read_model_bytes
         read_model_bytes(fv.eval_data)          # exists and non-empty, one-line error otherwise
         try:
-            with np.load(fv.eval_data) as data:
+            data = np.load(fv.eval_data)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an archive")
+            with data:
                 return data["x"], data["y"]
         except (KeyError, ValueError, OSError) as e:
             raise InputError(f"--eval_data must be a .npz holding arrays x and y ({e}). "
@@ -98,7 +101,7 @@ def _bench_main(fv):
     model = _require_model(fv)
     x, y = _eval_arrays(fv, model)
     xnnpack = {"on": (True,), "off": (False,), "both": (True, False)}[fv.xnnpack]
-    result = {"model": model, "size_bytes": os.path.getsize(model),
+    result = {"model": model, "size_bytes": len(host.model_bytes(model)),
               "latency": host.thread_sweep(model, _ints(fv.threads, "threads"), xnnpack,
                                            runs=fv.runs, warmup=fv.warmup, x=x)}
     if y is not None:

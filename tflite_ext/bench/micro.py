@@ -247,7 +247,8 @@ def check_model(model):
 
 def _quantized_samples(detail, x, count):
     if x is not None:
-        return host.quantize(np.asarray(x, np.float32), {"dtype": detail["dtype"],
+        x = host._check_samples(np.asarray(x, np.float32), detail)  # shape, and not empty
+        return host.quantize(x, {"dtype": detail["dtype"],
                              "quantization": _quant(detail)})
     rng = np.random.default_rng(0)
     info = np.iinfo(detail["dtype"])

@@ -176,6 +176,11 @@ class PruningCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
         self._maybe_prune(self._step)
+        # The optimizer step moved masked weights off zero: zero them again, so predict and
+        # evaluate between and after batches see the sparse kernel.
+        for wrapper in self._plan.elementwise:
+            kernel = masked_kernel(wrapper.layer)
+            kernel.assign(kernel * wrapper.weight_mask)
 
     def _maybe_prune(self, step):
         should, sparsity = self._plan.schedule(step)

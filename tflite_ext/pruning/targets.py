@@ -29,7 +29,10 @@ def sparsity_for_mac_ratio(model, ratio, *, step=0.025, max_sparsity=0.95, **pru
     """
     if not ratio >= 1.0:
         raise InputError(f"ratio must be >= 1. Received: ratio={ratio!r}")
-    lo, hi = 0, int(max_sparsity / step)
+    if not 0 < step < 1 or not 0 < max_sparsity < 1:
+        raise InputError(f"step and max_sparsity must be in (0, 1). Received: step={step!r}, "
+                         f"max_sparsity={max_sparsity!r}")
+    lo, hi = 0, int(round(max_sparsity / step))
     best = (hi * step, mac_ratio(model, hi * step, **prune_kwargs))
     if best[1] < ratio:
         raise InputError(f"Even sparsity={max_sparsity} gives only {best[1]:.2f}x fewer MACs. "

@@ -23,6 +23,11 @@ from tflite_ext.errors import InputError
 def _check_model(name, model):
     if not isinstance(model, keras.Model):
         raise InputError(f"{name} must be a keras.Model. Received: {name}={type(model).__name__}")
+    try:
+        model.outputs
+    except AttributeError:
+        raise InputError(f"{name} must be built (a functional model, or call it once). "
+                         f"Received: {name}={model.name!r}") from None
 
 
 def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", loss=None,

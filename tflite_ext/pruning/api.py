@@ -14,7 +14,7 @@ from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
 from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
 from tflite_ext.pruning.schedules import ConstantSparsity, PruningSchedule, check_sparsity
-from tflite_ext.pruning.wrapper import GRANULARITIES, SUPPORTED, PruneWrapper
+from tflite_ext.pruning.wrapper import GRANULARITIES, SUPPORTED, PruneWrapper, prune_wrapper_of
 
 
 def _matcher(layers):
@@ -193,19 +193,6 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
         return wrapper, lambda new, src=source: new.layer.set_weights(src.get_weights())
 
     return rebuild(graph, make_layer)
-
-
-def prune_wrapper_of(layer):
-    """The `PruneWrapper` that is `layer` or sits inside it, or None.
-
-    Other wrappers are looked through: `quantize_model(prune(model))` puts each `PruneWrapper`
-    inside a `QuantizeWrapper`, whose kernels then carry the pruning masks.
-    """
-    while isinstance(layer, keras.layers.Wrapper):
-        if isinstance(layer, PruneWrapper):
-            return layer
-        layer = layer.layer
-    return None
 
 
 def pruning_wrappers(model):

@@ -18,6 +18,7 @@ import numpy as np
 
 from tflite_ext.errors import InputError
 from tflite_ext.graph import unwrap
+from tflite_ext.pruning.wrapper import prune_wrapper_of
 
 _EPS = 1e-12
 
@@ -160,7 +161,8 @@ class MeanActivation(Importance):
     def member_scores(self, ctx, group):
         out = []
         for name, fidx, cidx in group.consumers:
-            wrapper = ctx.graph.node_by_name[name].layer
+            # The statistics live on the pruning wrapper, also under a QuantizeWrapper.
+            wrapper = prune_wrapper_of(ctx.graph.node_by_name[name].layer)
             if getattr(wrapper, "track_activations", False) and float(
                     keras.ops.convert_to_numpy(wrapper.act_count)) > 0:
                 values = _per_channel(self.per_feature(wrapper), fidx, cidx, group.size)

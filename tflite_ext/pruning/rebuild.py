@@ -5,7 +5,6 @@ a smaller model from sliced configs and weights. Models nested as layers come ou
 """
 import keras
 
-from tflite_ext.graph import DependencyGraph  # noqa: F401 - referenced in docstrings
 
 
 def clone_layer(layer, config=None):

@@ -116,3 +116,16 @@ class PruneWrapper(keras.layers.Wrapper):
             config["layer"], custom_objects=custom_objects)
         config["schedule"] = keras.saving.deserialize_keras_object(config.get("schedule"))
         return cls(**config)
+
+
+def prune_wrapper_of(layer):
+    """The `PruneWrapper` that is `layer` or sits inside it, or None.
+
+    Other wrappers are looked through: `quantize_model(prune(model))` puts each `PruneWrapper`
+    inside a `QuantizeWrapper`, whose kernels then carry the pruning masks.
+    """
+    while isinstance(layer, keras.layers.Wrapper):
+        if isinstance(layer, PruneWrapper):
+            return layer
+        layer = layer.layer
+    return None

@@ -25,7 +25,8 @@ from keras import layers
 from tflite_ext import graph_handlers
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.quantization.quantizers import ActivationQuantizer
-from tflite_ext.quantization.wrapper import QuantizeWrapper, innermost, layer_kind
+from tflite_ext.quantization.wrapper import (QuantizeWrapper, _activation_name, innermost,
+                                             layer_kind)
 
 # A per-tensor fake quant: channel i out is channel i in, and 0 stays exactly 0 (the range
 # always holds 0), so pruned channels stay removed through it. The pruning graph must know.
@@ -41,11 +42,6 @@ _NEW_SCALE = (layers.Add, layers.Concatenate, layers.GlobalAveragePooling1D,
               layers.GlobalAveragePooling2D, layers.BatchNormalization, layers.ReLU)
 _FUSABLE_ACTIVATIONS = ("relu", "relu6")
 _LAYER_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
-
-
-def _activation_name(layer):
-    name = layer.get_config().get("activation", "linear")
-    return name if isinstance(name, str) else repr(name)
 
 
 def _fusable_activation(layer):

@@ -9,6 +9,8 @@ Example:
 """
 import keras
 
+from tflite_ext.errors import InputError
+
 from tflite_ext.quantization.quantizers import ActivationQuantizer
 from tflite_ext.quantization.wrapper import QuantizeWrapper
 
@@ -62,7 +64,7 @@ class FreezeQuantization(keras.callbacks.Callback):
     def __init__(self, freeze_after_step, freeze_ranges=True, freeze_batch_norm=True):
         super().__init__()
         if int(freeze_after_step) != freeze_after_step or freeze_after_step < 0:
-            raise ValueError("freeze_after_step must be an integer >= 0. "
+            raise InputError("freeze_after_step must be an integer >= 0. "
                              f"Received: freeze_after_step={freeze_after_step}")
         self.freeze_after_step = int(freeze_after_step)
         self.freeze_ranges = freeze_ranges

@@ -16,6 +16,8 @@ Example:
 import keras
 from keras import ops
 
+from tflite_ext.errors import InputError
+
 _EPS = 1e-8  # keeps an all-zero channel's range non-empty (the converter needs scale > 0)
 
 
@@ -74,8 +76,8 @@ class ActivationQuantizer(keras.layers.Layer):
 
     def __init__(self, decay=0.99, initial_range=(-6.0, 6.0), **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1). Received: decay={decay}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise InputError(f"decay must be in [0, 1). Received: decay={decay}")
         self.decay = float(decay)
         self.initial_range = tuple(float(v) for v in initial_range)
 

@@ -25,6 +25,7 @@ Example:
 import keras
 from keras import layers, ops
 
+from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.quantization.quantizers import ActivationQuantizer, quantize_weight
 
 # Innermost layer class -> how the wrapper computes it. Order matters: subclasses first.
@@ -97,11 +98,11 @@ class QuantizeWrapper(layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.kind = layer_kind(layer)
         if self.kind is None:
-            raise ValueError(
+            raise UnsupportedLayerError(
                 "QuantizeWrapper wraps Conv1D, Conv2D, DepthwiseConv2D, SeparableConv2D, "
                 f"Dense or BatchNormalization layers. Received: layer={layer.__class__.__name__}")
         if self.kind == "affine" and batch_norm is not None:
-            raise ValueError("A wrapped BatchNormalization cannot fold another one. "
+            raise InputError("A wrapped BatchNormalization cannot fold another one. "
                              f"Received: batch_norm={batch_norm.name}")
         self.batch_norm = batch_norm
         self.mid_quantizer = None

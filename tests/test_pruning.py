@@ -380,3 +380,13 @@ def test_bad_handler_rule_is_one_line_error():
     with pytest.raises(InputError, match="must be 'pass_through', 'barrier' or a Handler. "
                                          "Received: 'passthrough'"):
         graph.register_handler(Scale, "passthrough")
+
+
+def test_custom_importance_object_is_used_by_the_callback():
+    from tflite_ext.pruning import Magnitude, PruningPlan, prune
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(16)(inputs)))
+    custom = Magnitude(3)
+    pruned = prune(model, 0.5, importance=custom)
+    assert PruningPlan(pruned).importance is custom

@@ -190,6 +190,9 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
             return layer, init
         wrapper = PruneWrapper(layer, granularity=granularity, schedule=schedule, policy=policy,
                                track_activations=imp.needs_activations and node.name in consumers)
+        # A custom Importance object cannot go into the saved config (only its name does);
+        # the callback uses it while this model lives.
+        wrapper.tflite_ext_importance = imp
         return wrapper, lambda new, src=source: new.layer.set_weights(src.get_weights())
 
     return rebuild(graph, make_layer)

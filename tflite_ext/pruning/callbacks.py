@@ -17,7 +17,8 @@ import numpy as np
 from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
-from tflite_ext.pruning.api import get_schedule_and_policy, group_overrides, prune_wrapper_of
+from tflite_ext.pruning.api import (get_schedule_and_policy, group_overrides, prune_wrapper_of,
+                                    pruning_wrappers)
 from tflite_ext.pruning.wrapper import masked_kernel
 
 
@@ -52,7 +53,9 @@ class PruningPlan:
     def __init__(self, model, importance=None):
         self.model = model
         self.schedule, self.policy = get_schedule_and_policy(model)
-        self.importance = importance_lib.get(importance or self.policy.get("importance", "l2"))
+        stored = getattr(pruning_wrappers(model)[0], "tflite_ext_importance", None)
+        self.importance = importance_lib.get(importance or stored
+                                             or self.policy.get("importance", "l2"))
         self.graph = DependencyGraph(model)
         # A node's PruneWrapper may sit inside a QuantizeWrapper (prune + QAT in one fit).
         found = [(n, prune_wrapper_of(n.layer)) for n in self.graph.nodes]

@@ -205,7 +205,9 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1):
 
 def describe(model):
     """Input/output dtype, shape and quantization of a model, as plain values."""
-    interp = load_interpreter(model)
+    data = model_bytes(model)  # read once: for the interpreter and for the size
+    interp = load_interpreter(data)
+
     def _one(d):
         scale, zp = d["quantization"]
         return {"name": d["name"], "dtype": np.dtype(d["dtype"]).name,
@@ -213,4 +215,4 @@ def describe(model):
                 "zero_point": int(zp)}
     return {"inputs": [_one(d) for d in interp.get_input_details()],
             "outputs": [_one(d) for d in interp.get_output_details()],
-            "size_bytes": len(model_bytes(model))}
+            "size_bytes": len(data)}

@@ -114,28 +114,26 @@ def _check_variants(variants, key):
 
 
 def _scatter(variants, key, xlabel, title, log_x):
-    import matplotlib
-    matplotlib.use("Agg")   # files only; never open a window
-    from matplotlib import pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    try:
-        for v in variants:
-            x = v[key] / 1024.0 if key == "size_bytes" else v[key]
-            ax.scatter([x], [v["accuracy"] * 100.0], s=45)
-            ax.annotate(v["name"], (x, v["accuracy"] * 100.0), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        return buffer.getvalue()
-    finally:
-        plt.close(fig)
+    # A bare Figure renders to PNG without pyplot: no window, and no global backend switch
+    # in the caller's (possibly interactive) session.
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.4), dpi=110)
+    ax = fig.subplots()
+    for v in variants:
+        x = v[key] / 1024.0 if key == "size_bytes" else v[key]
+        ax.scatter([x], [v["accuracy"] * 100.0], s=45)
+        ax.annotate(v["name"], (x, v["accuracy"] * 100.0), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def plot_variants(variants, out_dir, prefix=""):

@@ -175,7 +175,7 @@ def test_sweep_writes_json_csv_and_keeps_results_when_a_later_run_fails(device, 
     rows = list(csv.DictReader(open(csv_path)))
     assert [float(r["inference_avg_us"]) for r in rows[:3]] == [4250.0, 4000.0, 2250.0]
     assert rows[0]["model"] == "Pixel 7" and rows[3]["status"] == "failed"
-    assert sorted(os.listdir(out)) == ["android_sweep.csv", "android_sweep.json"]
+    assert sorted(os.listdir(out)) == ["android.csv", "android.json"]
     assert _device_files(fake) == []
 
 
@@ -279,7 +279,8 @@ def test_cli_android_sweep_json(device, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert [(r["threads"], r["delegate"], r["timings_us"]["inference_avg"]) for r in printed] == [
         (1, "cpu", 4250.0), (1, "xnnpack", 4000.0), (4, "cpu", 1250.0), (4, "xnnpack", 1000.0)]
-    assert sorted(os.listdir(out)) == ["android.json", "android.md", "android_sweep.csv",
-                                       "android_sweep.json"]
+    # Each result once: the sweep's JSON and CSV, and the Markdown table.
+    assert sorted(os.listdir(out)) == ["android.csv", "android.json", "android.md"]
+    assert json.loads((out / "android.json").read_text()) == printed
     assert "| FAKE123 | Pixel 7 | Tensor G2 | 14 | 4 | xnnpack | ok | 1,000 |" in (
         out / "android.md").read_text()

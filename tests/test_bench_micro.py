@@ -47,7 +47,8 @@ def test_arena_is_exact_and_flash_is_model_size(digits_int8, analysis):
     assert 0 < analysis["arena_report"]["total"] <= arena
     assert analysis["arena_report"]["head"] + analysis["arena_report"]["tail"] == \
         analysis["arena_report"]["total"]
-    assert analysis["flash_bytes"] == os.path.getsize(path)
+    assert analysis["size_bytes"] == os.path.getsize(path)
+    assert "flash_bytes" not in analysis and "unsupported_ops" not in analysis
     assert analysis["arena_suggestion"] % 16 == 0 and analysis["arena_suggestion"] >= arena + 16
 
 
@@ -57,7 +58,8 @@ def test_tflm_agrees_with_litert_on_digits(analysis):
     assert agreement["top1_agreement"] >= 0.99
     assert agreement["max_diff_steps"] <= 2      # same int8 kernels up to rounding
     assert 0 < analysis["latency"]["min_us"] <= analysis["latency"]["median_us"]
-    assert analysis["op_counts"]["CONV_2D"] == 1 and analysis["unsupported_ops"] == []
+    assert analysis["op_counts"] == {"CONV_2D": 1, "MAX_POOL_2D": 1, "RESHAPE": 1,
+                                     "FULLY_CONNECTED": 1}
 
 
 def test_arena_too_small(digits_int8, analysis):
@@ -135,6 +137,7 @@ def test_micro_markdown_report(analysis, tmp_path):
     from tflite_ext.bench import report
     text = report.micro_markdown(dict(analysis, model="digits_int8.tflite"))
     assert f"| tensor arena bytes (exact minimum) | {analysis['arena_bytes']:,} |" in text
+    assert f"| model (flash) bytes | {analysis['size_bytes']:,} |" in text
     json_path, md_path = report.write_report(str(tmp_path), "micro", analysis, text)
     assert json.loads(open(json_path).read())["arena_bytes"] == analysis["arena_bytes"]
     assert open(md_path).read() == text

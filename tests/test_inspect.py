@@ -1,9 +1,12 @@
-"""inspect.summary on real flatbuffers: the demo-style int8 model, a float model, sine_float."""
+"""inspect.summary on real flatbuffers: the demo-style int8 model, a float model, sine_float,
+a tf.while_loop (WHILE with cond/body subgraphs) and a Conv3D."""
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tflite_micro
 
 from tflite_ext import convert, inspect
@@ -68,6 +71,64 @@ def test_float_leaks_respects_allowed_op_types():
     assert inspect.float_leaks(info, ["FULLY_CONNECTED"]) == []
     leaks = inspect.float_leaks(info)
     assert leaks[:3] == ["FULLY_CONNECTED#0", "FULLY_CONNECTED#1", "FULLY_CONNECTED#2"]
+
+
+@pytest.fixture(scope="module")
+def while_model():
+    """y = x*2+1 applied 3 times in a tf.while_loop: TFLite keeps it as WHILE, whose cond
+    (LESS) and body (MUL, ADD) live in subgraphs 1 and 2."""
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    def repeat(x):
+        _, y = tf.while_loop(lambda i, x: i < 3, lambda i, x: (i + 1, x * 2.0 + 1.0),
+                             [tf.constant(0), x])
+        return y
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [repeat.get_concrete_function()], repeat)
+    return converter.convert()
+
+
+def test_control_flow_subgraphs_are_walked(while_model):
+    info = inspect.summary(while_model)
+    assert info["subgraphs"] == 3
+    # Before walking every subgraph only WHILE was seen.
+    assert info["op_counts"] == {"WHILE": 1, "LESS": 1, "MUL": 1, "ADD": 2}
+    assert [(op["subgraph"], op["op"]) for op in info["operators"]] == [
+        (0, "WHILE"), (1, "LESS"), (2, "ADD"), (2, "MUL"), (2, "ADD")]
+    assert info["inputs"][0]["name"] == "x" and info["outputs"][0]["name"] == "Identity"
+    assert "MUL#1 in subgraph 2" in info["float_ops"]
+    # Five 4-byte scalars: the counter's start 0 (subgraph 0), its bound 3 (cond), and the
+    # body's step 1, 1.0 and 2.0.
+    consts = [(t["subgraph"], t["dtype"], t["const_bytes"]) for t in info["tensors"]
+              if t["const_bytes"]]
+    assert consts == [(0, "int32", 4), (1, "int32", 4), (2, "int32", 4), (2, "float32", 4),
+                      (2, "float32", 4)]
+    assert info["const_bytes"] == 20
+
+
+def test_float_in_a_loop_body_is_a_leak(while_model):
+    info = inspect.summary(while_model)
+    # Even with the entry subgraph's float op and I/O allowed, the body stays float.
+    leaks = inspect.float_leaks(info, ["WHILE", "x", "Identity"])
+    assert leaks[:2] == ["MUL#1 in subgraph 2", "ADD#2 in subgraph 2"]
+    assert "while/mul in subgraph 2" in leaks
+    assert info["full_integer"] is False
+    # Allowing the op types excuses every tensor they touch; the cond's float argument is
+    # touched by no op, so only its name would excuse it.
+    assert inspect.float_leaks(info, ["WHILE", "MUL", "ADD"]) == ["while_cond_arg1 in subgraph 1"]
+    assert "float op: MUL#1 in subgraph 2 (" in inspect.render(info)
+
+
+def test_conv3d_macs_use_the_tflite_filter_layout():
+    inputs = keras.Input((4, 5, 6, 2))
+    model = keras.Model(inputs, keras.layers.Conv3D(3, (2, 3, 4))(inputs))
+    info = inspect.summary(convert.to_tflite(model, mode="float32").flatbuffer)
+    [conv] = [op for op in info["operators"] if op["op"] == "CONV_3D"]
+    # TFLite keeps TF's filter layout [KD, KH, KW, Cin, Cout] (CONV_2D's is [Cout, KH, KW, Cin]).
+    assert info["tensors"][conv["inputs"][1]]["shape"] == [2, 3, 4, 2, 3]
+    # Output 3x3x3 positions x 3 filters, each a 2*3*4*2-tap dot product.
+    assert conv["macs"] == (3 * 3 * 3 * 3) * (2 * 3 * 4 * 2) == 3888
+    assert info["macs"] == 3888
 
 
 @pytest.mark.parametrize("make, message", [

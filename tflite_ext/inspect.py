@@ -65,8 +65,10 @@ def _macs(op_name, op, tensors):
         return 0
     out_elems = int(np.prod(tensors[outs[0]]["shape"] or [0]))
     w_shape = tensors[ins[1]]["shape"]
-    if op_name in ("CONV_2D", "CONV_3D") and len(w_shape) >= 4:
-        return out_elems * int(np.prod(w_shape[1:]))  # [Cout, (D,) KH, KW, Cin]
+    if op_name == "CONV_2D" and len(w_shape) == 4:
+        return out_elems * int(np.prod(w_shape[1:]))  # [Cout, KH, KW, Cin]
+    if op_name == "CONV_3D" and len(w_shape) == 5:
+        return out_elems * int(np.prod(w_shape[:4]))  # [KD, KH, KW, Cin, Cout], TF's layout
     if op_name == "DEPTHWISE_CONV_2D" and len(w_shape) == 4:
         return out_elems * w_shape[1] * w_shape[2]  # [1, KH, KW, Cout]
     if op_name == "FULLY_CONNECTED" and len(w_shape) == 2:
@@ -83,9 +85,12 @@ def _macs(op_name, op, tensors):
 def summary(model):
     """Describes a `.tflite` model given as a path or as bytes.
 
-    Returns a dict: size_bytes, op_counts, operators, tensors, inputs, outputs, const_bytes,
-    macs, full_integer, float_tensors, float_ops. Raises ModelFileError (one line) for a
-    missing, empty, truncated or corrupt file.
+    Returns a dict: size_bytes, subgraphs, op_counts, operators, tensors, inputs, outputs,
+    const_bytes, macs, full_integer, float_tensors, float_ops. Operators and tensors of every
+    subgraph are listed (control-flow bodies included), each with its "subgraph" and its
+    "index" within it; inputs/outputs are those of subgraph 0, the entry point. A loop body's
+    ops and MACs count once (the trip count is only known at run time). Raises
+    ModelFileError (one line) for a missing, empty, truncated or corrupt file.
     """
     data, label = _load(model)
     try:
@@ -122,52 +127,49 @@ def _summarize(data):
         op_names.append(custom.decode() if builtin == schema.BuiltinOperator.CUSTOM and custom
                         else _OP_NAMES.get(builtin, f"BUILTIN_{builtin}"))
 
-    g = m.Subgraphs(0)
-    tensors = []
-    for t in range(g.TensorsLength()):
-        tensor = g.Tensors(t)
-        dtype = _TYPE_NAMES.get(tensor.Type(), f"type_{tensor.Type()}")
-        const = buffer_bytes[tensor.Buffer()] if 0 < tensor.Buffer() < len(buffer_bytes) else 0
-        tensors.append({
-            "index": t,
-            "name": tensor.Name().decode(errors="replace"),
-            "dtype": dtype,
-            "shape": [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else [],
-            "const_bytes": int(const),
-            "quantization": _quantization(tensor),
-        })
+    # Control flow (WHILE, IF, CALL_ONCE) runs other subgraphs: walk them all, or float ops
+    # inside a loop body would pass for full integer. Indices are local to their subgraph.
+    tensors, operators = [], []
+    for s in range(m.SubgraphsLength()):
+        g = m.Subgraphs(s)
+        local = [_tensor(g.Tensors(t), t, s, buffer_bytes) for t in range(g.TensorsLength())]
+        for o in range(g.OperatorsLength()):
+            op = g.Operators(o)
+            name = op_names[op.OpcodeIndex()]
+            ins = [int(i) for i in op.InputsAsNumpy() if i >= 0] if op.InputsLength() else []
+            outs = [int(i) for i in op.OutputsAsNumpy() if i >= 0] if op.OutputsLength() else []
+            floats = [local[i]["name"] for i in ins + outs if local[i]["dtype"] in FLOAT_TYPES]
+            operators.append({"subgraph": s, "index": o, "op": name, "inputs": ins,
+                              "outputs": outs, "macs": int(_macs(name, op, local)),
+                              "float_tensors": floats})
+        tensors += local
 
-    operators, float_ops = [], []
-    for o in range(g.OperatorsLength()):
-        op = g.Operators(o)
-        name = op_names[op.OpcodeIndex()]
-        ins = [int(i) for i in op.InputsAsNumpy() if i >= 0] if op.InputsLength() else []
-        outs = [int(i) for i in op.OutputsAsNumpy() if i >= 0] if op.OutputsLength() else []
-        floats = [tensors[i]["name"] for i in ins + outs if tensors[i]["dtype"] in FLOAT_TYPES]
-        operators.append({"index": o, "op": name, "inputs": ins, "outputs": outs,
-                          "macs": int(_macs(name, op, tensors)), "float_tensors": floats})
-        if floats:
-            float_ops.append(f"{name}#{o}")
+    main = m.Subgraphs(0)
+    main_tensors = [t for t in tensors if t["subgraph"] == 0]
 
     def io(indices):
         rows = []
         for i in indices:
-            t = tensors[i]
+            t = main_tensors[i]
             q = t["quantization"] or {"scale": [0.0], "zero_point": [0]}
             rows.append({"name": t["name"], "index": int(i), "dtype": t["dtype"], "shape": t["shape"],
                          "scale": q["scale"][0], "zero_point": q["zero_point"][0]})
         return rows
 
-    float_tensors = [t["name"] for t in tensors if t["dtype"] in FLOAT_TYPES]
+    float_ops = [_where(_op_label(op), op["subgraph"]) for op in operators if op["float_tensors"]]
+    float_tensors = [_where(t["name"], t["subgraph"]) for t in tensors
+                     if t["dtype"] in FLOAT_TYPES]
+    # Subgraphs may share a constant buffer; the file holds it once.
+    const = {t["buffer"]: t["const_bytes"] for t in tensors if t["const_bytes"]}
     return {
         "size_bytes": len(data),
         "subgraphs": m.SubgraphsLength(),
         "op_counts": dict(collections.Counter(op["op"] for op in operators)),
         "operators": operators,
         "tensors": tensors,
-        "inputs": io(g.InputsAsNumpy() if g.InputsLength() else []),
-        "outputs": io(g.OutputsAsNumpy() if g.OutputsLength() else []),
-        "const_bytes": int(sum(t["const_bytes"] for t in tensors)),
+        "inputs": io(main.InputsAsNumpy() if main.InputsLength() else []),
+        "outputs": io(main.OutputsAsNumpy() if main.OutputsLength() else []),
+        "const_bytes": int(sum(const.values())),
         "macs": int(sum(op["macs"] for op in operators)),
         "full_integer": not float_tensors and not float_ops,
         "float_tensors": float_tensors,
@@ -175,21 +177,53 @@ def _summarize(data):
     }
 
 
+def _tensor(tensor, index, subgraph, buffer_bytes):
+    dtype = _TYPE_NAMES.get(tensor.Type(), f"type_{tensor.Type()}")
+    buffer = tensor.Buffer()
+    const = buffer_bytes[buffer] if 0 < buffer < len(buffer_bytes) else 0
+    return {
+        "subgraph": subgraph,
+        "index": index,
+        "name": tensor.Name().decode(errors="replace"),
+        "dtype": dtype,
+        "shape": [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else [],
+        "buffer": int(buffer),
+        "const_bytes": int(const),
+        "quantization": _quantization(tensor),
+    }
+
+
+def _op_label(op):
+    return f"{op['op']}#{op['index']}"
+
+
+def _where(label, subgraph):
+    """Names the subgraph of an op or tensor outside the main one: "ADD#1 in subgraph 2"."""
+    return label if subgraph == 0 else f"{label} in subgraph {subgraph}"
+
+
 def float_leaks(info, allow=()):
-    """Float ops and tensors of a summary that were not explicitly allowed.
+    """Float ops and tensors of a summary that were not explicitly allowed, in every subgraph.
 
     `allow` holds op types (e.g. "DEQUANTIZE") and tensor names the caller accepts in float. A
-    float tensor is excused when it is named, or when every op that touches it is an allowed type.
+    float tensor is excused when it is named, or when every op that touches it (in its own
+    subgraph) is an allowed type. Leaks outside subgraph 0 name their subgraph:
+
+        >>> inspect.float_leaks(inspect.summary("loop.tflite"), ["WHILE", "x", "Identity"])
+        ['MUL#1 in subgraph 2', 'ADD#2 in subgraph 2', ...]
     """
     allowed = set(allow)
-    users = collections.defaultdict(set)
+    users = collections.defaultdict(set)  # (subgraph, tensor name) -> op types touching it
     for op in info["operators"]:
         for name in op["float_tensors"]:
-            users[name].add(op["op"])
-    ops = [f"{op['op']}#{op['index']}" for op in info["operators"] if op["float_tensors"]
-           and op["op"] not in allowed and not set(op["float_tensors"]) <= allowed]
-    tensors = [n for n in info["float_tensors"]
-               if n not in allowed and not (users[n] and users[n] <= allowed)]
+            users[op["subgraph"], name].add(op["op"])
+    ops = [_where(_op_label(op), op["subgraph"]) for op in info["operators"]
+           if op["float_tensors"] and op["op"] not in allowed
+           and not set(op["float_tensors"]) <= allowed]
+    tensors = [_where(t["name"], t["subgraph"]) for t in info["tensors"]
+               if t["dtype"] in FLOAT_TYPES and t["name"] not in allowed
+               and not (users[t["subgraph"], t["name"]]
+                        and users[t["subgraph"], t["name"]] <= allowed)]
     return ops + tensors
 
 
@@ -214,7 +248,8 @@ def render(info, top=12):
     else:
         lines.append(f"full integer: no ({len(info['float_tensors'])} float tensors, "
                      f"{len(info['float_ops'])} float ops)")
-        lines += [f"  float op: {op['op']}#{op['index']} ({', '.join(op['float_tensors'])})"
+        lines += [f"  float op: {_where(_op_label(op), op['subgraph'])} "
+                  f"({', '.join(op['float_tensors'])})"
                   for op in info["operators"] if op["float_tensors"]]
         lines += [f"  float tensor: {n}" for n in info["float_tensors"]]
     return "\n".join(lines)

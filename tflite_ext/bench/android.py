@@ -319,14 +319,19 @@ def csv_row(result):
             "error": result.get("error", "")}
 
 
-def write_results(results, out_dir, stem="android_sweep"):
-    """Writes `<stem>.json` and `<stem>.csv` atomically; returns both paths."""
-    ensure_writable_dir(out_dir)
-    slim = [{k: v for k, v in r.items() if k != "parsed"} | (
+def records(results):
+    """Results as saved and printed: the raw `parsed` output left out, except its op
+    profiling tables when there are some."""
+    return [{k: v for k, v in r.items() if k != "parsed"} | (
         {"op_profiling_tables": r["parsed"]["op_profiling"]}
         if r.get("parsed", {}).get("op_profiling") else {}) for r in results]
+
+
+def write_results(results, out_dir, stem="android"):
+    """Writes `<stem>.json` and `<stem>.csv` atomically; returns both paths."""
+    ensure_writable_dir(out_dir)
     json_path = atomic_write(os.path.join(out_dir, f"{stem}.json"),
-                             json.dumps(slim, indent=2, default=str))
+                             json.dumps(records(results), indent=2, default=str))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
     writer.writeheader()
@@ -342,9 +347,9 @@ def sweep(model, binary, out_dir, *, serial=None, threads=(1, 2, 4),
     """Runs every (threads, delegate) pair on each selected device.
 
     A failed run (delegate error, crash, hang) is recorded with status "failed" and its
-    one-line error, and the sweep goes on; JSON and CSV are rewritten after every run (when
-    out_dir is not None), so finished results are kept whatever happens next. Pushed files
-    are removed at the end.
+    one-line error, and the sweep goes on; android.json and android.csv are rewritten after
+    every run (when out_dir is not None), so finished results are kept whatever happens next.
+    Pushed files are removed at the end.
 
     Returns:
         (results list, json path, csv path).

@@ -20,8 +20,8 @@ Command = collections.namedtuple("Command", ["name", "help", "define_flags", "ma
 
 def _common_flags(fv):
     flags.DEFINE_string("model", None, "Path of the .tflite model.", flag_values=fv)
-    flags.DEFINE_string("out_dir", None, "Write <command>.json and <command>.md reports here.",
-                        flag_values=fv)
+    flags.DEFINE_string("out_dir", None, "Write <command>.json and <command>.md reports here "
+                        "(android adds android.csv).", flag_values=fv)
     flags.DEFINE_boolean("json", False, "Print JSON to stdout instead of a table.",
                          flag_values=fv)
 
@@ -166,6 +166,7 @@ def _android_flags(fv):
 
 def _android_main(fv):
     from tflite_ext.bench import android, report
+    from tflite_ext.files import atomic_write
     model = _require_model(fv)
     if not fv.binary:
         raise InputError("--binary is required: the benchmark_model built for the device. "
@@ -174,11 +175,10 @@ def _android_main(fv):
         model, fv.binary, fv.out_dir, serial=fv.serial, threads=_ints(fv.threads, "threads"),
         delegates=fv.delegates, warmup_runs=fv.warmup_runs, num_runs=fv.num_runs,
         op_profiling=fv.op_profiling, timeout=fv.timeout, adb_path=fv.adb)
-    slim = [{k: v for k, v in r.items() if k != "parsed"} for r in results]
     markdown = report.android_markdown(results)
-    if fv.out_dir:
-        report.write_report(fv.out_dir, "android", slim, markdown)
-    print(report.to_json(slim) if fv.json else markdown, end="")
+    if fv.out_dir:  # the sweep already wrote android.json and android.csv there
+        atomic_write(os.path.join(fv.out_dir, "android.md"), markdown)
+    print(report.to_json(android.records(results)) if fv.json else markdown, end="")
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 

@@ -8,7 +8,7 @@ caller with it.
 Example:
     >>> from tflite_ext.bench import micro
     >>> r = micro.analyze("build/digits_int8.tflite", x=split.x_test)
-    >>> r["arena_bytes"], r["flash_bytes"], r["agreement"]["top1_agreement"]
+    >>> r["arena_bytes"], r["size_bytes"], r["agreement"]["top1_agreement"]
     (10640, 277968, 1.0)
     >>> micro.write_c_source("build/digits_int8.tflite", "build/mcu", name="digits_model")
 """
@@ -336,8 +336,10 @@ def analyze(model, x=None, *, runs=20, arena_size=None, agreement_samples=100):
         agreement_samples: samples compared when x is None.
 
     Returns:
-        dict with size_bytes, flash_bytes, op_counts, unsupported_ops, arena_bytes (exact
-        minimum), arena_report, arena_suggestion, latency, agreement.
+        dict with size_bytes (the flatbuffer, i.e. the model's share of flash: the C array
+        holds exactly these bytes), op_counts, arena_bytes (exact minimum), arena_report,
+        arena_suggestion, latency, agreement. A model with ops TFLM lacks raises instead
+        (see `check_model`), so there is no unsupported-ops field.
     """
     data = host.model_bytes(model)
     info = check_model(data)
@@ -350,9 +352,7 @@ def analyze(model, x=None, *, runs=20, arena_size=None, agreement_samples=100):
     used = int(arena_size) if arena_size is not None else arena
     return {
         "size_bytes": len(data),
-        "flash_bytes": len(data),
         "op_counts": info["op_counts"],
-        "unsupported_ops": [],
         "arena_bytes": arena,
         "arena_report": {k: report[k] for k in ("total", "head", "tail") if k in report},
         "arena_suggestion": suggested_arena(arena),

@@ -69,7 +69,7 @@ def host_markdown(result):
 def micro_markdown(result):
     """Markdown for a `micro.analyze` result."""
     lat, agree = result["latency"], result["agreement"]
-    rows = [("flash (model) bytes", result["flash_bytes"]),
+    rows = [("model (flash) bytes", result["size_bytes"]),
             ("tensor arena bytes (exact minimum)", result["arena_bytes"]),
             ("arena suggestion for an MCU", result["arena_suggestion"]),
             ("recording allocator total", result["arena_report"].get("total")),

@@ -327,10 +327,10 @@ def test_group_sparsity_ramps_in_proportion():
 
 def test_group_sparsity_bad_input():
     model = pm.resnet()
-    with pytest.raises(InputError, match=r"^group_sparsity\['s3\.\*'\] must be in \[0, 1\)\. "
+    with pytest.raises(InputError, match=r"^group_sparsity\['s3\.\*'\] must be in \[0, 1\]\. "
                                          r"Received: group_sparsity\['s3\.\*'\]=1\.2$"):
         prune(model, 0.5, group_sparsity={"s3.*": 1.2})
-    with pytest.raises(InputError, match=r"^group_sparsity\['s3'\] must be in \[0, 1\)\. "
+    with pytest.raises(InputError, match=r"^group_sparsity\['s3'\] must be in \[0, 1\]\. "
                                          r"Received: group_sparsity\['s3'\]='half'$"):
         prune(model, 0.5, group_sparsity={"s3": "half"})
     with pytest.raises(InputError, match=r"^group_sparsity pattern matches no layer of a "

@@ -173,3 +173,119 @@ def test_strip_warns_about_onednn_strided_1x1_crash(monkeypatch):
         warnings.simplefilter("always")
         strip(pruned)
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# ---------------------------------------------------------------- whole residual branches
+
+
+def _conv_names(model):
+    return sorted(layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+
+
+def test_group_pruned_to_zero_removes_its_residual_branch(tmp_path):
+    """s1a (identity shortcut) and s2a (projection shortcut) at 1.0: both branches go, each
+    Add becomes x + constant, outputs unchanged."""
+    model = pm.resnet()
+    pruned, small = pm.assert_strip_matches(model, 0.5, round_to=8,
+                                            group_sparsity={"s1a_.*": 1.0, "s2a_.*": 1.0})
+    assert _conv_names(small) == sorted(
+        ["stem_conv", "s2_shortcut", "s3a_conv", "s3b_conv", "s3_shortcut"])
+    for name, width in (("s1_add", 8), ("s2_add", 16)):
+        join = small.get_layer(name)
+        assert isinstance(join, keras.layers.Rescaling) and join.scale == 1.0
+        assert len(join.offset) == width  # the kept channels of the residual group
+    # The constant is the removed branch's BatchNormalization beta: once the branch is
+    # constant, the callback settles that BN (moving mean = its input, variance 0).
+    beta = pruned.get_layer("s1b_bn").beta.numpy()
+    keep = pruned.get_layer("stem_conv").out_mask.numpy() > 0
+    np.testing.assert_allclose(small.get_layer("s1_add").offset, beta[keep], atol=1e-6)
+    # MACs: channel pruning alone at 0.5 keeps about a quarter; the branches take more.
+    channels_only = strip(pm.masked(pm.resnet(), 0.5, round_to=8))
+    removed = sum(count_macs(keras.Model(layer.input, layer.output))
+                  for layer in channels_only.layers if layer.name in ("s1a_conv", "s1b_conv",
+                                                                      "s2a_conv", "s2b_conv"))
+    assert count_macs(small) == count_macs(channels_only) - removed
+    path = tmp_path / "small.keras"
+    small.save(path)
+    x = np.random.default_rng(1).uniform(size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(keras.models.load_model(path).predict(x, verbose=0),
+                               small.predict(x, verbose=0), atol=1e-6)
+
+
+def test_group_removal_ramps_then_goes_at_the_end():
+    from tflite_ext.pruning import PolynomialDecay, PruningPlan
+
+    pruned = prune(pm.resnet(), PolynomialDecay(0.0, 0.5, 0, 10), round_to=8,
+                   group_sparsity={"s1a_.*": 1.0})
+    plan = PruningPlan(pruned)
+    plan.apply(0.25)  # half way: s1a at sparsity 0.5 keeps 8 of 16
+    assert int(pruned.get_layer("s1a_conv").out_mask.numpy().sum()) == 8
+    plan.apply(0.5)  # the end: no channel left, min_channels and round_to do not apply
+    assert int(pruned.get_layer("s1a_conv").out_mask.numpy().sum()) == 0
+    assert "s1b_conv" not in _conv_names(strip(pruned))
+
+
+def _branch_into_padding():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="b")(y)
+    y = keras.layers.ZeroPadding2D(1, name="pad")(y)
+    y = keras.layers.Conv2D(8, 3, name="c")(y)  # sees the zero border: not a constant
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+
+
+def test_group_removal_bad_input():
+    with pytest.raises(InputError, match=r"^A group pruned to zero channels \(group_sparsity "
+                                         r"1\.0\) must feed only a residual branch .* reaches "
+                                         r"layer 'mixed' \(Concatenate\); use a sparsity < 1 "
+                                         r"for that group\.$"):
+        prune(pm.inception_dense_style(), 0.5, group_sparsity={"br_1x1": 1.0})
+    with pytest.raises(InputError, match=r"^A group pruned to zero channels \(group_sparsity "
+                                         r"1\.0\) would leave a model output constant\. "
+                                         r"Received: output 'logits:0:0'$"):
+        prune(pm.resnet(), 0.5, group_sparsity={"s3b_.*": 1.0})  # the main path, not a branch
+    model = _branch_into_padding()
+    model.get_layer("b").bias.assign(np.ones(8, "float32"))  # b's constant meets c's zero border
+    pruned = pm.masked(model, 0.5, group_sparsity={"a": 1.0})
+    with pytest.raises(InputError, match=r"^The removed branch into 'add' is not the same at "
+                                         r"every position"):
+        strip(pruned)
+
+
+def test_removed_branch_batch_norm_agrees_in_training_and_inference():
+    """After removal the branch's BN normalizes a constant: both modes must give beta."""
+    model = pm.randomize_bn(pm.resnet())
+    model.get_layer("s1b_conv").bias.assign(np.linspace(-1, 1, 16).astype("float32"))
+    pruned = pm.masked(model, 0.5, round_to=8, group_sparsity={"s1a_.*": 1.0})
+    bn = pruned.get_layer("s1b_bn")
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), np.zeros(16, "float32"))
+    x = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype("float32")
+    branch = keras.Model(pruned.inputs, bn.output)
+    for training in (False, True):
+        out = keras.ops.convert_to_numpy(branch(x, training=training))
+        # 1e-4: in training the batch mean of a constant carries float32 rounding (~1e-7),
+        # which BN divides by sqrt(epsilon) = 0.03.
+        np.testing.assert_allclose(out, np.broadcast_to(bn.beta.numpy(), out.shape), atol=1e-4)
+
+
+def test_recalibrate_batch_norm_gives_the_exact_data_statistics():
+    from tflite_ext.pruning import recalibrate_batch_norm
+
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(5, 1, name="c")(inputs)
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(x))
+    data = np.random.default_rng(0).normal(2.0, 3.0, (96, 4, 4, 3)).astype("float32")
+    assert recalibrate_batch_norm(model, data, batch_size=32) == 1
+    feats = keras.ops.convert_to_numpy(model.get_layer("c")(data)).reshape(3, -1, 5)
+    bn = model.get_layer("bn")
+    # Three equal batches: the plain mean of the per-batch statistics, momentum restored.
+    np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(axis=1).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), feats.var(axis=1).mean(0), rtol=1e-4)
+    assert bn.momentum == 0.99
+    with pytest.raises(InputError, match=r"^recalibrate_batch_norm needs samples and "
+                                         r"batch_size >= 1\. Received: len\(x\)=96, "
+                                         r"batch_size=0$"):
+        recalibrate_batch_norm(model, data, batch_size=0)

@@ -13,6 +13,9 @@ Example:
     >>> models.compile_classifier(pruned, 5e-4).fit(data.x_train, data.y_train, epochs=10,
     ...                                            callbacks=[pruning.PruningCallback()])
     >>> small = pruning.strip(pruned)
+    >>> pruning.recalibrate_batch_norm(small, data.x_train)   # BN statistics after pruning
+
+`group_sparsity={regex: 1.0}` removes a whole residual branch (`pruning.removal`).
 """
 from tflite_ext.pruning import importance
 from tflite_ext.pruning import schedules
@@ -21,6 +24,7 @@ from tflite_ext.pruning.callbacks import PruningCallback, PruningPlan, magnitude
 from tflite_ext.pruning.importance import (APoZ, BNScale, Importance, Magnitude, MeanActivation,
                                            Taylor, select_channels)
 from tflite_ext.pruning.macs import count_macs
+from tflite_ext.pruning.recalibrate import recalibrate_batch_norm
 from tflite_ext.pruning.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 from tflite_ext.pruning.strip import strip
 from tflite_ext.pruning.targets import mac_ratio, sparsity_for_mac_ratio
@@ -29,4 +33,5 @@ from tflite_ext.pruning.wrapper import PruneWrapper
 __all__ = ["prune", "strip", "PruningCallback", "PruneWrapper", "PruningPlan",
            "ConstantSparsity", "PolynomialDecay", "PruningSchedule", "Importance", "Magnitude",
            "BNScale", "MeanActivation", "APoZ", "Taylor", "select_channels", "magnitude_mask",
-           "n_m_mask", "count_macs", "mac_ratio", "sparsity_for_mac_ratio", "pruning_wrappers", "importance", "schedules"]
+           "n_m_mask", "count_macs", "mac_ratio", "sparsity_for_mac_ratio", "pruning_wrappers",
+           "recalibrate_batch_norm", "importance", "schedules"]

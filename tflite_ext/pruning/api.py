@@ -13,6 +13,7 @@ from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
 from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
+from tflite_ext.pruning.removal import check_removable
 from tflite_ext.pruning.schedules import ConstantSparsity, PruningSchedule, check_sparsity
 from tflite_ext.pruning.wrapper import GRANULARITIES, SUPPORTED, PruneWrapper, prune_wrapper_of
 
@@ -47,7 +48,7 @@ def _check_group_sparsity(group_sparsity):
         except (TypeError, re.error):
             raise InputError("group_sparsity keys must be layer-name regexes. "
                              f"Received: group_sparsity key {pattern!r}") from None
-        checked[regex] = check_sparsity(value, f"group_sparsity[{pattern!r}]")
+        checked[regex] = check_sparsity(value, f"group_sparsity[{pattern!r}]", allow_one=True)
     return checked
 
 
@@ -58,16 +59,17 @@ def group_members(group):
     return list(group.producers) + [name for name, _, _ in group.carriers]
 
 
-def group_overrides(groups, group_sparsity):
+def group_overrides(groups, group_sparsity, names=None):
     """{group id: sparsity} from `{layer-name regex: sparsity}`.
 
     A group takes the value of the first pattern (in dict order) that full-matches the name
-    of any of its `group_members`; groups no pattern matches are absent.
+    of any of its `group_members` (renamed through `names`, {node name: layer name}, if
+    given); groups no pattern matches are absent.
     """
     patterns = [(re.compile(p), v) for p, v in (group_sparsity or {}).items()]
     overrides = {}
     for group in groups:
-        members = group_members(group)
+        members = [names[m] if names else m for m in group_members(group)]
         for regex, value in patterns:
             if any(regex.fullmatch(name) for name in members):
                 overrides[group.id] = float(value)
@@ -107,7 +109,7 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
             (magnitude) or "2:4" (two of every four weights along the input axis).
         opaque: layer names the graph treats as barriers (for unknown layer types).
         group_sparsity: per-group overrides of the final sparsity, a dict
-            `{layer-name regex: sparsity in [0, 1)}` ("channel" granularity, "local" scope).
+            `{layer-name regex: sparsity in [0, 1]}` ("channel" granularity, "local" scope).
             Each pruned dependency group takes the value of the FIRST pattern, in dict order,
             that full-matches (`re.fullmatch`) the name of any of its members: the layers
             whose output channels are the group (producer Conv/Dense layers and carriers such
@@ -115,7 +117,10 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
             `sparsity`. Every pattern must match at least one pruned group. The schedule ramps
             each overridden group in proportion: its target at a step is
             `override * schedule(step) / schedule.final_sparsity` (so the final sparsity of
-            the schedule must be > 0), reached exactly at the schedule's end.
+            the schedule must be > 0), reached exactly at the schedule's end. 1.0 removes the
+            group entirely (no `min_channels`, no rounding; the last channels go at the
+            schedule's end): allowed for a group that feeds only a residual branch ending in
+            an Add, which `strip` turns into a constant add (`pruning.removal`).
 
     Example:
         >>> pruned = prune(models.digits_cnn(), 0.75, layers=keras.layers.Conv2D)
@@ -179,6 +184,9 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
                 raise InputError("group_sparsity pattern matches no layer of a pruned group. "
                                  f"Received: group_sparsity key {regex.pattern!r}")
         policy["group_sparsity"] = {r.pattern: v for r, v in overrides.items()}
+        removed = [g for g, v in group_overrides(pruned_groups, policy["group_sparsity"],
+                                                 names).items() if v >= 1.0]
+        check_removable(graph, removed)
 
     def make_layer(node):
         source = node.layer

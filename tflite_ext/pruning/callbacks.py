@@ -19,6 +19,7 @@ from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
 from tflite_ext.pruning.api import (get_schedule_and_policy, group_overrides, prune_wrapper_of,
                                     pruning_wrappers)
+from tflite_ext.pruning import removal
 from tflite_ext.pruning.wrapper import masked_kernel
 
 
@@ -77,6 +78,15 @@ class PruningPlan:
         self.producer_of = {g.id: channel[g.producers[0]] for g in self.groups}
         # {group id: final sparsity} from prune(group_sparsity=...); ramped in apply().
         self.overrides = group_overrides(self.groups, self.policy.get("group_sparsity"))
+        keeps = {g.id: self._current_keep(g) for g in self.groups}  # e.g. a resumed model
+        self._removed = keeps if any(not k.any() for k in keeps.values()) else None
+
+    def settle(self):
+        """Re-settles BatchNormalization on removed branches (see `removal`). Their producer's
+        bias still moves for a while after removal (Adam's momentum), and in inference BN
+        divides that drift by sqrt(epsilon): the callback calls this after every batch."""
+        if self._removed is not None:
+            removal.settle_batch_norms(self.graph, self._removed)
 
     def step(self):
         return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0
@@ -133,6 +143,8 @@ class PruningPlan:
                 if wrapper.track_activations:  # statistics restart for the next interval
                     for v in (wrapper.act_abs_sum, wrapper.act_zero_sum, wrapper.act_count):
                         v.assign(np.zeros(v.shape, np.float32))
+            self._removed = keeps if any(not k.any() for k in keeps.values()) else None
+            self.settle()
         for wrapper in self.elementwise:
             kernel = masked_kernel(wrapper.layer)
             values = keras.ops.convert_to_numpy(kernel)
@@ -184,6 +196,7 @@ class PruningCallback(keras.callbacks.Callback):
         for wrapper in self._plan.elementwise:
             kernel = masked_kernel(wrapper.layer)
             kernel.assign(kernel * wrapper.weight_mask)
+        self._plan.settle()
 
     def _maybe_prune(self, step):
         should, sparsity = self._plan.schedule(step)

@@ -218,7 +218,7 @@ def select_channels(scores, sizes, sparsity, scope="local", min_channels=1, roun
         min_channels: never keep fewer channels in a group.
         round_to: keep a multiple of this many channels (e.g. 8 for SIMD-friendly widths).
         group_sparsity: {group id: sparsity} replacing `sparsity` for those groups ("local"
-            scope only).
+            scope only); 1.0 removes every channel of the group.
 
     Returns:
         {group id: boolean keep array}.
@@ -243,7 +243,10 @@ def select_channels(scores, sizes, sparsity, scope="local", min_channels=1, roun
         raise InputError(f"scope must be 'local' or 'global'. Received: scope={scope!r}")
     for g, s in scores.items():
         n = sizes[g]
-        k = _keep_count(n, counts[g], min_channels, round_to)
+        if group_sparsity.get(g, 0.0) >= 1.0:
+            k = 0  # the whole group goes (pruning.removal): no minimum, no rounding
+        else:
+            k = _keep_count(n, counts[g], min_channels, round_to)
         keep = np.zeros(n, bool)
         keep[np.argsort(-np.asarray(s), kind="stable")[:k]] = True
         keeps[g] = keep

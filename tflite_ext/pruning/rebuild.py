@@ -6,7 +6,6 @@ a smaller model from sliced configs and weights. Models nested as layers come ou
 import keras
 
 
-
 def clone_layer(layer, config=None):
     """A fresh, unbuilt copy of `layer` from its (possibly edited) config."""
     return type(layer).from_config(config if config is not None else layer.get_config())
@@ -29,13 +28,14 @@ def unique_names(graph):
     return names
 
 
-def _substitute(obj, tensors):
+def substitute(obj, tensors):
+    """`obj` (node args/kwargs) with every {"__tensor__": id} replaced by `tensors[id]`."""
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
-        return {k: _substitute(v, tensors) for k, v in obj.items()}
+        return {k: substitute(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_substitute(v, tensors) for v in obj]
+        return [substitute(v, tensors) for v in obj]
     return obj
 
 
@@ -43,8 +43,10 @@ def rebuild(graph, make_layer, name=None):
     """Calls `make_layer(node) -> (layer, init)` for every node, in order.
 
     Shared layers (one layer, several nodes) get one new layer. `init(layer)` (or None) runs
-    after the new layer is built by its first call, to set its weights. Returns the new
-    functional model.
+    after the new layer is built by its first call, to set its weights. `make_layer` may also
+    return None (the node is dropped: nothing may use its outputs) or `(layer, init, tid)`
+    (the layer is called on tensor `tid` alone instead of the node's arguments). Returns the
+    new functional model.
     """
     tensors, made = {}, {}
     inputs = []
@@ -60,8 +62,13 @@ def rebuild(graph, make_layer, name=None):
         first = key not in made
         if first:
             made[key] = make_layer(node)
-        layer, init = made[key]
-        out = layer(*_substitute(node.args, tensors), **_substitute(node.kwargs, tensors))
+        if made[key] is None:
+            continue
+        layer, init, *only = made[key]
+        if only:
+            out = layer(tensors[only[0]])
+        else:
+            out = layer(*substitute(node.args, tensors), **substitute(node.kwargs, tensors))
         if first and init is not None:
             init(layer)
         outs = out if isinstance(out, (list, tuple)) else [out]

@@ -10,14 +10,15 @@ import keras
 from tflite_ext.errors import InputError
 
 
-def check_sparsity(value, name="sparsity"):
-    """Raises InputError unless 0 <= value < 1; returns float(value)."""
+def check_sparsity(value, name="sparsity", allow_one=False):
+    """Raises InputError unless 0 <= value < 1 (<= 1 with `allow_one`); returns float(value)."""
     try:
-        ok = 0.0 <= float(value) < 1.0
+        ok = 0.0 <= float(value) < 1.0 or (allow_one and float(value) == 1.0)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise InputError(f"{name} must be in [0, 1). Received: {name}={value!r}")
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise InputError(f"{name} must be in {interval}. Received: {name}={value!r}")
     return float(value)
 
 

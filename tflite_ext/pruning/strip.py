@@ -29,6 +29,7 @@ from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph, unwrap
 from tflite_ext.pruning.api import prune_wrapper_of
 from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
+from tflite_ext.pruning.removal import dead_flow, join_offsets
 from tflite_ext.pruning.wrapper import masked_kernel
 from tflite_ext.quantization.wrapper import QuantizeWrapper
 
@@ -55,9 +56,7 @@ def _group_keep(graph):
                 for root, fidx, cidx in graph.index_of(node.outputs[0]):
                     if root == group.id:
                         keep[cidx] |= keras.ops.convert_to_numpy(wrapper.out_mask)[fidx] > 0
-        if not keep.any():
-            keep[0] = True  # a layer needs one channel; min_channels >= 1 avoids this anyway
-        if not keep.all():
+        if not keep.all():  # all-False: the group is removed (group_sparsity 1.0; removal.py)
             keeps[group.id] = keep
     return keeps
 
@@ -139,8 +138,12 @@ def strip(model):
         model: a model returned by `prune` (trained with `PruningCallback`), one loaded
             from `.keras`, or `quantize_model` of such a model.
 
+    A group pruned to zero channels (`group_sparsity` 1.0) takes its residual branch with it:
+    the branch's layers go and its Add becomes `x + constant` (see `removal`).
+
     Raises:
-        InputError: the model has no pruning wrappers (it was never pruned).
+        InputError: the model has no pruning wrappers (it was never pruned), or a removed
+            group's branch cannot become a constant add.
 
     Warns:
         RuntimeWarning: the result has a strided 1x1 Conv2D with fewer than 16 input channels
@@ -159,9 +162,22 @@ def strip(model):
                          f"wrappers. Received: model={model.name}")
     keeps = _group_keep(graph)
     names = unique_names(graph)
+    empty, constant, joins = dead_flow(graph, keeps)
+    if joins and any(isinstance(n.layer, QuantizeWrapper) for n in graph.nodes):
+        raise InputError("A QAT model cannot lose a whole residual branch (group_sparsity 1.0): "
+                         "strip the pruned float model first, then quantize_model() it. "
+                         f"Received: model={model.name}")
+    offsets = join_offsets(graph, keeps, constant, joins)
+    dropped = set(empty) | set(constant)
 
     def make_layer(node):
         source = node.layer
+        if node.name in dropped:
+            return None
+        if node.name in joins:  # the removed branch's constant, added to the live input
+            offset = [float(v) for v in offsets[node.name]]
+            return keras.layers.Rescaling(1.0, offset=offset, name=names[node.name]), None, \
+                joins[node.name]
         pruner, inner = prune_wrapper_of(source), unwrap(source)
         weights = {v.name: keras.ops.convert_to_numpy(v) for v in inner.weights}
         if pruner is not None and pruner.granularity != "channel":

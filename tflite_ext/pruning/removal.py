@@ -1,0 +1,139 @@
+"""Whole residual branches removed: a dependency group pruned to zero channels.
+
+When every channel of a group goes (`prune(..., group_sparsity={regex: 1.0})`), the layers
+that consume it get no input, so their output is their bias: a constant. The constant flows
+through per-channel layers (BatchNormalization, activations) into a residual `Add`, where the
+branch becomes `x + c`: `strip` replaces the whole branch by one element-wise add
+(`keras.layers.Rescaling(1.0, offset=c)`, a TFLite ADD) instead of its convolutions.
+
+Why it matters: where a small conv's latency is set by its spatial size rather than its
+channel count (LiteRT/XNNPACK on AMX CPUs time a 32x32 3x3 conv the same from 4 to 32
+channels), removing channels cannot make a high-resolution stage cheaper; removing the block
+does.
+
+Example:
+    >>> pruned = prune(models.resnet8(), PolynomialDecay(0.0, 0.6, 0, 400),
+    ...                group_sparsity={"s1a_.*": 1.0})   # the first residual block goes
+    >>> small = strip(pruned)                         # s1a/s1b gone; s1_add is x + c
+"""
+import keras
+import numpy as np
+
+from tflite_ext.errors import InputError
+from tflite_ext.graph import unwrap
+from tflite_ext.pruning.rebuild import substitute
+
+
+def _is_empty(graph, tid, keeps):
+    return graph._width(tid) and not graph.keep_mask(tid, keeps).any()
+
+
+def dead_flow(graph, keeps):
+    """Follows removed groups forward: which nodes vanish, which are constant, which join.
+
+    Args:
+        graph: the model's `DependencyGraph`.
+        keeps: {group id: bool keep array}; an all-False array marks a removed group.
+
+    Returns:
+        (empty, constant, joins): names of nodes whose output has no channels left (dropped);
+        names of nodes whose output is a constant (dropped, their value added at the join);
+        {Add node name: tensor id of its one live input}.
+
+    Raises:
+        InputError: a removed group's constant reaches anything but per-channel layers and an
+            `Add` with one live input (a Concatenate, a model output, a Multiply...).
+    """
+    empty, constant, joins = [], [], {}
+    dead_tensors = set()
+    for node in graph.nodes:
+        if not node.inputs:
+            continue
+        dead_in = [t in dead_tensors or _is_empty(graph, t, keeps) for t in node.inputs]
+        if _is_empty(graph, node.outputs[0], keeps):
+            empty.append(node.name)  # e.g. the removed group's own conv, BN and ReLU
+        elif not any(dead_in):
+            continue
+        elif all(dead_in) and node.kind in ("producer", "pass_through", "merge"):
+            constant.append(node.name)
+        elif isinstance(node.layer, keras.layers.Add) and dead_in.count(False) == 1:
+            joins[node.name] = node.inputs[dead_in.index(False)]
+            continue
+        else:
+            raise InputError(
+                "A group pruned to zero channels (group_sparsity 1.0) must feed only a residual "
+                "branch that ends in an Add with one live input (the branch becomes a constant "
+                f"add). Its constant reaches layer {node.name!r} ({type(node.layer).__name__}); "
+                "use a sparsity < 1 for that group.")
+        dead_tensors.update(node.outputs)
+    for tid in graph.outputs:
+        if tid in dead_tensors:
+            raise InputError("A group pruned to zero channels (group_sparsity 1.0) would leave "
+                             f"a model output constant. Received: output {tid!r}")
+    return empty, constant, joins
+
+
+def check_removable(graph, group_ids):
+    """Raises InputError unless removing every channel of `group_ids` leaves a valid model."""
+    by_id = {g.id: g for g in graph.groups}
+    keeps = {g: np.zeros(by_id[g].size, bool) for g in group_ids}
+    dead_flow(graph, keeps)
+
+
+def constant_values(graph, keeps, constant):
+    """{tensor id: value} of the removed branches, on a batch of one.
+
+    Inputs that lost all channels are zeros (the consumers' input masks ignore them anyway),
+    so a conv returns its bias everywhere; later constant layers run on those values.
+    """
+    values = {}
+    for node in graph.nodes:
+        if node.name not in constant:
+            continue
+        for tid in node.inputs:
+            if tid not in values and _is_empty(graph, tid, keeps):
+                values[tid] = np.zeros((1,) + tuple(graph.shapes[tid][1:]), np.float32)
+        out = node.layer(*substitute(node.args, values), **substitute(node.kwargs, values))
+        values[node.outputs[0]] = keras.ops.convert_to_numpy(out)
+    return values
+
+
+def _per_channel(value, where):
+    flat = value.reshape(-1, value.shape[-1])
+    if not np.allclose(flat, flat[0], rtol=1e-6, atol=1e-6):
+        raise InputError(f"The removed branch into {where!r} is not the same at every position "
+                         "(e.g. 'valid' padding or a positional layer), so it cannot become a "
+                         "constant add; use a sparsity < 1 for that group.")
+    return flat[0]
+
+
+def join_offsets(graph, keeps, constant, joins):
+    """{join node name: per-channel offset (kept channels)} that replaces the removed branch."""
+    values = constant_values(graph, keeps, constant)
+    offsets = {}
+    for name, live in joins.items():
+        node = graph.node_by_name[name]
+        total = sum(values[t] for t in node.inputs if t != live)
+        offsets[name] = _per_channel(total, name)[graph.keep_mask(node.outputs[0], keeps)]
+    return offsets
+
+
+def settle_batch_norms(graph, keeps):
+    """Makes BatchNormalization on a removed branch give the same constant in training and
+    inference: moving mean := its constant input, moving variance := 0.
+
+    In training a BN normalizes a constant to exactly `beta`; in inference its moving
+    statistics, still those of the live branch, would give something else for hundreds of
+    steps and the fine-tune would learn against a shifted residual. Called by the pruning
+    callback whenever masks change.
+    """
+    _, constant, _ = dead_flow(graph, keeps)
+    if not constant:
+        return
+    values = constant_values(graph, keeps, constant)
+    for node in graph.nodes:
+        layer = unwrap(node.layer)
+        if node.name in constant and isinstance(layer, keras.layers.BatchNormalization):
+            mean = _per_channel(values[node.inputs[0]], node.name)
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_variance.assign(np.zeros_like(mean, np.float32))

@@ -38,7 +38,7 @@ def measure(name, model, split, out_dir, epochs):
     arena = r["arena_bytes"]
     works, fails_16_less = micro.arena_works(path, arena), not micro.arena_works(path, arena - 16)
     return {
-        "model": name, "epochs": epochs, "tflite_bytes": r["flash_bytes"],
+        "model": name, "epochs": epochs, "tflite_bytes": r["size_bytes"],
         "arena_bytes": arena, "recording_allocator_total": r["arena_report"]["total"],
         "runs_with_arena": works, "fails_with_16_less": fails_16_less,
         "arena_suggestion": r["arena_suggestion"],

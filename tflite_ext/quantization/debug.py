@@ -93,10 +93,11 @@ def layer_error_report(float_model, tflite_model, data, max_samples=200):
     info = inspect.summary(flatbuffer)
     reference = _keras_outputs(float_model, data)
     interpreter = _run_tflite(flatbuffer, data)
-    tensors = {t["index"]: t for t in info["tensors"]}
+    # The interpreter's tensor indices are those of the main subgraph (0).
+    tensors = {t["index"]: t for t in info["tensors"] if t["subgraph"] == 0}
     error_of = {}  # tensor index -> relative rmse, to compute what each op adds
     rows = []
-    for op in info["operators"]:
+    for op in (op for op in info["operators"] if op["subgraph"] == 0):
         for index in op["outputs"]:
             tensor = tensors[index]
             quant = tensor["quantization"]

@@ -289,3 +289,20 @@ def test_recalibrate_batch_norm_gives_the_exact_data_statistics():
                                          r"batch_size >= 1\. Received: len\(x\)=96, "
                                          r"batch_size=0$"):
         recalibrate_batch_norm(model, data, batch_size=0)
+
+
+def test_removed_branch_model_takes_qat_and_converts_to_full_integer():
+    from tflite_ext import convert, inspect
+    from tflite_ext.bench import host
+    from tflite_ext.quantization import quantize_model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(64, 16, 16, 3)).astype("float32"), rng.integers(0, 5, 64)
+    small = strip(pm.masked(pm.resnet(), 0.5, round_to=8, group_sparsity={"s1a_.*": 1.0}))
+    qat = models.compile_classifier(quantize_model(small))
+    qat.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    flatbuffer = convert.to_tflite(qat).flatbuffer
+    summary = inspect.summary(flatbuffer)
+    assert summary["full_integer"] and summary["op_counts"]["CONV_2D"] == 7
+    top1 = np.argmax(qat.predict(x, verbose=0), -1)
+    assert np.mean(np.argmax(host.predict(flatbuffer, x), -1) == top1) >= 0.95

@@ -155,6 +155,7 @@ def stage_prune(ctx):
     fit(ctx, trainer, "prune", ctx.epochs("prune"),
         [distillation.StudentCallback(pruning.PruningCallback())])
     ctx.stripped = pruning.strip(pruned)
+    pruning.recalibrate_batch_norm(ctx.stripped, ctx.data.x_train)  # BN after pruning
     before, after = pruning.count_macs(ctx.model), pruning.count_macs(ctx.stripped)
     ctx.log(f"  strip: {ctx.model.count_params():,} -> {ctx.stripped.count_params():,} "
             f"parameters, {before:,} -> {after:,} MACs")

@@ -125,7 +125,8 @@ def _float_resnet8(data, seed, epochs, cache_dir):
 
 
 def _prune_finetune(float_model, data, args, seed, sparsity):
-    """prune (logits excluded) -> fine-tune with PruningCallback (optionally distilled) -> strip."""
+    """prune (logits excluded) -> fine-tune with PruningCallback (optionally distilled) -> strip
+    -> BatchNormalization recalibrated on the training images."""
     from tflite_ext import distillation
 
     keras.utils.set_random_seed(seed)
@@ -148,7 +149,9 @@ def _prune_finetune(float_model, data, args, seed, sparsity):
         trainer = models.compile_classifier(student, lr)
     trainer.fit(data.x_train, data.y_train, epochs=args.ft_epochs, batch_size=32, verbose=0,
                 callbacks=callbacks)
-    return pruning.strip(student)
+    small = pruning.strip(student)
+    pruning.recalibrate_batch_norm(small, data.x_train)  # BN statistics after pruning
+    return small
 
 
 def _group_sparsity(text):

@@ -38,7 +38,8 @@ _SAME_SCALE = (layers.MaxPooling1D, layers.MaxPooling2D, layers.AveragePooling1D
                layers.Reshape, layers.Flatten, layers.ZeroPadding1D, layers.ZeroPadding2D,
                layers.Dropout, layers.InputLayer)
 # These compute new values: their output gets a quantizer.
-_NEW_SCALE = (layers.Add, layers.Concatenate, layers.GlobalAveragePooling1D,
+# Rescaling is `strip`'s constant add for a removed residual branch (x * 1 + c: one ADD).
+_NEW_SCALE = (layers.Add, layers.Rescaling, layers.Concatenate, layers.GlobalAveragePooling1D,
               layers.GlobalAveragePooling2D, layers.BatchNormalization, layers.ReLU)
 _FUSABLE_ACTIVATIONS = ("relu", "relu6")
 _LAYER_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
@@ -157,7 +158,7 @@ def _plan(functional, skip, fold_batch_norm):
             nxt = only_consumer(tail)
             fuse = act == "linear" and nxt is not None and _fusable_activation(nxt)
             plan[name] = ("wrap", bn.name if bn else None, not fuse and act != "softmax")
-        elif isinstance(layer, layers.Add):
+        elif isinstance(layer, (layers.Add, layers.Rescaling)):
             nxt = only_consumer(name)
             plan[name] = ("copy", None, not (nxt is not None and _fusable_activation(nxt)))
         elif isinstance(layer, layers.UpSampling2D):

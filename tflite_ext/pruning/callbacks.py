@@ -79,14 +79,14 @@ class PruningPlan:
         # {group id: final sparsity} from prune(group_sparsity=...); ramped in apply().
         self.overrides = group_overrides(self.groups, self.policy.get("group_sparsity"))
         keeps = {g.id: self._current_keep(g) for g in self.groups}  # e.g. a resumed model
-        self._removed = keeps if any(not k.any() for k in keeps.values()) else None
+        self._removed = removal.removed_branches(self.graph, keeps)
 
     def settle(self):
         """Re-settles BatchNormalization on removed branches (see `removal`). Their producer's
         bias still moves for a while after removal (Adam's momentum), and in inference BN
         divides that drift by sqrt(epsilon): the callback calls this after every batch."""
         if self._removed is not None:
-            removal.settle_batch_norms(self.graph, self._removed)
+            removal.settle_batch_norms(self.graph, *self._removed)
 
     def step(self):
         return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0
@@ -143,7 +143,7 @@ class PruningPlan:
                 if wrapper.track_activations:  # statistics restart for the next interval
                     for v in (wrapper.act_abs_sum, wrapper.act_zero_sum, wrapper.act_count):
                         v.assign(np.zeros(v.shape, np.float32))
-            self._removed = keeps if any(not k.any() for k in keeps.values()) else None
+            self._removed = removal.removed_branches(self.graph, keeps)
             self.settle()
         for wrapper in self.elementwise:
             kernel = masked_kernel(wrapper.layer)

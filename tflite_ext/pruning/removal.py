@@ -25,7 +25,7 @@ from tflite_ext.pruning.rebuild import substitute
 
 
 def _is_empty(graph, tid, keeps):
-    return graph._width(tid) and not graph.keep_mask(tid, keeps).any()
+    return bool(graph._width(tid)) and not graph.keep_mask(tid, keeps).any()
 
 
 def dead_flow(graph, keeps):
@@ -118,18 +118,26 @@ def join_offsets(graph, keeps, constant, joins):
     return offsets
 
 
-def settle_batch_norms(graph, keeps):
+def removed_branches(graph, keeps):
+    """`(keeps, constant node names)` if some group in `keeps` is removed, else None.
+
+    Computed when masks change, so `settle_batch_norms` does not re-walk the graph per batch.
+    """
+    if all(keep.any() for keep in keeps.values()):
+        return None
+    _, constant, _ = dead_flow(graph, keeps)
+    return (keeps, constant) if constant else None
+
+
+def settle_batch_norms(graph, keeps, constant):
     """Makes BatchNormalization on a removed branch give the same constant in training and
     inference: moving mean := its constant input, moving variance := 0.
 
     In training a BN normalizes a constant to exactly `beta`; in inference its moving
     statistics, still those of the live branch, would give something else for hundreds of
-    steps and the fine-tune would learn against a shifted residual. Called by the pruning
-    callback whenever masks change.
+    steps and the fine-tune would learn against a shifted residual. `constant` comes from
+    `removed_branches`.
     """
-    _, constant, _ = dead_flow(graph, keeps)
-    if not constant:
-        return
     values = constant_values(graph, keeps, constant)
     for node in graph.nodes:
         layer = unwrap(node.layer)

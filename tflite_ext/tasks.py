@@ -48,3 +48,25 @@ def digits(size=8, channels=1, test_size=0.3, seed=0):
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_size, stratify=y, random_state=seed)
     return Split(x_tr, y_tr, x_te, y_te, num_classes=10)
+
+
+def validation_split(data, fraction, seed=0):
+    """Holds out a stratified `fraction` of the *training* images as the evaluation set.
+
+    For tuning a recipe without looking at the test set: the returned Split trains on the rest
+    of the training data and its `x_test`/`y_test` are the held-out training images.
+    `fraction=0` returns `data` unchanged.
+
+    Example:
+        >>> tune = validation_split(digits(), 0.2)     # 1005 train / 252 validation
+    """
+    if not fraction:
+        return data
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1). Received: fraction={fraction}")
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_val, y_tr, y_val = train_test_split(
+        data.x_train, data.y_train, test_size=fraction, stratify=data.y_train,
+        random_state=seed)
+    return dataclasses.replace(data, x_train=x_tr, y_train=y_tr, x_test=x_val, y_test=y_val)

@@ -20,6 +20,7 @@ Usage:
     PYTHONPATH=. python tools/bench_prune_qat.py --help
 """
 import argparse
+import json
 import os
 import time
 
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from tflite_ext import convert, distillation, inspect, models, pruning, tasks  # noqa: E402
 from tflite_ext.bench import host  # noqa: E402
-from tflite_ext.quantization import FreezeQuantization, quantize_model  # noqa: E402
+from tflite_ext.quantization import FreezeQuantization, calibrate, quantize_model  # noqa: E402
 
 SIZE_TARGET = 27_797  # 1/10 of tfmot's 80%-pruned int8 digits model (references.md)
 BATCH = 32
@@ -45,7 +46,7 @@ def prune(model, args):
     schedule = pruning.PolynomialDecay(0.0, args.sparsity, 0, args.ramp_steps,
                                        frequency=args.frequency)
     return pruning.prune(model, schedule, round_to=args.round_to, importance=args.importance,
-                         scope=args.scope)
+                         scope=args.scope, group_sparsity=args.group_sparsity)
 
 
 def learning_rate(lr, epochs, steps, cosine):
@@ -81,7 +82,7 @@ def train(student, teacher, data, args, *, distill, lr, epochs, callbacks):
 
 def float_model(seed, data, args):
     """The float teacher for `seed` (trained, or read from --cache_dir)."""
-    path = args.cache_dir and os.path.join(args.cache_dir, f"digits_float_seed{seed}.keras")
+    path = args.cache_dir and os.path.join(args.cache_dir, f"digits_float_seed{seed}_val{args.val_fraction}.keras")
     if path and os.path.exists(path):
         return keras.saving.load_model(path)
     model = models.digits_cnn()
@@ -111,11 +112,26 @@ def variant_a(model, data, args, steps):
     train(pruned, model, data, args, distill=args.distill in ("prune", "both"), lr=lr,
           epochs=args.prune_epochs, callbacks=[pruning.PruningCallback()])
     small = pruning.strip(pruned)
+    if args.recalibrate:
+        pruning.recalibrate_batch_norm(small, data.x_train, BATCH)
     pruned_acc = np.mean(small.predict(data.x_test, verbose=0).argmax(-1) == data.y_test)
     qat = quantize_model(small)
+    if args.calibrate:
+        calibrate(qat, data.x_train, BATCH)
     train(qat, model, data, args, distill=args.distill in ("qat", "both"), lr=args.qat_lr,
-          epochs=args.qat_epochs, callbacks=[FreezeQuantization(args.freeze_epoch * steps)])
+          epochs=args.qat_epochs, callbacks=qat_freezing(args, steps))
     return qat, pruned_acc
+
+
+def qat_freezing(args, steps, offset_epochs=0):
+    """FreezeQuantization callbacks: BN statistics after --freeze_bn_epoch (default: with the
+    ranges), ranges after --freeze_epoch QAT epochs."""
+    ranges_at = (offset_epochs + args.freeze_epoch) * steps
+    if args.freeze_bn_epoch is None:
+        return [FreezeQuantization(ranges_at)]
+    return [FreezeQuantization((offset_epochs + args.freeze_bn_epoch) * steps,
+                               freeze_ranges=False),
+            FreezeQuantization(ranges_at, freeze_batch_norm=False)]
 
 
 def variant_b(model, data, args, steps):
@@ -123,10 +139,9 @@ def variant_b(model, data, args, steps):
     qat = quantize_model(prune(model, args))
     lr = keras.callbacks.LearningRateScheduler(
         lambda epoch, _: args.prune_lr if epoch < args.prune_epochs else args.qat_lr)
-    freeze = FreezeQuantization((args.prune_epochs + args.freeze_epoch) * steps)
     train(qat, model, data, args, distill=args.distill != "none", lr=args.prune_lr,
           epochs=args.prune_epochs + args.qat_epochs,
-          callbacks=[pruning.PruningCallback(), freeze, lr])
+          callbacks=[pruning.PruningCallback(), lr] + qat_freezing(args, steps, args.prune_epochs))
     return pruning.strip(qat), float("nan")  # one fit: no float pruned model to measure
 
 
@@ -181,12 +196,24 @@ def main():
     parser.add_argument("--round_to", type=int, default=8)
     parser.add_argument("--importance", default="l2", help="l1, l2, bn_scale")
     parser.add_argument("--scope", default="local", choices=["local", "global"])
+    parser.add_argument("--group_sparsity", type=json.loads, default=None,
+                        help='per-group final sparsity as JSON, e.g. \'{"fc1": 0.5}\'')
     parser.add_argument("--prune_epochs", type=int, default=15)
     parser.add_argument("--prune_lr", type=float, default=5e-4)
     parser.add_argument("--cosine", action="store_true", help="cosine decay of the prune lr")
     parser.add_argument("--qat_epochs", type=int, default=5)
     parser.add_argument("--qat_lr", type=float, default=3e-5)
     parser.add_argument("--freeze_epoch", type=int, default=3)
+    parser.add_argument("--freeze_bn_epoch", type=int, default=None,
+                        help="freeze folded BN statistics after this many QAT epochs "
+                             "(default: with the ranges, at --freeze_epoch)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="recompute BN statistics after strip (as tools/compare.py does)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="set QAT activation ranges from the training images first")
+    parser.add_argument("--val_fraction", type=float, default=0.0,
+                        help="evaluate on a stratified fraction of the training data instead "
+                             "of the test split (for tuning)")
     parser.add_argument("--distill", default="none", choices=["none", "prune", "qat", "both"])
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.5,
@@ -194,7 +221,9 @@ def main():
     args = parser.parse_args()
     print(" ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
 
-    data = tasks.digits()
+    data = tasks.validation_split(tasks.digits(), args.val_fraction)
+    print(f"evaluated on {'validation (' + format(args.val_fraction, '.0%') + ' of train)' if args.val_fraction else 'the test split'}: "
+          f"{len(data.x_train)} train / {len(data.x_test)} evaluation images", flush=True)
     print(HEADER, flush=True)
     rows = [r for seed in args.seeds for r in run_seed(seed, data, args)]
     print("\nsummary\n" + HEADER)

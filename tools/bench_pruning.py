@@ -13,7 +13,6 @@ Usage:
     PYTHONPATH=. python tools/bench_pruning.py [--parts abcd] [--quick]
 """
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -95,18 +94,6 @@ def _fit(model, data, epochs, lr, callbacks=()):
 
 
 RESNET8_STAGES = ("stem_relu", "s1_out", "s2_out", "s3_out")  # cumulative-latency cut points
-
-
-def _split(data, val_fraction, seed):
-    """Tuning split: a stratified `val_fraction` of the TRAINING data becomes the "test" set."""
-    if not val_fraction:
-        return data
-    from sklearn.model_selection import train_test_split
-
-    x_tr, x_val, y_tr, y_val = train_test_split(
-        data.x_train, data.y_train, test_size=val_fraction, stratify=data.y_train,
-        random_state=seed)
-    return dataclasses.replace(data, x_train=x_tr, y_train=y_tr, x_test=x_val, y_test=y_val)
 
 
 def _float_resnet8(data, seed, epochs, cache_dir):
@@ -204,7 +191,7 @@ def _resnet8_seed(args, seed):
     """One seed of part (c); returns the row of figures and prints it."""
     from tflite_ext.bench import host
 
-    data = _split(tasks.digits(32, 3), args.val_fraction, seed)
+    data = tasks.validation_split(tasks.digits(32, 3), args.val_fraction, seed)
     epochs = 3 if args.quick else args.float_epochs
     float_model = _float_resnet8(data, seed, epochs, args.float_cache)
     acc = float_model.evaluate(data.x_test, data.y_test, verbose=0)[1]

@@ -82,16 +82,21 @@ class PruneWrapper(keras.layers.Wrapper):
                                                 **zeros)
             self.act_count = self.add_weight(shape=(), name="act_count", **zeros)
 
+    def record_training_step(self, inputs):
+        """Counts one training step and, if tracked, the input statistics of mean-activation
+        and APoZ importance. A QuantizeWrapper around this one calls it in its stead."""
+        # The step lives in the model so a `.keras` file saved mid-pruning resumes exactly.
+        self.pruning_step.assign_add(1)
+        if self.track_activations:
+            axes = tuple(range(len(inputs.shape) - 1))
+            self.act_abs_sum.assign_add(ops.sum(ops.abs(inputs), axis=axes))
+            self.act_zero_sum.assign_add(
+                ops.sum(ops.cast(ops.equal(inputs, 0), inputs.dtype), axis=axes))
+            self.act_count.assign_add(ops.sum(ops.ones_like(inputs[..., 0])))
+
     def call(self, inputs, training=None):
         if training:
-            # The step lives in the model so a `.keras` file saved mid-pruning resumes exactly.
-            self.pruning_step.assign_add(1)
-            if self.track_activations:
-                axes = tuple(range(len(inputs.shape) - 1))
-                self.act_abs_sum.assign_add(ops.sum(ops.abs(inputs), axis=axes))
-                self.act_zero_sum.assign_add(
-                    ops.sum(ops.cast(ops.equal(inputs, 0), inputs.dtype), axis=axes))
-                self.act_count.assign_add(ops.sum(ops.ones_like(inputs[..., 0])))
+            self.record_training_step(inputs)
         if self.granularity != "channel":
             kernel = masked_kernel(self.layer)
             if training:  # the optimizer moved masked weights off zero: put them back

@@ -253,20 +253,13 @@ class QuantizeWrapper(layers.Wrapper):
         return self._base
 
     def _pruning_bookkeeping(self, inputs):
-        """What the pruning wrapper's own `call` would do in training (this one replaces it):
-        count the step, and gather input statistics for activation-based importance."""
+        """Does in training what the pruning wrapper's own `call` (replaced by this one) does:
+        its step count and activation statistics."""
         pruner = self.layer
-        while isinstance(pruner, layers.Wrapper) and getattr(pruner, "pruning_step", None) is None:
+        while isinstance(pruner, layers.Wrapper) and not hasattr(pruner, "record_training_step"):
             pruner = pruner.layer
-        if getattr(pruner, "pruning_step", None) is None:
-            return
-        pruner.pruning_step.assign_add(1)
-        if getattr(pruner, "track_activations", False):
-            axes = tuple(range(len(inputs.shape) - 1))
-            pruner.act_abs_sum.assign_add(ops.sum(ops.abs(inputs), axis=axes))
-            pruner.act_zero_sum.assign_add(
-                ops.sum(ops.cast(ops.equal(inputs, 0), inputs.dtype), axis=axes))
-            pruner.act_count.assign_add(ops.sum(ops.ones_like(inputs[..., 0])))
+        if hasattr(pruner, "record_training_step"):
+            pruner.record_training_step(inputs)
 
     def call(self, inputs, training=False):
         if training:

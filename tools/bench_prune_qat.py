@@ -1,4 +1,4 @@
-"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, targets (issue 4).
+r"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, targets (issue 4).
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
 Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency),
@@ -11,12 +11,18 @@ Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency
     prune_epochs + qat_epochs; learning rate prune_lr then qat_lr; `strip`; convert.
 --distill prune|qat|both: the float model teaches the student (tflite_ext.distillation.distill,
     KL at --temperature, ground-truth weight --alpha) in that stage's fit.
+--recalibrate: BatchNormalization statistics recomputed after strip (as tools/compare.py does).
+--val_fraction F: evaluate on a stratified F of the training images, never the test split
+    (for choosing a recipe).
 
 Targets (issue 4, pruned + QAT): int8 acc >= PTQ int8 acc, int8 acc >= float - 0.3 point,
 top-1 agreement Keras QAT vs .tflite >= 99.5%, bytes <= 27,797 (issue 3).
 
 Usage:
     PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both
+    # tools/compare.py's recipe, three seeds, test split:
+    PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both --recalibrate \
+        --ramp_steps 200 --frequency 100
     PYTHONPATH=. python tools/bench_prune_qat.py --help
 """
 import argparse

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from tflite_ext import tasks
+from tflite_ext.errors import InputError
 
 
 def test_digits_split_shapes_and_range():
@@ -32,5 +33,5 @@ def test_validation_split_holds_out_training_images_only():
 
 
 def test_validation_split_rejects_bad_fraction():
-    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\). Received: fraction=1.5"):
+    with pytest.raises(InputError, match=r"fraction must be in \[0, 1\). Received: fraction=1.5"):
         tasks.validation_split(tasks.digits(), 1.5)

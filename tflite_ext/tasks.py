@@ -11,6 +11,8 @@ import dataclasses
 
 import numpy as np
 
+from tflite_ext.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -37,7 +39,7 @@ def digits(size=8, channels=1, test_size=0.3, seed=0):
     from sklearn.model_selection import train_test_split
 
     if size % 8 or size <= 0:
-        raise ValueError(f"size must be a positive multiple of 8. Received: size={size}")
+        raise InputError(f"size must be a positive multiple of 8. Received: size={size}")
     bunch = load_digits()
     x = (bunch.images / 16.0).astype("float32")[..., None]
     if size != 8:
@@ -63,7 +65,7 @@ def validation_split(data, fraction, seed=0):
     if not fraction:
         return data
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in [0, 1). Received: fraction={fraction}")
+        raise InputError(f"fraction must be in [0, 1). Received: fraction={fraction}")
     from sklearn.model_selection import train_test_split
 
     x_tr, x_val, y_tr, y_val = train_test_split(

@@ -202,6 +202,27 @@ def test_freeze_callback_stops_ranges_and_bn_statistics(qat_digits, digits):
     np.testing.assert_array_equal(bn.moving_mean.numpy(), after_one[1])
 
 
+def test_two_freeze_callbacks_each_freeze_only_their_part(qat_digits, digits):
+    """BN statistics frozen from the start, ranges after one step: the second callback must
+    not turn BN statistics back on (nor the first turn ranges back on)."""
+    qat = keras.models.clone_model(qat_digits[1])
+    qat.set_weights(qat_digits[1].get_weights())
+    qat.compile(keras.optimizers.Adam(1e-3), "mse")
+    x, y = digits.x_train[:64], np.zeros((64, 10), np.float32)
+    quantizer = next(layer for layer in qat.layers if isinstance(layer, ActivationQuantizer)
+                     and layer.name.endswith("_act"))
+    bn = next(layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
+              and layer.batch_norm is not None).batch_norm
+    mean_before = bn.moving_mean.numpy().copy()
+    bn_first = FreezeQuantization(0, freeze_ranges=False)
+    ranges_later = FreezeQuantization(1, freeze_batch_norm=False)
+    qat.fit(x * 10, y, epochs=1, batch_size=32, verbose=0, callbacks=[bn_first, ranges_later])
+    range_after = float(quantizer.range_max.numpy())
+    qat.fit(x * 50, y, epochs=2, batch_size=32, verbose=0, callbacks=[bn_first, ranges_later])
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), mean_before)
+    assert float(quantizer.range_max.numpy()) == range_after
+
+
 def test_qat_model_keras_round_trip(qat_digits, digits, tmp_path):
     _, qat = qat_digits
     path = os.path.join(tmp_path, "qat.keras")

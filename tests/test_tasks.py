@@ -20,11 +20,10 @@ def test_validation_split_holds_out_training_images_only():
     data = tasks.digits()
     tune = tasks.validation_split(data, 0.2)
     assert len(tune.x_train) == 1005 and len(tune.x_test) == 252
-    # Every image comes from the training split; none from the test split.
+    # Every held-out image is a training image (the test split stays untouched).
     train_rows = {row.tobytes() for row in data.x_train}
-    test_rows = {row.tobytes() for row in data.x_test}
-    held_out = {row.tobytes() for row in tune.x_test}
-    assert held_out <= train_rows and not held_out & test_rows - train_rows
+    assert {row.tobytes() for row in tune.x_test} <= train_rows
+    assert {row.tobytes() for row in tune.x_train} <= train_rows
     assert len(tune.x_train) + len(tune.x_test) == len(data.x_train)
     # Stratified: each class's share of the held-out set is within one image of 20%.
     counts = np.bincount(data.y_train, minlength=10)

@@ -2,7 +2,7 @@ r"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accur
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
 Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency),
---round_to, --importance, local.
+--round_to, --importance, --scope, optional --group_sparsity (JSON: {"regex": sparsity}).
 
 (a) prune -> strip -> QAT: --prune_epochs at Adam --prune_lr (constant or cosine decay), `strip`,
     `quantize_model`, --qat_epochs at --qat_lr with `FreezeQuantization` after --freeze_epoch
@@ -11,7 +11,10 @@ Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency
     prune_epochs + qat_epochs; learning rate prune_lr then qat_lr; `strip`; convert.
 --distill prune|qat|both: the float model teaches the student (tflite_ext.distillation.distill,
     KL at --temperature, ground-truth weight --alpha) in that stage's fit.
---recalibrate: BatchNormalization statistics recomputed after strip (as tools/compare.py does).
+--recalibrate (variant a): BatchNormalization statistics recomputed after strip, as
+    tools/compare.py does.
+--calibrate: QAT activation ranges set from the training images before the QAT fit.
+--freeze_bn_epoch N: folded BN statistics freeze after N QAT epochs, ranges at --freeze_epoch.
 --val_fraction F: evaluate on a stratified F of the training images, never the test split
     (for choosing a recipe).
 
@@ -22,7 +25,7 @@ Usage:
     PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both
     # tools/compare.py's recipe, three seeds, test split:
     PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both --recalibrate \
-        --ramp_steps 200 --frequency 100
+        --ramp_steps 200 --frequency 100 --qat_lr 1e-4 --freeze_epoch 5
     PYTHONPATH=. python tools/bench_prune_qat.py --help
 """
 import argparse
@@ -143,6 +146,8 @@ def qat_freezing(args, steps, offset_epochs=0):
 def variant_b(model, data, args, steps):
     """prune + QAT in one fit, then strip; returns (QAT model, nan)."""
     qat = quantize_model(prune(model, args))
+    if args.calibrate:
+        calibrate(qat, data.x_train, BATCH)
     lr = keras.callbacks.LearningRateScheduler(
         lambda epoch, _: args.prune_lr if epoch < args.prune_epochs else args.qat_lr)
     train(qat, model, data, args, distill=args.distill != "none", lr=args.prune_lr,
@@ -214,7 +219,8 @@ def main():
                         help="freeze folded BN statistics after this many QAT epochs "
                              "(default: with the ranges, at --freeze_epoch)")
     parser.add_argument("--recalibrate", action="store_true",
-                        help="recompute BN statistics after strip (as tools/compare.py does)")
+                        help="recompute BN statistics after strip (variant a, as "
+                             "tools/compare.py does)")
     parser.add_argument("--calibrate", action="store_true",
                         help="set QAT activation ranges from the training images first")
     parser.add_argument("--val_fraction", type=float, default=0.0,

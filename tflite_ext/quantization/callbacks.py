@@ -33,13 +33,15 @@ def set_observing(model, ranges=True, batch_norm=True):
 
     Args:
         model: a model returned by `quantize_model`.
-        ranges: whether activation ranges keep following the data in training.
-        batch_norm: whether folded BatchNormalization moving statistics keep updating.
+        ranges: whether activation ranges keep following the data in training; None leaves
+            them as they are.
+        batch_norm: whether folded BatchNormalization moving statistics keep updating; None
+            leaves them as they are.
     """
     for layer in _quantization_layers(model):
-        if isinstance(layer, ActivationQuantizer) and layer.built:
+        if isinstance(layer, ActivationQuantizer) and layer.built and ranges is not None:
             layer.observing.assign(1.0 if ranges else 0.0)
-        if isinstance(layer, QuantizeWrapper) and layer.built:
+        if isinstance(layer, QuantizeWrapper) and layer.built and batch_norm is not None:
             layer.bn_observing.assign(1.0 if batch_norm else 0.0)
 
 
@@ -74,8 +76,10 @@ class FreezeQuantization(keras.callbacks.Callback):
 
     def _maybe_freeze(self):
         if not self.frozen and self.step >= self.freeze_after_step:
-            set_observing(self.model, ranges=not self.freeze_ranges,
-                          batch_norm=not self.freeze_batch_norm)
+            # Only what this callback freezes: a second FreezeQuantization (BN statistics
+            # first, ranges later) must not turn the other one's part back on.
+            set_observing(self.model, ranges=False if self.freeze_ranges else None,
+                          batch_norm=False if self.freeze_batch_norm else None)
             self.frozen = True
 
     def on_train_begin(self, logs=None):

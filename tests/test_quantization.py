@@ -180,9 +180,10 @@ def test_batch_norm_folding_matches_conv_then_bn():
                                float_model.predict(x, verbose=0), atol=1e-5)
 
 
-def test_freeze_callback_stops_ranges_and_bn_statistics(qat_digits, digits):
-    _, qat = qat_digits
-    qat = keras.models.clone_model(qat)  # fresh copy: do not disturb the shared fixture
+def _trainable_copy(qat_digits, digits):
+    """A fresh, compiled copy of the shared QAT model (the fixture stays untouched), 64 inputs
+    with zero targets, its first activation quantizer and its first folded BatchNormalization."""
+    qat = keras.models.clone_model(qat_digits[1])
     qat.set_weights(qat_digits[1].get_weights())
     qat.compile(keras.optimizers.Adam(1e-3), "mse")
     x, y = digits.x_train[:64], np.zeros((64, 10), np.float32)
@@ -190,6 +191,11 @@ def test_freeze_callback_stops_ranges_and_bn_statistics(qat_digits, digits):
                      and layer.name.endswith("_act"))
     bn = next(layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
               and layer.batch_norm is not None).batch_norm
+    return qat, x, y, quantizer, bn
+
+
+def test_freeze_callback_stops_ranges_and_bn_statistics(qat_digits, digits):
+    qat, x, y, quantizer, bn = _trainable_copy(qat_digits, digits)
     before = (float(quantizer.range_max.numpy()), bn.moving_mean.numpy().copy())
     qat.fit(x * 3, y, epochs=1, batch_size=32, verbose=0)  # 2 steps with a wider range
     moved = (float(quantizer.range_max.numpy()), bn.moving_mean.numpy().copy())
@@ -205,14 +211,7 @@ def test_freeze_callback_stops_ranges_and_bn_statistics(qat_digits, digits):
 def test_two_freeze_callbacks_each_freeze_only_their_part(qat_digits, digits):
     """BN statistics frozen from the start, ranges after one step: the second callback must
     not turn BN statistics back on (nor the first turn ranges back on)."""
-    qat = keras.models.clone_model(qat_digits[1])
-    qat.set_weights(qat_digits[1].get_weights())
-    qat.compile(keras.optimizers.Adam(1e-3), "mse")
-    x, y = digits.x_train[:64], np.zeros((64, 10), np.float32)
-    quantizer = next(layer for layer in qat.layers if isinstance(layer, ActivationQuantizer)
-                     and layer.name.endswith("_act"))
-    bn = next(layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
-              and layer.batch_norm is not None).batch_norm
+    qat, x, y, quantizer, bn = _trainable_copy(qat_digits, digits)
     mean_before = bn.moving_mean.numpy().copy()
     bn_first = FreezeQuantization(0, freeze_ranges=False)
     ranges_later = FreezeQuantization(1, freeze_batch_norm=False)

@@ -91,7 +91,8 @@ def train(student, teacher, data, args, *, distill, lr, epochs, callbacks):
 
 def float_model(seed, data, args):
     """The float teacher for `seed` (trained, or read from --cache_dir)."""
-    path = args.cache_dir and os.path.join(args.cache_dir, f"digits_float_seed{seed}_val{args.val_fraction}.keras")
+    name = f"digits_float_seed{seed}_val{args.val_fraction}.keras"  # one per training split
+    path = args.cache_dir and os.path.join(args.cache_dir, name)
     if path and os.path.exists(path):
         return keras.saving.load_model(path)
     model = models.digits_cnn()
@@ -152,7 +153,7 @@ def variant_b(model, data, args, steps):
         lambda epoch, _: args.prune_lr if epoch < args.prune_epochs else args.qat_lr)
     train(qat, model, data, args, distill=args.distill != "none", lr=args.prune_lr,
           epochs=args.prune_epochs + args.qat_epochs,
-          callbacks=[pruning.PruningCallback(), lr] + qat_freezing(args, steps, args.prune_epochs))
+          callbacks=[pruning.PruningCallback(), lr, *qat_freezing(args, steps, args.prune_epochs)])
     return pruning.strip(qat), float("nan")  # one fit: no float pruned model to measure
 
 
@@ -234,8 +235,10 @@ def main():
     print(" ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
 
     data = tasks.validation_split(tasks.digits(), args.val_fraction)
-    print(f"evaluated on {'validation (' + format(args.val_fraction, '.0%') + ' of train)' if args.val_fraction else 'the test split'}: "
-          f"{len(data.x_train)} train / {len(data.x_test)} evaluation images", flush=True)
+    split = (f"validation ({args.val_fraction:.0%} of train)" if args.val_fraction
+             else "the test split")
+    print(f"evaluated on {split}: {len(data.x_train)} train / {len(data.x_test)} evaluation "
+          "images", flush=True)
     print(HEADER, flush=True)
     rows = [r for seed in args.seeds for r in run_seed(seed, data, args)]
     print("\nsummary\n" + HEADER)

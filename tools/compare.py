@@ -54,7 +54,7 @@ TFMOT_SPARSITY = 0.8  # the issue's peer: unstructured magnitude pruning at 80%
 # dependency group, the ranking criterion, kept counts rounded to multiples of 8. The logits
 # layer is never pruned (its outputs are the classes). Recipes were chosen on a validation
 # split of the training data (tools/bench_pruning.py --val-fraction, tools/bench_prune_qat.py
-# --val_fraction), never on the test set. Same fine-tune budget as tfmot (15 epochs, Adam
+# --val_fraction); the test set reports. Same fine-tune budget as tfmot (15 epochs, Adam
 # 5e-4), but our sparsity ramp ends at step 200 instead of 400, leaving five more epochs to
 # recover (measured on ResNet-8 with its first block removed, validation split, seeds 0 and 1:
 # -0.8 and -0.4 point at step 200 against -1.6 and -2.0 at step 400). The float model teaches

@@ -183,22 +183,22 @@ def _conv_names(model):
 
 
 def test_group_pruned_to_zero_removes_its_residual_branch(tmp_path):
-    """s1a (identity shortcut) and s2a (projection shortcut) at 1.0: both branches go, each
-    Add becomes x + constant, outputs unchanged."""
+    """s1a (identity shortcut) and s2a (projection shortcut) at 1.0: both branches and their
+    Adds go (the callback silenced them: they added exactly zero), outputs unchanged."""
     model = pm.resnet()
     pruned, small = pm.assert_strip_matches(model, 0.5, round_to=8,
                                             group_sparsity={"s1a_.*": 1.0, "s2a_.*": 1.0})
     assert _conv_names(small) == sorted(
         ["stem_conv", "s2_shortcut", "s3a_conv", "s3b_conv", "s3_shortcut"])
-    for name, width in (("s1_add", 8), ("s2_add", 16)):
-        join = small.get_layer(name)
-        assert isinstance(join, keras.layers.Rescaling) and join.scale == 1.0
-        assert len(join.offset) == width  # the kept channels of the residual group
-    # The constant is the removed branch's BatchNormalization beta: once the branch is
-    # constant, the callback settles that BN (moving mean = its input, variance 0).
-    beta = pruned.get_layer("s1b_bn").beta.numpy()
-    keep = pruned.get_layer("stem_conv").out_mask.numpy() > 0
-    np.testing.assert_allclose(small.get_layer("s1_add").offset, beta[keep], atol=1e-6)
+    names = [layer.name for layer in small.layers]
+    assert "s1_add" not in names and "s2_add" not in names and "s3_add" in names
+    # s1_out repeated the stem's ReLU and went with the block; s2_out follows a conv.
+    assert "s1_out" not in names and "s2_out" in names
+    assert not any(isinstance(layer, keras.layers.Rescaling) for layer in small.layers)
+    # Silenced: the removed branch's last conv bias and BN offset are zero.
+    for name in ("s1b_conv", "s2b_conv"):
+        np.testing.assert_array_equal(pruned.get_layer(name).layer.bias.numpy(), 0.0)
+    np.testing.assert_array_equal(pruned.get_layer("s1b_bn").beta.numpy(), 0.0)
     # MACs: channel pruning alone at 0.5 keeps about a quarter; the branches take more.
     channels_only = strip(pm.masked(pm.resnet(), 0.5, round_to=8))
     removed = sum(count_macs(keras.Model(layer.input, layer.output))
@@ -210,6 +210,61 @@ def test_group_pruned_to_zero_removes_its_residual_branch(tmp_path):
     x = np.random.default_rng(1).uniform(size=(2, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(keras.models.load_model(path).predict(x, verbose=0),
                                small.predict(x, verbose=0), atol=1e-6)
+
+
+def _sigmoid_branch():
+    """A residual branch ending in a sigmoid: removed, it still adds sigmoid(0) = 0.5."""
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", activation="sigmoid", name="b")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+
+
+def test_removed_branch_that_cannot_be_silenced_becomes_a_constant_add():
+    _, small = pm.assert_strip_matches(_sigmoid_branch(), 0.5, group_sparsity={"a": 1.0})
+    join = small.get_layer("add")
+    assert isinstance(join, keras.layers.Rescaling) and join.scale == 1.0
+    np.testing.assert_array_equal(join.offset, [0.5] * 4)  # the kept half of 8 channels
+
+
+def test_shared_relu_after_a_removed_block_is_kept():
+    """One ReLU layer used twice (after the join, then after a conv) is not dropped: strip
+    makes one new layer per shared layer, and only its first use repeats the stem's ReLU."""
+    inputs = keras.Input((8, 8, 3))
+    relu = keras.layers.ReLU(name="shared_relu")
+    x = keras.layers.ReLU(name="stem_relu")(keras.layers.Conv2D(8, 3, padding="same",
+                                                                 name="stem")(inputs))
+    y = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="b")(y)
+    x = relu(keras.layers.Add(name="add")([x, y]))
+    x = relu(keras.layers.Conv2D(8, 3, padding="same", name="c")(x))
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+    _, small = pm.assert_strip_matches(model, 0.5, group_sparsity={"a": 1.0})
+    assert "add" not in [layer.name for layer in small.layers]
+    assert "shared_relu" in [layer.name for layer in small.layers]
+
+
+def test_removed_branch_stays_silent_while_training():
+    """The optimizer moves the silenced bias and BN offset after each batch; the callback
+    zeroes them again, so the fitted model strips to the same outputs without the block."""
+    from tflite_ext.pruning import ConstantSparsity, PruningCallback
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(64, 16, 16, 3)).astype("float32"), rng.integers(0, 5, 64)
+    pruned = prune(pm.resnet(), ConstantSparsity(0.5, 0), round_to=8,
+                   group_sparsity={"s1a_.*": 1.0})
+    models.compile_classifier(pruned, 1e-2).fit(x, y, epochs=2, batch_size=16, verbose=0,
+                                                callbacks=[PruningCallback()])
+    np.testing.assert_array_equal(pruned.get_layer("s1b_conv").layer.bias.numpy(), 0.0)
+    np.testing.assert_array_equal(pruned.get_layer("s1b_bn").beta.numpy(), 0.0)
+    small = strip(pruned)
+    assert "s1_add" not in [layer.name for layer in small.layers]
+    np.testing.assert_allclose(small.predict(x, verbose=0), pruned.predict(x, verbose=0),
+                               atol=1e-5, rtol=0)
 
 
 def test_group_removal_ramps_then_goes_at_the_end():
@@ -229,7 +284,7 @@ def _branch_into_padding():
     inputs = keras.Input((8, 8, 4))
     x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
     y = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
-    y = keras.layers.Conv2D(8, 3, padding="same", name="b")(y)
+    y = keras.layers.Conv2D(8, 3, padding="same", activation="sigmoid", name="b")(y)
     y = keras.layers.ZeroPadding2D(1, name="pad")(y)
     y = keras.layers.Conv2D(8, 3, name="c")(y)  # sees the zero border: not a constant
     x = keras.layers.Add(name="add")([x, y])
@@ -247,16 +302,15 @@ def test_group_removal_bad_input():
                                          r"1\.0\) would leave a model output constant\. "
                                          r"Received: output 'logits:0:0'$"):
         prune(pm.resnet(), 0.5, group_sparsity={"s3b_.*": 1.0})  # the main path, not a branch
-    model = _branch_into_padding()
-    model.get_layer("b").bias.assign(np.ones(8, "float32"))  # b's constant meets c's zero border
-    pruned = pm.masked(model, 0.5, group_sparsity={"a": 1.0})
+    # b's sigmoid(0) = 0.5 meets c's zero border
+    pruned = pm.masked(_branch_into_padding(), 0.5, group_sparsity={"a": 1.0})
     with pytest.raises(InputError, match=r"^The removed branch into 'add' is not the same at "
                                          r"every position"):
         strip(pruned)
 
 
-def test_removed_branch_batch_norm_agrees_in_training_and_inference():
-    """After removal the branch's BN normalizes a constant: both modes must give beta."""
+def test_removed_branch_adds_exactly_zero_in_training_and_inference():
+    """After removal the branch's BN normalizes a constant: both modes must give zero."""
     model = pm.randomize_bn(pm.resnet())
     model.get_layer("s1b_conv").bias.assign(np.linspace(-1, 1, 16).astype("float32"))
     pruned = pm.masked(model, 0.5, round_to=8, group_sparsity={"s1a_.*": 1.0})
@@ -266,9 +320,7 @@ def test_removed_branch_batch_norm_agrees_in_training_and_inference():
     branch = keras.Model(pruned.inputs, bn.output)
     for training in (False, True):
         out = keras.ops.convert_to_numpy(branch(x, training=training))
-        # 1e-4: in training the batch mean of a constant carries float32 rounding (~1e-7),
-        # which BN divides by sqrt(epsilon) = 0.03.
-        np.testing.assert_allclose(out, np.broadcast_to(bn.beta.numpy(), out.shape), atol=1e-4)
+        np.testing.assert_array_equal(out, np.zeros_like(out))
 
 
 def test_recalibrate_batch_norm_gives_the_exact_data_statistics():
@@ -304,5 +356,6 @@ def test_removed_branch_model_takes_qat_and_converts_to_full_integer():
     flatbuffer = convert.to_tflite(qat).flatbuffer
     summary = inspect.summary(flatbuffer)
     assert summary["full_integer"] and summary["op_counts"]["CONV_2D"] == 7
+    assert "RELU" not in summary["op_counts"]  # no standalone ReLU left where the block was
     top1 = np.argmax(qat.predict(x, verbose=0), -1)
     assert np.mean(np.argmax(host.predict(flatbuffer, x), -1) == top1) >= 0.95

@@ -120,7 +120,8 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
             the schedule must be > 0), reached exactly at the schedule's end. 1.0 removes the
             group entirely (no `min_channels`, no rounding; the last channels go at the
             schedule's end): allowed for a group that feeds only a residual branch ending in
-            an Add, which `strip` turns into a constant add (`pruning.removal`).
+            an Add; the callback then silences the branch and `strip` removes it with its
+            Add, leaving the block as the identity (`pruning.removal`).
 
     Example:
         >>> pruned = prune(models.digits_cnn(), 0.75, layers=keras.layers.Conv2D)

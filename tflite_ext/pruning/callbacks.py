@@ -82,11 +82,10 @@ class PruningPlan:
         self._removed = removal.removed_branches(self.graph, keeps)
 
     def settle(self):
-        """Re-settles BatchNormalization on removed branches (see `removal`). Their producer's
-        bias still moves for a while after removal (Adam's momentum), and in inference BN
-        divides that drift by sqrt(epsilon): the callback calls this after every batch."""
+        """Silences removed branches again (see `removal`): the optimizer keeps moving their
+        biases and BN offsets (Adam's momentum), so the callback calls this after every batch."""
         if self._removed is not None:
-            removal.settle_batch_norms(self.graph, *self._removed)
+            removal.silence_removed_branches(self.graph, *self._removed)
 
     def step(self):
         return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0

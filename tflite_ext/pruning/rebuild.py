@@ -45,8 +45,8 @@ def rebuild(graph, make_layer, name=None):
     Shared layers (one layer, several nodes) get one new layer. `init(layer)` (or None) runs
     after the new layer is built by its first call, to set its weights. `make_layer` may also
     return None (the node is dropped: nothing may use its outputs) or `(layer, init, tid)`
-    (the layer is called on tensor `tid` alone instead of the node's arguments). Returns the
-    new functional model.
+    (the layer is called on tensor `tid` alone instead of the node's arguments; with layer
+    None, the node's output is tensor `tid` itself). Returns the new functional model.
     """
     tensors, made = {}, {}
     inputs = []
@@ -66,7 +66,7 @@ def rebuild(graph, make_layer, name=None):
             continue
         layer, init, *only = made[key]
         if only:
-            out = layer(tensors[only[0]])
+            out = tensors[only[0]] if layer is None else layer(tensors[only[0]])
         else:
             out = layer(*substitute(node.args, tensors), **substitute(node.kwargs, tensors))
         if first and init is not None:

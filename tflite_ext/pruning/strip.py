@@ -29,7 +29,7 @@ from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph, unwrap
 from tflite_ext.pruning.api import prune_wrapper_of
 from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
-from tflite_ext.pruning.removal import dead_flow, join_offsets
+from tflite_ext.pruning.removal import dead_flow, join_offsets, repeated_relus
 from tflite_ext.pruning.wrapper import masked_kernel
 from tflite_ext.quantization.wrapper import QuantizeWrapper
 
@@ -139,7 +139,8 @@ def strip(model):
             from `.keras`, or `quantize_model` of such a model.
 
     A group pruned to zero channels (`group_sparsity` 1.0) takes its residual branch with it:
-    the branch's layers go and its Add becomes `x + constant` (see `removal`).
+    the branch's layers and its Add go (the block becomes the identity), or, if the branch
+    still adds a constant (a sigmoid on it), the Add becomes `x + constant` (see `removal`).
 
     Raises:
         InputError: the model has no pruning wrappers (it was never pruned), or a removed
@@ -169,11 +170,17 @@ def strip(model):
                          f"Received: model={model.name}")
     offsets = join_offsets(graph, keeps, constant, joins)
     dropped = set(empty) | set(constant)
+    silent = {name: live for name, live in joins.items() if not np.any(offsets[name])}
+    repeated = repeated_relus(graph, silent)
 
     def make_layer(node):
         source = node.layer
         if node.name in dropped:
             return None
+        if node.name in silent:  # the branch adds nothing: the block is the identity
+            return None, None, silent[node.name]
+        if node.name in repeated:  # relu(relu(x)) through the identity block
+            return None, None, repeated[node.name]
         if node.name in joins:  # the removed branch's constant, added to the live input
             offset = [float(v) for v in offsets[node.name]]
             return keras.layers.Rescaling(1.0, offset=offset, name=names[node.name]), None, \

@@ -224,10 +224,66 @@ def _sigmoid_branch():
 
 
 def test_removed_branch_that_cannot_be_silenced_becomes_a_constant_add():
-    _, small = pm.assert_strip_matches(_sigmoid_branch(), 0.5, group_sparsity={"a": 1.0})
+    model = _sigmoid_branch()
+    bias = np.linspace(-1, 1, 8).astype("float32")
+    model.get_layer("b").bias.assign(bias)
+    pruned, small = pm.assert_strip_matches(model, 0.5, group_sparsity={"a": 1.0})
+    np.testing.assert_array_equal(pruned.get_layer("b").layer.bias.numpy(), bias)  # untouched
     join = small.get_layer("add")
     assert isinstance(join, keras.layers.Rescaling) and join.scale == 1.0
-    np.testing.assert_array_equal(join.offset, [0.5] * 4)  # the kept half of 8 channels
+    keep = pruned.get_layer("stem").out_mask.numpy() > 0
+    assert keep.sum() == 4  # the kept half of 8 channels
+    np.testing.assert_allclose(join.offset, 1 / (1 + np.exp(-bias[keep])), rtol=1e-6)
+
+
+def _two_bn_branch(output_is_add=False):
+    """stem -> [a, bn_a, relu_a, b, bn_b, relu_b, c, bn_c] -> add: removing `a` leaves two
+    BatchNormalizations on the constant branch."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.ReLU(name="stem_relu")(keras.layers.Conv2D(8, 3, padding="same",
+                                                                 name="stem")(inputs))
+    y = x
+    for name in "abc":
+        y = keras.layers.Conv2D(8, 3, padding="same", name=name)(y)
+        y = keras.layers.BatchNormalization(name=f"bn_{name}")(y)
+        if name != "c":
+            y = keras.layers.ReLU(name=f"relu_{name}")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    if output_is_add:
+        return keras.Model(inputs, x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+
+
+def test_removed_branch_with_two_batch_norms_settles_in_one_pass():
+    """bn_c's moving mean must be set from what bn_b gives *after* bn_b is settled."""
+    pruned = pm.masked(pm.randomize_bn(_two_bn_branch()), 0.5, group_sparsity={"a": 1.0})
+    x = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype("float32")
+    branch = keras.Model(pruned.inputs, pruned.get_layer("bn_c").output)
+    for training in (False, True):
+        out = keras.ops.convert_to_numpy(branch(x, training=training))
+        np.testing.assert_array_equal(out, np.zeros_like(out))
+
+
+def test_identity_join_that_is_a_model_output_keeps_its_name():
+    _, small = pm.assert_strip_matches(_two_bn_branch(output_is_add=True), 0.5,
+                                       group_sparsity={"a": 1.0})
+    assert small.layers[-1].name == "add" and _conv_names(small) == ["stem"]
+
+
+def test_shared_add_cannot_join_a_removed_branch():
+    inputs = keras.Input((8, 8, 3))
+    add = keras.layers.Add(name="shared_add")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = add([x, keras.layers.Conv2D(8, 3, padding="same", name="b1")(
+        keras.layers.Conv2D(8, 3, padding="same", name="a1")(x))])
+    x = add([x, keras.layers.Conv2D(8, 3, padding="same", name="b2")(x)])
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    with pytest.raises(InputError, match=r"^A group pruned to zero channels \(group_sparsity "
+                                         r"1\.0\) must end its residual branch in an Add layer "
+                                         r"used once; 'shared_add' is called 2 times\. Use a "
+                                         r"sparsity < 1 for that group\.$"):
+        prune(model, 0.5, group_sparsity={"a1": 1.0})
 
 
 def test_shared_relu_after_a_removed_block_is_kept():
@@ -259,7 +315,7 @@ def test_removed_branch_stays_silent_while_training():
                    group_sparsity={"s1a_.*": 1.0})
     models.compile_classifier(pruned, 1e-2).fit(x, y, epochs=2, batch_size=16, verbose=0,
                                                 callbacks=[PruningCallback()])
-    np.testing.assert_array_equal(pruned.get_layer("s1b_conv").layer.bias.numpy(), 0.0)
+    # (The branch conv's bias gets no gradient: BN subtracts a constant input's batch mean.)
     np.testing.assert_array_equal(pruned.get_layer("s1b_bn").beta.numpy(), 0.0)
     small = strip(pruned)
     assert "s1_add" not in [layer.name for layer in small.layers]

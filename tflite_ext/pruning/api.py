@@ -121,7 +121,8 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
             group entirely (no `min_channels`, no rounding; the last channels go at the
             schedule's end): allowed for a group that feeds only a residual branch ending in
             an Add; the callback then silences the branch and `strip` removes it with its
-            Add, leaving the block as the identity (`pruning.removal`).
+            Add, leaving the block as the identity (a branch with a sigmoid on it keeps a
+            constant, and its Add becomes a constant add; `pruning.removal`).
 
     Example:
         >>> pruned = prune(models.digits_cnn(), 0.75, layers=keras.layers.Conv2D)

@@ -82,10 +82,11 @@ class PruningPlan:
         self._removed = removal.removed_branches(self.graph, keeps)
 
     def settle(self):
-        """Silences removed branches again (see `removal`): the optimizer keeps moving their
-        biases and BN offsets (Adam's momentum), so the callback calls this after every batch."""
+        """Silences and settles removed branches again (see `removal`): the optimizer keeps
+        moving their biases and BN offsets (Adam's momentum), so the callback calls this after
+        every batch."""
         if self._removed is not None:
-            removal.silence_removed_branches(self.graph, *self._removed)
+            removal.settle_removed_branches(self.graph, *self._removed)
 
     def step(self):
         return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0

@@ -177,10 +177,11 @@ def strip(model):
         source = node.layer
         if node.name in dropped:
             return None
-        if node.name in silent:  # the branch adds nothing: the block is the identity
-            return None, None, silent[node.name]
-        if node.name in repeated:  # relu(relu(x)) through the identity block
-            return None, None, repeated[node.name]
+        passed = silent.get(node.name, repeated.get(node.name))
+        if passed is not None:  # the block is the identity; relu(relu(x)) is relu(x)
+            if node.outputs[0] in graph.outputs:  # a model output keeps its name
+                return keras.layers.Identity(name=names[node.name]), None, passed
+            return None, None, passed
         if node.name in joins:  # the removed branch's constant, added to the live input
             offset = [float(v) for v in offsets[node.name]]
             return keras.layers.Rescaling(1.0, offset=offset, name=names[node.name]), None, \

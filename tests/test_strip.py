@@ -271,6 +271,23 @@ def test_identity_join_that_is_a_model_output_keeps_its_name():
     assert small.layers[-1].name == "add" and _conv_names(small) == ["stem"]
 
 
+def test_removed_group_feeding_two_merged_convs_is_silenced():
+    """a feeds b1 and b2, whose Add (itself constant) joins the stem: all of it goes."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="a")(x)
+    y = keras.layers.Add(name="merge")([keras.layers.Conv2D(8, 1, name="b1")(y),
+                                        keras.layers.Conv2D(8, 3, padding="same", name="b2")(y)])
+    x = keras.layers.Add(name="join")([x, y])
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+    for name in ("b1", "b2"):
+        model.get_layer(name).bias.assign(np.full(8, 0.5, "float32"))
+    _, small = pm.assert_strip_matches(model, 0.5, group_sparsity={"a": 1.0})
+    assert [layer.name for layer in small.layers
+            if not isinstance(layer, keras.layers.InputLayer)] == ["stem", "gap", "out"]
+
+
 def test_shared_add_cannot_join_a_removed_branch():
     inputs = keras.Input((8, 8, 3))
     add = keras.layers.Add(name="shared_add")

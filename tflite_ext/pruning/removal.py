@@ -168,14 +168,17 @@ def repeated_relus(graph, silent_joins):
     return repeated
 
 
-def _zero_maps_to_zero(layer, inputs):
-    """Whether `layer` gives exactly zero for all-zero `inputs` once its biases are zero."""
+def _zero_maps_to_zero(graph, node):
+    """Whether `node` gives exactly zero for all-zero inputs once its biases are zero."""
+    layer = unwrap(node.layer)
     if isinstance(layer, keras.layers.BatchNormalization):
         return True  # beta 0 and moving mean = its input: zero in both modes
     if getattr(layer, "activation", None) is not None:  # a producer: bias, then activation
         zero = np.zeros((1,), np.float32)
         return not np.any(keras.ops.convert_to_numpy(layer.activation(zero)))
-    return not np.any(keras.ops.convert_to_numpy(layer(*inputs)))
+    zeros = {t: np.zeros((1,) + tuple(graph.shapes[t][1:]), np.float32) for t in node.inputs}
+    out = node.layer(*substitute(node.args, zeros), **substitute(node.kwargs, zeros))
+    return not np.any(keras.ops.convert_to_numpy(out))
 
 
 def removed_branches(graph, keeps):
@@ -190,12 +193,8 @@ def removed_branches(graph, keeps):
     _, constant, _ = dead_flow(graph, keeps)
     if not constant:
         return None
-    silent = True
-    for node in graph.nodes:
-        if node.name in constant:
-            zeros = [np.zeros((1,) + tuple(graph.shapes[t][1:]), np.float32)
-                     for t in node.inputs]
-            silent = silent and _zero_maps_to_zero(unwrap(node.layer), zeros)
+    silent = all(_zero_maps_to_zero(graph, node) for node in graph.nodes
+                 if node.name in constant)
     return keeps, constant, silent
 
 

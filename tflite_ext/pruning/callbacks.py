@@ -86,7 +86,7 @@ class PruningPlan:
         moving their biases and BN offsets (Adam's momentum), so the callback calls this after
         every batch."""
         if self._removed is not None:
-            removal.settle_removed_branches(self.graph, *self._removed)
+            removal.settle_removed_branches(self.graph, self._removed)
 
     def step(self):
         return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0

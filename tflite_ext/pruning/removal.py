@@ -21,6 +21,7 @@ Example:
     >>> small = strip(pruned)                # s1a, s1b, s1_add and s1_out's ReLU gone
 """
 import collections
+import typing
 
 import keras
 import numpy as np
@@ -32,6 +33,16 @@ from tflite_ext.pruning.rebuild import substitute
 
 def _is_empty(graph, tid, keeps):
     return bool(graph._width(tid)) and not graph.keep_mask(tid, keeps).any()
+
+
+def _zeros(graph, tid):
+    """A batch of one all-zero value of tensor `tid`."""
+    return np.zeros((1,) + tuple(graph.shapes[tid][1:]), np.float32)
+
+
+def _layer_uses(graph):
+    """{id(layer): how many nodes call it} (a shared layer becomes one new layer in strip)."""
+    return collections.Counter(id(node.layer) for node in graph.nodes)
 
 
 def dead_flow(graph, keeps):
@@ -52,7 +63,7 @@ def dead_flow(graph, keeps):
     """
     empty, constant, joins = [], [], {}
     dead_tensors = set()
-    uses = collections.Counter(id(node.layer) for node in graph.nodes)
+    uses = _layer_uses(graph)
     for node in graph.nodes:
         if not node.inputs:
             continue
@@ -106,7 +117,7 @@ def constant_values(graph, keeps, constant, settle=()):
             continue
         for tid in node.inputs:
             if tid not in values and _is_empty(graph, tid, keeps):
-                values[tid] = np.zeros((1,) + tuple(graph.shapes[tid][1:]), np.float32)
+                values[tid] = _zeros(graph, tid)
         if node.name in settle:
             layer = unwrap(node.layer)
             mean = _per_channel(values[node.inputs[0]], node.name).astype(np.float32)
@@ -152,7 +163,7 @@ def repeated_relus(graph, silent_joins):
     28.4 us without).
     """
     producer = {tid: node for node in graph.nodes for tid in node.outputs}
-    uses = collections.Counter(id(node.layer) for node in graph.nodes)
+    uses = _layer_uses(graph)
     repeated = {}
     for node in graph.nodes:
         source = producer.get(node.inputs[0]) if node.inputs else None
@@ -176,48 +187,59 @@ def _zero_maps_to_zero(graph, node):
     if getattr(layer, "activation", None) is not None:  # a producer: bias, then activation
         zero = np.zeros((1,), np.float32)
         return not np.any(keras.ops.convert_to_numpy(layer.activation(zero)))
-    zeros = {t: np.zeros((1,) + tuple(graph.shapes[t][1:]), np.float32) for t in node.inputs}
+    zeros = {t: _zeros(graph, t) for t in node.inputs}
     out = node.layer(*substitute(node.args, zeros), **substitute(node.kwargs, zeros))
     return not np.any(keras.ops.convert_to_numpy(out))
 
 
-def removed_branches(graph, keeps):
-    """`(keeps, constant node names, silent)` if some group in `keeps` is removed, else None.
+class Removed(typing.NamedTuple):
+    """What `settle_removed_branches` does after every batch, found once per mask change."""
 
-    `silent`: every layer on the removed branches maps zero to zero (no sigmoid), so zero
-    biases make the branches add exactly nothing. Computed when masks change, so
-    `settle_removed_branches` does not re-walk the graph per batch.
+    keeps: dict  # {group id: keep mask}
+    constant: list  # names of the removed branches' nodes
+    offsets: list  # biases and BN betas held at zero (empty unless the branches are silenced)
+    batch_norms: set  # names of the BN nodes to settle
+
+
+def removed_branches(graph, keeps):
+    """A `Removed` if some group in `keeps` is removed, else None.
+
+    Computed when masks change, so the per-batch `settle_removed_branches` does not re-walk
+    the graph. Layers also used on a live path are left alone.
     """
     if all(keep.any() for keep in keeps.values()):
         return None
     _, constant, _ = dead_flow(graph, keeps)
     if not constant:
         return None
-    silent = all(_zero_maps_to_zero(graph, node) for node in graph.nodes
-                 if node.name in constant)
-    return keeps, constant, silent
-
-
-def settle_removed_branches(graph, keeps, constant, silent):
-    """Makes a removed branch's constant the same in training and inference, and zero if
-    `silent`: then its block becomes the identity, and `strip` drops it with its `Add`.
-
-    Each layer on a removed branch sees a constant. If `silent`, its producers' biases and
-    its BatchNormalization offsets (beta) are set to zero. BN's moving statistics are set to
-    what it now sees (mean: its constant input; variance: 0): in training a BN normalizes a
-    constant to exactly `beta`, and inference must agree. The callback calls this after every
-    batch, because the optimizer moves those weights again. The arguments come from
-    `removed_branches`; a layer also used on a live path is left alone.
-    """
     live = {id(node.layer) for node in graph.nodes if node.name not in constant}
-    branch = [node for node in graph.nodes if node.name in constant
-              and id(node.layer) not in live]
-    for node in branch if silent else ():
-        layer = unwrap(node.layer)
-        offset = (layer.beta if isinstance(layer, keras.layers.BatchNormalization)
-                  else getattr(layer, "bias", None))
-        if offset is not None:
-            offset.assign(np.zeros(offset.shape, np.float32))
-    settle = {node.name for node in branch
-              if isinstance(unwrap(node.layer), keras.layers.BatchNormalization)}
-    constant_values(graph, keeps, constant, settle)
+    own = [node for node in graph.nodes if node.name in constant and id(node.layer) not in live]
+    offsets = []
+    # Silenced only if zero biases make every branch add exactly nothing (no sigmoid on it).
+    if all(_zero_maps_to_zero(graph, node) for node in graph.nodes if node.name in constant):
+        for node in own:
+            layer = unwrap(node.layer)
+            offset = (layer.beta if isinstance(layer, keras.layers.BatchNormalization)
+                      else getattr(layer, "bias", None))
+            if offset is not None:
+                offsets.append(offset)
+    batch_norms = {node.name for node in own
+                   if isinstance(unwrap(node.layer), keras.layers.BatchNormalization)}
+    return Removed(keeps, constant, offsets, batch_norms)
+
+
+def settle_removed_branches(graph, removed):
+    """Makes removed branches give the same constant in training and inference, and zero if
+    they are silenced: then each block becomes the identity, and `strip` drops it with its
+    `Add`.
+
+    Each layer on a removed branch sees a constant. Silenced branches get their producers'
+    biases and their BatchNormalization offsets (beta) set to zero. BN's moving statistics
+    are set to what it now sees (mean: its constant input; variance: 0): in training a BN
+    normalizes a constant to exactly `beta`, and inference must agree. The callback calls
+    this after every batch, because the optimizer moves those weights again. `removed`
+    comes from `removed_branches`.
+    """
+    for offset in removed.offsets:
+        offset.assign(np.zeros(offset.shape, np.float32))
+    constant_values(graph, removed.keeps, removed.constant, removed.batch_norms)

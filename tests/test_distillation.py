@@ -1,4 +1,4 @@
-"""distill / StudentCallback: the loss is the stated mix, pruning and QAT callbacks drive the
+"""distill: the loss is the stated mix, pruning and QAT callbacks drive the
 student, the distiller round-trips through .keras, bad inputs get one-line errors."""
 import keras
 import numpy as np
@@ -54,12 +54,12 @@ def test_fit_trains_student_only(teacher, digits):
     assert any(not np.array_equal(a, b) for a, b in zip(before_student, student.get_weights()))
 
 
-def test_pruning_callback_through_student_callback_then_strip(teacher, digits):
+def test_pruning_callback_on_the_distiller_then_strip(teacher, digits):
     student = pruning.prune(_copy(teacher), pruning.PolynomialDecay(0.0, 0.5, 0, 4, frequency=2))
     distiller = distillation.distill(teacher, student)
     callback = pruning.PruningCallback()
     distiller.fit(digits.x_train[:256], digits.y_train[:256], epochs=1, batch_size=32, verbose=0,
-                  callbacks=[distillation.StudentCallback(callback)])
+                  callbacks=[callback])
     assert callback.history[-1] == (4, 0.5)
     small = pruning.strip(distiller.student)
     conv = [layer for layer in small.layers if isinstance(layer, keras.layers.Conv2D)][0]
@@ -72,7 +72,7 @@ def test_qat_student_freezes_and_converts_to_full_int8(teacher, digits):
     qat = quantize_model(_copy(teacher))
     distiller = distillation.distill(teacher, qat, optimizer=keras.optimizers.Adam(1e-4))
     distiller.fit(digits.x_train[:256], digits.y_train[:256], epochs=1, batch_size=32, verbose=0,
-                  callbacks=[distillation.StudentCallback(FreezeQuantization(0))])
+                  callbacks=[FreezeQuantization(0)])
     observing = [float(layer.observing) for layer in qat.layers
                  if isinstance(layer, ActivationQuantizer)]
     assert observing and all(v == 0.0 for v in observing)
@@ -83,21 +83,13 @@ def test_distiller_with_pruned_student_round_trips(teacher, digits, tmp_path):
     student = pruning.prune(_copy(teacher), 0.5)
     distiller = distillation.distill(teacher, student)
     distiller.fit(digits.x_train[:64], digits.y_train[:64], epochs=1, batch_size=32, verbose=0,
-                  callbacks=[distillation.StudentCallback(pruning.PruningCallback())])
+                  callbacks=[pruning.PruningCallback()])
     path = tmp_path / "distiller.keras"
     distiller.save(path)
     loaded = keras.saving.load_model(path)
     x = digits.x_test[:20]
     np.testing.assert_allclose(loaded.student(x), distiller.student(x), atol=1e-6)
     np.testing.assert_allclose(loaded.teacher(x), teacher(x), atol=1e-6)
-
-
-def test_student_callback_config_round_trips():
-    callback = distillation.StudentCallback(FreezeQuantization(7))
-    config = keras.saving.serialize_keras_object(callback)
-    again = keras.saving.deserialize_keras_object(config)
-    assert isinstance(again.callback, FreezeQuantization)
-    assert again.callback.freeze_after_step == 7
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -121,15 +113,15 @@ def test_bad_models(teacher):
         distillation.distill(teacher, five)
 
 
-def test_student_callback_bad_inputs(teacher, digits):
-    with pytest.raises(InputError, match=r"callback must be a keras\.callbacks\.Callback\. "
-                                         r"Received: callback=str"):
-        distillation.StudentCallback("prune")
-    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.raises(InputError, match=r"needs a model with a `student`.*Received: "
-                                         r"model=Functional"):
-        teacher.fit(digits.x_train[:32], digits.y_train[:32], epochs=1, verbose=0,
-                    callbacks=[distillation.StudentCallback(pruning.PruningCallback())])
+def test_callbacks_given_a_distiller_work_on_its_student(teacher):
+    student = pruning.prune(_copy(teacher), 0.5)
+    distiller = distillation.distill(teacher, student)
+    assert distillation.student_of(distiller) is student
+    assert distillation.student_of(student) is student
+    callback = pruning.PruningCallback()
+    callback.set_model(distiller)
+    callback.on_train_begin()
+    assert callback._plan.model is student
 
 
 def test_distill_leaves_the_callers_teacher_trainable():

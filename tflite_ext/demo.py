@@ -145,7 +145,7 @@ def teach(ctx, student, learning_rate):
 
 def stage_prune(ctx):
     """Structured pruning of whole filters and neurons during fit, then strip and int8."""
-    from tflite_ext import distillation, pruning
+    from tflite_ext import pruning
 
     steps_per_epoch = -(-len(ctx.data.x_train) // 32)
     end = min(400, (ctx.epochs("prune") - 1) * steps_per_epoch)  # ramp, then recover
@@ -153,7 +153,7 @@ def stage_prune(ctx):
     pruned = pruning.prune(ctx.model, schedule, round_to=8)
     trainer = teach(ctx, pruned, PRUNE_LEARNING_RATE)
     fit(ctx, trainer, "prune", ctx.epochs("prune"),
-        [distillation.StudentCallback(pruning.PruningCallback())])
+        [pruning.PruningCallback()])
     ctx.stripped = pruning.strip(pruned)
     pruning.recalibrate_batch_norm(ctx.stripped, ctx.data.x_train)  # BN after pruning
     before, after = pruning.count_macs(ctx.model), pruning.count_macs(ctx.stripped)
@@ -174,14 +174,14 @@ def stage_prune_qat(ctx):
 
 def quantization_aware(ctx, model, stage):
     """QAT fine-tune of `model`; ranges and BN statistics freeze after 60% of the steps."""
-    from tflite_ext import convert, distillation
+    from tflite_ext import convert
     from tflite_ext.quantization import FreezeQuantization, quantize_model
 
     qat = quantize_model(model)
     epochs = ctx.epochs("qat")
     steps = epochs * -(-len(ctx.data.x_train) // 32)
-    fit(ctx, teach(ctx, qat, QAT_LEARNING_RATE), stage, epochs, [distillation.StudentCallback(
-        FreezeQuantization(freeze_after_step=int(0.6 * steps)))])
+    fit(ctx, teach(ctx, qat, QAT_LEARNING_RATE), stage, epochs, [
+        FreezeQuantization(freeze_after_step=int(0.6 * steps))])
     # No representative data: the fake-quant ranges learned in training are the int8 scales.
     return qat, convert.to_tflite(qat).flatbuffer
 

@@ -2,9 +2,8 @@
 
 The float model teaches its pruned and/or quantization-aware copy in the same `fit`. `distill`
 returns a compiled `keras.distillation.Distiller`; train it, then strip/convert
-`distiller.student` as usual. Callbacks that work on the model itself (`PruningCallback`,
-`FreezeQuantization`) go through `StudentCallback`, which hands them the student instead of
-the distiller (the dependency graph is built over the student's functional graph).
+`distiller.student` as usual. The project's callbacks (`PruningCallback`,
+`FreezeQuantization`) work on the student when `fit` hands them a Distiller (`student_of`).
 
 Example:
     >>> from tflite_ext import distillation, pruning
@@ -12,7 +11,7 @@ Example:
     >>> distiller = distillation.distill(teacher, student, temperature=4.0, alpha=0.5,
     ...                                  optimizer=keras.optimizers.Adam(5e-4))
     >>> distiller.fit(x, y, epochs=10,
-    ...               callbacks=[distillation.StudentCallback(pruning.PruningCallback())])
+    ...               callbacks=[pruning.PruningCallback()])
     >>> small = pruning.strip(distiller.student)
 """
 import keras
@@ -53,7 +52,7 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
         >>> distiller = distill(float_model, quantize_model(small), temperature=4.0, alpha=0.5,
         ...                     optimizer=keras.optimizers.Adam(3e-5))
         >>> distiller.fit(x, y, epochs=5,
-        ...               callbacks=[StudentCallback(FreezeQuantization(120))])
+        ...               callbacks=[FreezeQuantization(120)])
         >>> int8 = convert.to_tflite(distiller.student).flatbuffer
     """
     _check_model("teacher", teacher)
@@ -89,66 +88,17 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
     return distiller
 
 
-@keras.saving.register_keras_serializable(package="tflite_ext")
-class StudentCallback(keras.callbacks.Callback):
-    """Runs `callback` on the distiller's student rather than on the distiller.
+def student_of(model):
+    """The model a layer-level callback works on: `model.student` for a
+    `keras.distillation.Distiller`, else `model` itself.
 
-    `PruningCallback` builds a dependency graph of its model and `FreezeQuantization` looks
-    for quantizers in it; both need the student's functional graph, not the `Distiller`.
-    Wrap only callbacks that work on the layers: those that use the optimizer or the training
-    loop (`LearningRateScheduler`, `EarlyStopping`) go to `fit` unwrapped.
-
-    Args:
-        callback: a `keras.callbacks.Callback`.
+    `PruningCallback` and `FreezeQuantization` call it, so they go straight into
+    `distiller.fit(..., callbacks=[...])`: the student's layers are the ones they change.
 
     Example:
-        >>> distiller.fit(x, y, callbacks=[StudentCallback(PruningCallback())])
+        >>> student_of(distill(teacher, student)) is student
+        True
     """
-
-    def __init__(self, callback):
-        super().__init__()
-        if not isinstance(callback, keras.callbacks.Callback):
-            raise InputError("callback must be a keras.callbacks.Callback. "
-                             f"Received: callback={type(callback).__name__}")
-        self.callback = callback
-
-    def set_model(self, model):
-        super().set_model(model)
-        student = getattr(model, "student", None)
-        if not isinstance(student, keras.Model):
-            raise InputError("StudentCallback needs a model with a `student` (a keras Distiller)."
-                             f" Received: model={type(model).__name__}")
-        self.callback.set_model(student)
-
-    def set_params(self, params):
-        super().set_params(params)
-        self.callback.set_params(params)
-
-    def get_config(self):
-        return {"callback": keras.saving.serialize_keras_object(self.callback)}
-
-    @classmethod
-    def from_config(cls, config):
-        inner = config["callback"]
-        inner_cls = keras.saving.get_registered_object(inner["registered_name"])
-        if inner_cls is None:
-            raise InputError("The wrapped callback class is not registered with keras.saving."
-                             f" Received: callback={inner['registered_name']!r}")
-        # keras.callbacks.Callback has no from_config: a callback's config is its arguments.
-        make = getattr(inner_cls, "from_config", None) or (lambda c: inner_cls(**c))
-        return cls(make(inner["config"]))
-
-
-def _forward(hook):
-    def method(self, *args, **kwargs):
-        return getattr(self.callback, hook)(*args, **kwargs)
-
-    method.__name__ = hook
-    return method
-
-
-for _hook in ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
-              "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
-              "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
-              "on_predict_batch_begin", "on_predict_batch_end"):
-    setattr(StudentCallback, _hook, _forward(_hook))
+    if isinstance(model, keras.distillation.Distiller):
+        return model.student
+    return model

@@ -75,10 +75,6 @@ def train(student, teacher, data, args, *, distill, lr, epochs, callbacks):
         teacher = copy
         trainer = distillation.distill(teacher, student, temperature=args.temperature,
                                        alpha=args.alpha, optimizer=optimizer)
-        # Callbacks on the layers go to the student; the others (lr) stay on the distiller.
-        callbacks = [distillation.StudentCallback(c)
-                     if isinstance(c, (pruning.PruningCallback, FreezeQuantization)) else c
-                     for c in callbacks]
     else:
         trainer = student
         trainer.compile(optimizer=optimizer,

@@ -131,7 +131,6 @@ def _prune_finetune(float_model, data, args, seed, sparsity):
     if args.distill:
         trainer = distillation.distill(float_model, student, temperature=args.temperature,
                                        alpha=args.alpha, optimizer=keras.optimizers.Adam(lr))
-        callbacks = [distillation.StudentCallback(c) for c in callbacks]
     else:
         trainer = models.compile_classifier(student, lr)
     trainer.fit(data.x_train, data.y_train, epochs=args.ft_epochs, batch_size=32, verbose=0,

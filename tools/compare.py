@@ -180,7 +180,6 @@ def fit(model, data, epochs, lr, batch_size, label, callbacks=(), teacher=None):
     else:
         trainer = distillation.distill(teacher, model, optimizer=keras.optimizers.Adam(lr),
                                        **DISTILL)
-        callbacks = [distillation.StudentCallback(c) for c in callbacks]
     trainer.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0,
                 callbacks=[*callbacks, epoch_printer(label)])
     return model

@@ -14,6 +14,7 @@ Example:
 import keras
 import numpy as np
 
+from tflite_ext.distillation import student_of
 from tflite_ext.errors import InputError
 from tflite_ext.graph import DependencyGraph
 from tflite_ext.pruning import importance as importance_lib
@@ -165,6 +166,9 @@ class PruningCallback(keras.callbacks.Callback):
         data: `(x, y)` batch for gradient-based importance ("taylor").
         verbose: 1 prints the sparsity at every pruning step.
 
+    Given a `keras.distillation.Distiller` (`distill(teacher, pruned).fit(...)`), it prunes
+    the student.
+
     Example:
         >>> pruned.fit(x, y, epochs=10, callbacks=[PruningCallback()])
     """
@@ -179,8 +183,9 @@ class PruningCallback(keras.callbacks.Callback):
         self.history = []  # (step, sparsity) of each pruning step
 
     def on_train_begin(self, logs=None):
-        if self._plan is None or self._plan.model is not self.model:
-            self._plan = PruningPlan(self.model, self.importance)
+        model = student_of(self.model)  # a Distiller trains its student's layers
+        if self._plan is None or self._plan.model is not model:
+            self._plan = PruningPlan(model, self.importance)
         self._step = self._plan.step()  # completed steps; wrappers count them in call
 
     def on_train_batch_begin(self, batch, logs=None):

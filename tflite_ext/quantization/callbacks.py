@@ -9,8 +9,8 @@ Example:
 """
 import keras
 
+from tflite_ext.distillation import student_of
 from tflite_ext.errors import InputError
-
 from tflite_ext.quantization.quantizers import ActivationQuantizer
 from tflite_ext.quantization.wrapper import QuantizeWrapper
 
@@ -55,7 +55,8 @@ class FreezeQuantization(keras.callbacks.Callback):
     """Freezes ranges and BN statistics once `freeze_after_step` training steps have run.
 
     Steps are counted from the start of the first `fit` this callback sees (batches across
-    epochs), so `freeze_after_step=0` freezes before the first step.
+    epochs), so `freeze_after_step=0` freezes before the first step. Given a
+    `keras.distillation.Distiller`, it freezes the student.
 
     Args:
         freeze_after_step: number of training steps after which observers stop.
@@ -78,7 +79,7 @@ class FreezeQuantization(keras.callbacks.Callback):
         if not self.frozen and self.step >= self.freeze_after_step:
             # Only what this callback freezes: a second FreezeQuantization (BN statistics
             # first, ranges later) must not turn the other one's part back on.
-            set_observing(self.model, ranges=False if self.freeze_ranges else None,
+            set_observing(student_of(self.model), ranges=False if self.freeze_ranges else None,
                           batch_norm=False if self.freeze_batch_norm else None)
             self.frozen = True
 

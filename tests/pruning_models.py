@@ -4,7 +4,8 @@ import numpy as np
 from keras import layers
 
 from tflite_ext import models
-from tflite_ext.pruning import PruneWrapper, PruningPlan, prune, strip
+from tflite_ext.pruning import PruneWrapper, prune, strip
+from tflite_ext.pruning.plan import PruningPlan
 
 
 def randomize_bn(model, seed=0):

@@ -5,7 +5,8 @@ import pytest
 from keras import layers
 
 from tests import pruning_models as pm
-from tflite_ext import graph, models
+from tflite_ext import models
+from tflite_ext.pruning import graph, handlers
 from tflite_ext.errors import InputError, UnsupportedLayerError
 
 
@@ -103,19 +104,19 @@ def _custom_model():
 def test_unknown_layer_error_names_it_and_the_ways_out():
     with pytest.raises(UnsupportedLayerError, match=(
             r"^The channel graph does not know layer 'scale' \(Scale\): exclude it with "
-            r"opaque=\['scale'\] or opt it in with tflite_ext\.graph\.register_handler\(Scale, "
-            r"tflite_ext\.graph\.PASS_THROUGH\)\.$")):
+            r"opaque=\['scale'\] or opt it in with tflite_ext\.pruning\.register_handler\(Scale, "
+            r"tflite_ext\.pruning\.PASS_THROUGH\)\.$")):
         graph.DependencyGraph(_custom_model())
 
 
 def test_unknown_layer_excluded_or_opted_in():
     assert graph.DependencyGraph(_custom_model(), opaque=["scale"]).groups == []
-    graph.register_handler(Scale, graph.PASS_THROUGH)
+    handlers.register_handler(Scale, handlers.PASS_THROUGH)
     try:
         g = graph.DependencyGraph(_custom_model())
         assert [c[0] for c in g.groups[0].carriers] == ["scale"]
     finally:
-        del graph.HANDLERS[Scale]
+        del handlers.HANDLERS[Scale]
 
     class RuleScale(Scale):
         tflite_ext_channel_rule = "pass_through"
@@ -149,15 +150,18 @@ def test_mobilenet_v2_graph():
 
 
 def test_handlers_look_through_nested_wrappers():
-    from tflite_ext import graph_handlers
+    from tflite_ext import wrapping
     from tflite_ext.pruning import PruneWrapper
     from tflite_ext.quantization import ActivationQuantizer, QuantizeWrapper
 
     conv = layers.Conv2D(4, 3)
     nested = QuantizeWrapper(PruneWrapper(conv))
-    assert graph.unwrap(nested) is conv
-    assert graph.handler_for(nested).kind == "producer"
-    # the quantization package opts its range layer in through the same table
-    assert graph.HANDLERS[ActivationQuantizer] is graph.PASS_THROUGH
-    assert graph.register_handler is graph_handlers.register_handler
-    assert graph.handler_for(layers.LayerNormalization()) is graph.BARRIER
+    assert wrapping.unwrap(nested) is conv
+    assert wrapping.find(nested, PruneWrapper) is nested.layer
+    assert handlers.handler_for(nested).rule == "producer"
+    # the quantization package's range layer declares its own rule (no registration)
+    assert ActivationQuantizer not in handlers.HANDLERS
+    assert handlers.handler_for(ActivationQuantizer()) is handlers.PASS_THROUGH
+    assert handlers.handler_for(layers.LayerNormalization()) is handlers.BARRIER
+    # Keras' own wrappers change what the inner layer computes: not looked through
+    assert wrapping.unwrap(layers.TimeDistributed(conv)) is not conv

@@ -8,7 +8,9 @@ from tests import pruning_models as pm
 from tflite_ext import models
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.pruning import (ConstantSparsity, PolynomialDecay, PruneWrapper, PruningCallback,
-                                PruningPlan, prune, pruning_wrappers, select_channels, strip)
+                                prune, pruning_wrappers, strip)
+from tflite_ext.pruning.importance import select_channels
+from tflite_ext.pruning.plan import PruningPlan
 
 
 # ----------------------------------------------------------------------------- wrapper
@@ -372,18 +374,19 @@ def test_unstructured_masks_hold_in_predict_after_fit(digits):
 
 
 def test_bad_handler_rule_is_one_line_error():
-    from tflite_ext import graph
+    from tflite_ext import pruning
 
     class Scale(keras.layers.Layer):
         pass
 
     with pytest.raises(InputError, match="must be 'pass_through', 'barrier' or a Handler. "
                                          "Received: 'passthrough'"):
-        graph.register_handler(Scale, "passthrough")
+        pruning.register_handler(Scale, "passthrough")
 
 
 def test_custom_importance_object_is_used_by_the_callback():
-    from tflite_ext.pruning import Magnitude, PruningPlan, prune
+    from tflite_ext.pruning import Magnitude, prune
+    from tflite_ext.pruning.plan import PruningPlan
 
     inputs = keras.Input((8,))
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(16)(inputs)))

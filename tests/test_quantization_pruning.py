@@ -10,7 +10,7 @@ from keras import layers
 
 from tflite_ext import convert, inspect, pruning
 from tflite_ext.errors import InputError
-from tflite_ext.graph import DependencyGraph
+from tflite_ext.pruning import DependencyGraph
 from tflite_ext.quantization import FreezeQuantization, QuantizeWrapper, quantize_model
 from test_quantization import qat_to_tflite, tflite_logits
 

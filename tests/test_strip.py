@@ -341,7 +341,8 @@ def test_removed_branch_stays_silent_while_training():
 
 
 def test_group_removal_ramps_then_goes_at_the_end():
-    from tflite_ext.pruning import PolynomialDecay, PruningPlan
+    from tflite_ext.pruning import PolynomialDecay
+    from tflite_ext.pruning.plan import PruningPlan
 
     pruned = prune(pm.resnet(), PolynomialDecay(0.0, 0.5, 0, 10), round_to=8,
                    group_sparsity={"s1a_.*": 1.0})

@@ -15,23 +15,29 @@ Example:
     >>> small = pruning.strip(pruned)
     >>> pruning.recalibrate_batch_norm(small, data.x_train)   # BN statistics after pruning
 
-`group_sparsity={regex: 1.0}` removes a whole residual branch (`pruning.removal`).
+`group_sparsity={regex: 1.0}` removes a whole residual branch (`pruning.removal`). A layer
+type is known through its handler (`pruning.handlers`); teach a custom one with
+`register_handler(MyLayer, PASS_THROUGH)`.
 """
 from tflite_ext.pruning import importance
 from tflite_ext.pruning import schedules
-from tflite_ext.pruning.api import prune, pruning_wrappers
-from tflite_ext.pruning.callbacks import PruningCallback, PruningPlan, magnitude_mask, n_m_mask
+from tflite_ext.pruning.api import prune
+from tflite_ext.pruning.callbacks import PruningCallback
+from tflite_ext.pruning.graph import DependencyGraph
+from tflite_ext.pruning.handlers import BARRIER, PASS_THROUGH, Handler, register_handler
 from tflite_ext.pruning.importance import (APoZ, BNScale, Importance, Magnitude, MeanActivation,
-                                           Taylor, select_channels)
+                                           Taylor)
 from tflite_ext.pruning.macs import count_macs
+from tflite_ext.pruning.plan import pruning_wrappers
 from tflite_ext.pruning.recalibrate import recalibrate_batch_norm
 from tflite_ext.pruning.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 from tflite_ext.pruning.strip import strip
 from tflite_ext.pruning.targets import mac_ratio, sparsity_for_mac_ratio
 from tflite_ext.pruning.wrapper import PruneWrapper
 
-__all__ = ["prune", "strip", "PruningCallback", "PruneWrapper", "PruningPlan",
-           "ConstantSparsity", "PolynomialDecay", "PruningSchedule", "Importance", "Magnitude",
-           "BNScale", "MeanActivation", "APoZ", "Taylor", "select_channels", "magnitude_mask",
-           "n_m_mask", "count_macs", "mac_ratio", "sparsity_for_mac_ratio", "pruning_wrappers",
-           "recalibrate_batch_norm", "importance", "schedules"]
+__all__ = ["prune", "strip", "PruningCallback", "PruneWrapper", "ConstantSparsity",
+           "PolynomialDecay", "PruningSchedule", "Importance", "Magnitude", "BNScale",
+           "MeanActivation", "APoZ", "Taylor", "count_macs", "mac_ratio",
+           "sparsity_for_mac_ratio", "pruning_wrappers", "recalibrate_batch_norm",
+           "DependencyGraph", "register_handler", "Handler", "PASS_THROUGH", "BARRIER",
+           "importance", "schedules"]

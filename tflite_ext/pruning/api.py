@@ -7,15 +7,15 @@ Example:
 """
 import re
 
-import keras
-
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError
-from tflite_ext.graph import DependencyGraph
+from tflite_ext.functional import clone_layer, rebuild, unique_names
 from tflite_ext.pruning import importance as importance_lib
-from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
+from tflite_ext.pruning.graph import graph_of
+from tflite_ext.pruning.plan import group_members, group_overrides
 from tflite_ext.pruning.removal import check_removable
 from tflite_ext.pruning.schedules import ConstantSparsity, PruningSchedule, check_sparsity
-from tflite_ext.pruning.wrapper import GRANULARITIES, SUPPORTED, PruneWrapper, prune_wrapper_of
+from tflite_ext.pruning.wrapper import GRANULARITIES, PruneWrapper, prunable
 
 
 def _matcher(layers):
@@ -50,31 +50,6 @@ def _check_group_sparsity(group_sparsity):
                              f"Received: group_sparsity key {pattern!r}") from None
         checked[regex] = check_sparsity(value, f"group_sparsity[{pattern!r}]", allow_one=True)
     return checked
-
-
-def group_members(group):
-    """Names of the layers whose output channels are `group`: its producers (Conv/Dense) and
-    carriers (BatchNormalization, depthwise convs). Not its consumers, whose *outputs*
-    belong to other groups."""
-    return list(group.producers) + [name for name, _, _ in group.carriers]
-
-
-def group_overrides(groups, group_sparsity, names=None):
-    """{group id: sparsity} from `{layer-name regex: sparsity}`.
-
-    A group takes the value of the first pattern (in dict order) that full-matches the name
-    of any of its `group_members` (renamed through `names`, {node name: layer name}, if
-    given); groups no pattern matches are absent.
-    """
-    patterns = [(re.compile(p), v) for p, v in (group_sparsity or {}).items()]
-    overrides = {}
-    for group in groups:
-        members = [names[m] if names else m for m in group_members(group)]
-        for regex, value in patterns:
-            if any(regex.fullmatch(name) for name in members):
-                overrides[group.id] = float(value)
-                break
-    return overrides
 
 
 def _schedule(sparsity):
@@ -131,64 +106,16 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
     """
     schedule = _schedule(sparsity)
     overrides = _check_group_sparsity(group_sparsity)
-    if overrides:
-        if granularity != "channel" or scope != "local":
-            raise InputError("group_sparsity needs granularity='channel' and scope='local'. "
-                             f"Received: granularity={granularity!r}, scope={scope!r}")
-        if not schedule.final_sparsity > 0:
-            raise InputError("group_sparsity ramps with the schedule, whose final sparsity "
-                             "must be > 0. Received: final sparsity="
-                             f"{schedule.final_sparsity!r}")
     imp = importance_lib.get(importance)
-    if scope not in ("local", "global"):
-        raise InputError(f"scope must be 'local' or 'global'. Received: scope={scope!r}")
-    if granularity not in GRANULARITIES:
-        raise InputError(f"granularity must be one of {GRANULARITIES}. "
-                         f"Received: granularity={granularity!r}")
-    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
-        if not isinstance(value, int) or value < 1:
-            raise InputError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
-    graph = DependencyGraph(model, opaque=opaque)
-    if any(prune_wrapper_of(n.layer) is not None for n in graph.nodes):
-        raise InputError(f"The model is already wrapped for pruning. Received: model={model.name}")
-    if any(getattr(n.layer, "tflite_ext_inner", None) is not None for n in graph.nodes):
-        raise InputError("prune() takes the float model: call quantize_model(prune(model)) for "
-                         f"pruning during QAT. Received: model={model.name} (already wrapped)")
-    match = _matcher(layers)
-    chosen = {n.name for n in graph.nodes if n.inputs and isinstance(n.layer, SUPPORTED)
-              and match(n.layer)}
-    if not chosen:
-        raise InputError("layers matched no Conv/Dense layer of the model. "
-                         f"Received: layers={layers!r}")
-    consumers = set()
-    if granularity == "channel":
-        wrap, pruned_groups = set(), []
-        for group in graph.groups:
-            if chosen & set(group.producers):
-                pruned_groups.append(group)
-                wrap.update(group.producers)
-                consumers.update(name for name, _, _ in group.consumers)
-        wrap |= consumers
-        if not wrap:
-            raise InputError("None of the chosen layers has prunable output channels (they "
-                             f"feed a model output or a barrier). Received: layers={layers!r}")
-    else:
-        wrap = chosen
+    _check_arguments(schedule, overrides, scope, granularity, min_channels, round_to)
+    graph = graph_of(model, opaque)
+    _check_unwrapped(graph, model)
+    wrap, consumers, groups = _layers_to_wrap(graph, _matcher(layers), granularity, layers)
     policy = {"importance": imp.name, "scope": scope, "min_channels": min_channels,
               "round_to": round_to}
     names = unique_names(graph)
     if overrides:
-        # Patterns are matched against the names the layers get in the pruned model, which
-        # is what the PruningCallback sees.
-        members = [[names[m] for m in group_members(g)] for g in pruned_groups]
-        for regex in overrides:
-            if not any(regex.fullmatch(m) for ms in members for m in ms):
-                raise InputError("group_sparsity pattern matches no layer of a pruned group. "
-                                 f"Received: group_sparsity key {regex.pattern!r}")
-        policy["group_sparsity"] = {r.pattern: v for r, v in overrides.items()}
-        removed = [g for g, v in group_overrides(pruned_groups, policy["group_sparsity"],
-                                                 names).items() if v >= 1.0]
-        check_removable(graph, removed)
+        policy["group_sparsity"] = _checked_overrides(graph, groups, overrides, names)
 
     def make_layer(node):
         source = node.layer
@@ -208,28 +135,69 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
     return rebuild(graph, make_layer)
 
 
-def pruning_wrappers(model):
-    """The `PruneWrapper` layers of a model in model order, also inside other wrappers
-    (QAT) and nested models.
+def _check_arguments(schedule, overrides, scope, granularity, min_channels, round_to):
+    if overrides:
+        if granularity != "channel" or scope != "local":
+            raise InputError("group_sparsity needs granularity='channel' and scope='local'. "
+                             f"Received: granularity={granularity!r}, scope={scope!r}")
+        if not schedule.final_sparsity > 0:
+            raise InputError("group_sparsity ramps with the schedule, whose final sparsity "
+                             "must be > 0. Received: final sparsity="
+                             f"{schedule.final_sparsity!r}")
+    if scope not in ("local", "global"):
+        raise InputError(f"scope must be 'local' or 'global'. Received: scope={scope!r}")
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {GRANULARITIES}. "
+                         f"Received: granularity={granularity!r}")
+    for name, value in (("min_channels", min_channels), ("round_to", round_to)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
 
-    Example:
-        >>> len(pruning_wrappers(quantize_model(prune(model))))
-        4
+
+def _check_unwrapped(graph, model):
+    if any(wrapping.find(n.layer, PruneWrapper) is not None for n in graph.nodes):
+        raise InputError(f"The model is already wrapped for pruning. Received: model={model.name}")
+    if any(isinstance(n.layer, wrapping.Wrapper) for n in graph.nodes):
+        raise InputError("prune() takes the float model: call quantize_model(prune(model)) for "
+                         f"pruning during QAT. Received: model={model.name} (already wrapped)")
+
+
+def _layers_to_wrap(graph, match, granularity, layers):
+    """(node names to wrap, the consumers among them, the pruned groups).
+
+    With "channel" granularity a chosen layer brings its whole group: every producer of its
+    output channels and every layer reading them (their input masks drop the channels).
     """
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found.extend(pruning_wrappers(layer))
-        elif prune_wrapper_of(layer) is not None:
-            found.append(prune_wrapper_of(layer))
-    return found
+    chosen = {n.name for n in graph.nodes if n.inputs and prunable(n.layer) and match(n.layer)}
+    if not chosen:
+        raise InputError("layers matched no Conv/Dense layer of the model. "
+                         f"Received: layers={layers!r}")
+    if granularity != "channel":
+        return chosen, set(), []
+    wrap, consumers, groups = set(), set(), []
+    for group in graph.groups:
+        if chosen & set(group.producers):
+            groups.append(group)
+            wrap.update(group.producers)
+            consumers.update(name for name, _, _ in group.consumers)
+    wrap |= consumers
+    if not wrap:
+        raise InputError("None of the chosen layers has prunable output channels (they "
+                         f"feed a model output or a barrier). Received: layers={layers!r}")
+    return wrap, consumers, groups
 
 
-def get_schedule_and_policy(model):
-    """(schedule, policy) stored in the first wrapper of a pruned model."""
-    wrappers = pruning_wrappers(model)
-    if not wrappers:
-        raise InputError("The model has no pruning wrappers; call tflite_ext.pruning.prune() "
-                         f"first. Received: model={model.name}")
-    return wrappers[0].schedule, wrappers[0].policy
-
+def _checked_overrides(graph, groups, overrides, names):
+    """The policy's {pattern: sparsity}, once every pattern matches a pruned group and every
+    group pruned to 1.0 can go (`removal.check_removable`)."""
+    # Patterns are matched against the names the layers get in the pruned model, which is
+    # what the PruningCallback sees.
+    members = [[names[m] for m in group_members(g)] for g in groups]
+    for regex in overrides:
+        if not any(regex.fullmatch(m) for ms in members for m in ms):
+            raise InputError("group_sparsity pattern matches no layer of a pruned group. "
+                             f"Received: group_sparsity key {regex.pattern!r}")
+    patterns = {r.pattern: v for r, v in overrides.items()}
+    removed = [g for g, v in group_overrides(groups, patterns, names).items() if v >= 1.0]
+    check_removable(graph, removed)
+    return patterns

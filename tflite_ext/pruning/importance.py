@@ -16,9 +16,10 @@ Example:
 import keras
 import numpy as np
 
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError
-from tflite_ext.graph import unwrap
-from tflite_ext.pruning.wrapper import prune_wrapper_of
+from tflite_ext.pruning.handlers import handler_for
+from tflite_ext.pruning.wrapper import PruneWrapper
 
 _EPS = 1e-12
 
@@ -28,21 +29,16 @@ def _per_channel(values, fidx, cidx, size):
     return np.bincount(cidx, weights=values[fidx], minlength=size)
 
 
-def _out_scores(kernel):
-    """Per-output-channel sum over every other axis."""
-    return kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
-
-
-def _in_scores(k):
-    """Per-input-feature sum over a kernel whose axis -2 is the input axis (Dense, Conv,
-    depthwise kernels all are)."""
-    return np.moveaxis(k, -2, 0).reshape(k.shape[-2], -1).sum(axis=1)
+def _scores(values, axis):
+    """Per-index sums of `values` along `axis` (over every other axis)."""
+    return np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).sum(axis=1)
 
 
 class Context:
     """What importance criteria may read: the graph, layers, weights and gradients.
 
-    Numpy copies of weights are cached for one pruning step.
+    Which weight of a layer holds its output channels or input features is its handler's
+    knowledge (`pruning.handlers`). Numpy copies of weights are cached for one pruning step.
     """
 
     def __init__(self, graph, grads=None):
@@ -51,7 +47,11 @@ class Context:
         self._cache = {}
 
     def layer(self, node_name):
-        return unwrap(self.graph.node_by_name[node_name].layer)
+        return wrapping.unwrap(self.graph.node_by_name[node_name].layer)
+
+    def pruner(self, node_name):
+        """The node's `PruneWrapper` (also under a QuantizeWrapper), or None."""
+        return wrapping.find(self.graph.node_by_name[node_name].layer, PruneWrapper)
 
     def value(self, variable):
         key = id(variable)
@@ -59,15 +59,21 @@ class Context:
             self._cache[key] = keras.ops.convert_to_numpy(variable)
         return self._cache[key]
 
-    def consumer_kernel(self, node_name):
+    def _handled(self, node_name, what):
         layer = self.layer(node_name)
-        dw = getattr(layer, "depthwise_kernel", None)
-        return dw if dw is not None else layer.kernel
+        return getattr(handler_for(layer), what)(layer)
 
-    def producer_kernel(self, node_name):
-        layer = self.layer(node_name)
-        pw = getattr(layer, "pointwise_kernel", None)
-        return pw if pw is not None else layer.kernel
+    def out_kernel(self, node_name):
+        """(weight, axis of output channels) of a producer."""
+        return self._handled(node_name, "out_kernel")
+
+    def in_kernel(self, node_name):
+        """(weight, axis of input features) of a consumer or carrier, or None."""
+        return self._handled(node_name, "in_kernel")
+
+    def scale(self, node_name):
+        """A carrier's per-channel scale (BatchNormalization's gamma), or None."""
+        return self._handled(node_name, "scale")
 
 
 class Importance:
@@ -104,15 +110,13 @@ class Magnitude(Importance):
     def member_scores(self, ctx, group):
         out = []
         for name in group.producers:
-            out.append(_out_scores(self.transform(ctx, ctx.producer_kernel(name))))
-        for name, fidx, cidx in group.consumers:
-            per_feature = _in_scores(self.transform(ctx, ctx.consumer_kernel(name)))
-            out.append(_per_channel(per_feature, fidx, cidx, group.size))
-        for name, fidx, cidx in group.carriers:
-            layer = ctx.layer(name)
-            kernel = getattr(layer, "kernel", None)
-            if kernel is not None and len(kernel.shape) >= 3:  # depthwise: (..., C, 1)
-                per_feature = _in_scores(self.transform(ctx, kernel))
+            kernel, axis = ctx.out_kernel(name)
+            out.append(_scores(self.transform(ctx, kernel), axis))
+        # Consumers' input features and carriers' channels (a depthwise kernel; BN has none).
+        for name, fidx, cidx in group.consumers + group.carriers:
+            found = ctx.in_kernel(name)
+            if found is not None:
+                per_feature = _scores(self.transform(ctx, found[0]), found[1])
                 out.append(_per_channel(per_feature, fidx, cidx, group.size))
         return [o ** (1.0 / self.p) for o in out]
 
@@ -142,7 +146,7 @@ class BNScale(Importance):
     def member_scores(self, ctx, group):
         out = []
         for name, fidx, cidx in group.carriers:
-            gamma = getattr(ctx.layer(name), "gamma", None)
+            gamma = ctx.scale(name)
             if gamma is not None:
                 out.append(_per_channel(np.abs(ctx.value(gamma)), fidx, cidx, group.size))
         return out or Magnitude(2).member_scores(ctx, group)
@@ -161,8 +165,7 @@ class MeanActivation(Importance):
     def member_scores(self, ctx, group):
         out = []
         for name, fidx, cidx in group.consumers:
-            # The statistics live on the pruning wrapper, also under a QuantizeWrapper.
-            wrapper = prune_wrapper_of(ctx.graph.node_by_name[name].layer)
+            wrapper = ctx.pruner(name)  # the statistics live on the pruning wrapper
             if getattr(wrapper, "track_activations", False) and float(
                     keras.ops.convert_to_numpy(wrapper.act_count)) > 0:
                 values = _per_channel(self.per_feature(wrapper), fidx, cidx, group.size)

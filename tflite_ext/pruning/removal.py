@@ -27,12 +27,12 @@ import keras
 import numpy as np
 
 from tflite_ext.errors import InputError
-from tflite_ext.graph import unwrap
-from tflite_ext.pruning.rebuild import substitute
+from tflite_ext.functional import substitute
+from tflite_ext.wrapping import unwrap
 
 
 def _is_empty(graph, tid, keeps):
-    return bool(graph._width(tid)) and not graph.keep_mask(tid, keeps).any()
+    return bool(graph.width(tid)) and not graph.keep_mask(tid, keeps).any()
 
 
 def _zeros(graph, tid):

@@ -1,10 +1,12 @@
 """`strip(model)`: an ordinary Keras model with the masked channels physically removed.
 
-The model is rebuilt node by node: producers (Conv/Dense/SeparableConv) get fewer filters or
-units and sliced kernels, per-channel layers (BatchNormalization, depthwise conv, PReLU) get
-sliced weights, Reshape targets follow the new widths, and Concatenate/Flatten need nothing:
-their new widths follow from their inputs. Element-wise (unstructured, 2:4) masks are baked
-into the kernels. The result computes what the masked model computes (to float rounding).
+The model is rebuilt node by node, and each layer's handler (`pruning.handlers`) slices its
+config and weights to the kept channels: producers (Conv/Dense/SeparableConv) get fewer
+filters or units, per-channel layers (BatchNormalization, depthwise conv, PReLU) fewer
+channels, Reshape targets follow the new widths; Concatenate/Flatten need nothing. Pruning
+wrappers go; a QAT wrapper slices itself (`QuantizeWrapper.sliced`). Element-wise
+(unstructured, 2:4) masks are baked into the kernels. The result computes what the masked
+model computes (to float rounding).
 
 Example:
     >>> small = strip(pruned)
@@ -25,21 +27,24 @@ import warnings
 import keras
 import numpy as np
 
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError
-from tflite_ext.graph import DependencyGraph, unwrap
-from tflite_ext.pruning.api import prune_wrapper_of
-from tflite_ext.pruning.rebuild import clone_layer, rebuild, unique_names
+from tflite_ext.functional import clone_layer, rebuild, unique_names
+from tflite_ext.pruning.graph import graph_of
+from tflite_ext.pruning.handlers import handler_for
 from tflite_ext.pruning.removal import dead_flow, join_offsets, repeated_relus
-from tflite_ext.pruning.wrapper import masked_kernel
-from tflite_ext.quantization.wrapper import QuantizeWrapper
+from tflite_ext.pruning.wrapper import PruneWrapper
+
+
+def _pruner(layer):
+    return wrapping.find(layer, PruneWrapper)
 
 
 def _group_keep(graph):
     """{group id: bool keep array}: a channel goes only if every consumer ignores it."""
     keeps = {}
     for group in graph.groups:
-        consumers = [prune_wrapper_of(graph.node_by_name[name].layer)
-                     for name, _, _ in group.consumers]
+        consumers = [_pruner(graph.node_by_name[name].layer) for name, _, _ in group.consumers]
         if any(w is None or w.granularity != "channel" for w in consumers):
             continue
         keep = np.zeros(group.size, bool)
@@ -49,7 +54,7 @@ def _group_keep(graph):
         else:
             for name in group.producers:
                 node = graph.node_by_name[name]
-                wrapper = prune_wrapper_of(node.layer)
+                wrapper = _pruner(node.layer)
                 if wrapper is None:
                     keep[:] = True
                     continue
@@ -61,67 +66,40 @@ def _group_keep(graph):
     return keeps
 
 
-def _take(array, keep, axis):
-    return np.take(array, np.nonzero(keep)[0], axis=axis)
+def _survivors(layer):
+    """The wrappers of `layer` that strip keeps (QAT), outermost first."""
+    return [w for w in list(wrapping.layers_of(layer))[:-1] if w.survives_strip]
 
 
-def _slice_producer(config, weights, in_keep, out_keep):
-    width = int(out_keep.sum())
-    config["units" if "units" in config else "filters"] = width
-    out = {}
-    for name, w in weights.items():
-        if name in ("kernel", "depthwise_kernel"):
-            w = _take(w, in_keep, -2)
-            if name == "kernel":
-                w = _take(w, out_keep, -1)
-        elif name == "pointwise_kernel":
-            mult = w.shape[-2] // in_keep.size
-            w = _take(_take(w, np.repeat(in_keep, mult), -2), out_keep, -1)
-        elif name == "bias":
-            w = w[out_keep]
-        out[name] = w
-    return config, out
+def _stripped_layer(graph, node, keeps, name):
+    """(layer, init): the node's layer without pruning, its kept channels only."""
+    source = node.layer
+    inner, pruner, survivors = wrapping.unwrap(source), _pruner(source), _survivors(source)
+    weights = {v.name: keras.ops.convert_to_numpy(v) for v in inner.weights}
+    if pruner is not None and pruner.granularity != "channel":  # bake the zeros in
+        kernel = pruner.masked_kernel
+        weights[kernel.name] = (keras.ops.convert_to_numpy(kernel)
+                                * keras.ops.convert_to_numpy(pruner.weight_mask))
+    config = inner.get_config()
+    if not survivors:  # the layer stands alone: it takes the node's name
+        config["name"] = name
+    in_keep = graph.keep_mask(node.inputs[0], keeps)
+    out_keep = graph.keep_mask(node.outputs[0], keeps)
+    if node.kind in ("producer", "pass_through", "flatten") and not (in_keep.all()
+                                                                     and out_keep.all()):
+        config, weights = handler_for(inner).slice(config, weights, in_keep, out_keep)
+    layer = base = clone_layer(inner, config)
+    inits = []
+    for wrapper in reversed(survivors):  # innermost first: each wraps what is made so far
+        layer, init = wrapper.sliced(layer, out_keep, name if wrapper is survivors[0]
+                                     else wrapper.name)
+        inits.append((layer, init))
 
-
-def _slice_per_channel(config, weights, in_keep, out_keep):
-    if "target_shape" in config:  # Reshape that keeps the channel axis last, or flattens
-        target = list(config["target_shape"])
-        target[-1] = int(out_keep.sum())
-        config["target_shape"] = tuple(target)
-    out = {}
-    for name, w in weights.items():
-        if name == "kernel" and w.ndim >= 3:  # depthwise kernel (..., C, multiplier)
-            w = _take(w, in_keep, -2)
-        elif w.ndim and w.shape[-1] == in_keep.size:
-            w = _take(w, in_keep, -1)
-        out[name] = w
-    return config, out
-
-
-def _sliced_like(source, base, out_keep, name):
-    """A `QuantizeWrapper` like `source` around the sliced `base`, its folded BN sliced too.
-
-    Exact: pruned channels were zeroed in the QAT model's kernels and bias (after folding), so
-    per-channel weight ranges, the per-tensor Dense range and every activation range (which
-    always holds 0) are unchanged by removing them. Ranges and observer states are copied.
-    """
-    bn, bn_weights = source.batch_norm, None
-    if bn is not None:
-        bn_weights = [w[out_keep] if w.ndim and w.shape[-1] == out_keep.size else w
-                      for w in bn.get_weights()]
-        bn = clone_layer(bn)
-    wrapper = QuantizeWrapper(base, batch_norm=bn, name=name)
-
-    def init(new, base_weights):
-        new.layer.set_weights([base_weights[v.name] for v in new.layer.weights])
-        if bn is not None:
-            new.batch_norm.set_weights(bn_weights)
-        new.bn_observing.assign(source.bn_observing)
-        for mine, theirs in ((new.mid_quantizer, source.mid_quantizer),
-                             (new.logits_quantizer, source.logits_quantizer)):
-            if mine is not None:
-                mine.set_weights(theirs.get_weights())
-    return wrapper, init
+    def init(_):
+        base.set_weights([weights[v.name] for v in base.weights])
+        for made, init_wrapper in inits:
+            init_wrapper(made)
+    return layer, init if weights or inits else None
 
 
 def strip(model):
@@ -157,14 +135,14 @@ def strip(model):
         >>> small_qat = strip(qat)            # qat = quantize_model(pruned), trained
         >>> flatbuffer = convert.to_tflite(small_qat).flatbuffer
     """
-    graph = DependencyGraph(model)
-    if not any(prune_wrapper_of(n.layer) is not None for n in graph.nodes):
+    graph = graph_of(model)
+    if not any(_pruner(n.layer) is not None for n in graph.nodes):
         raise InputError("strip() needs a model returned by prune(); this one has no pruning "
                          f"wrappers. Received: model={model.name}")
     keeps = _group_keep(graph)
     names = unique_names(graph)
     empty, constant, joins = dead_flow(graph, keeps)
-    if joins and any(isinstance(n.layer, QuantizeWrapper) for n in graph.nodes):
+    if joins and any(_survivors(n.layer) for n in graph.nodes):
         raise InputError("A QAT model cannot lose a whole residual branch (group_sparsity 1.0): "
                          "strip the pruned float model first, then quantize_model() it. "
                          f"Received: model={model.name}")
@@ -174,7 +152,6 @@ def strip(model):
     repeated = repeated_relus(graph, silent)
 
     def make_layer(node):
-        source = node.layer
         if node.name in dropped:
             return None
         passed = silent.get(node.name, repeated.get(node.name))
@@ -186,30 +163,7 @@ def strip(model):
             offset = [float(v) for v in offsets[node.name]]
             return keras.layers.Rescaling(1.0, offset=offset, name=names[node.name]), None, \
                 joins[node.name]
-        pruner, inner = prune_wrapper_of(source), unwrap(source)
-        weights = {v.name: keras.ops.convert_to_numpy(v) for v in inner.weights}
-        if pruner is not None and pruner.granularity != "channel":
-            kernel = masked_kernel(inner)
-            weights[kernel.name] = (keras.ops.convert_to_numpy(kernel)
-                                    * keras.ops.convert_to_numpy(pruner.weight_mask))
-        config = inner.get_config()
-        if not isinstance(source, QuantizeWrapper):
-            config["name"] = names[node.name]
-        in_keep = graph.keep_mask(node.inputs[0], keeps)
-        out_keep = graph.keep_mask(node.outputs[0], keeps)
-        if node.kind == "producer":
-            config, weights = _slice_producer(config, weights, in_keep, out_keep)
-        elif node.kind in ("pass_through", "flatten") and (not in_keep.all() or
-                                                           not out_keep.all()):
-            config, weights = _slice_per_channel(config, weights, in_keep, out_keep)
-        layer = clone_layer(inner, config)
-        if isinstance(source, QuantizeWrapper):
-            wrapper, init_wrapper = _sliced_like(source, layer, out_keep, names[node.name])
-            return wrapper, lambda new: init_wrapper(new, weights)
-
-        def init(new):
-            new.set_weights([weights[v.name] for v in new.weights])
-        return layer, init if weights else None
+        return _stripped_layer(graph, node, keeps, names[node.name])
 
     small = rebuild(graph, make_layer)
     _warn_if_onednn_crashes(small)
@@ -224,7 +178,7 @@ def _onednn_crashing_convs(model):
     """
     names = []
     for layer in model.layers:
-        conv = unwrap(layer)
+        conv = wrapping.unwrap(layer)
         if (isinstance(conv, keras.layers.Conv2D) and conv.groups == 1
                 and all(k == 1 for k in conv.kernel_size) and any(s > 1 for s in conv.strides)
                 and conv.kernel.shape[-2] < 16):

@@ -6,7 +6,7 @@ Example:
 """
 from tflite_ext.errors import InputError
 from tflite_ext.pruning.api import prune
-from tflite_ext.pruning.callbacks import PruningPlan
+from tflite_ext.pruning.plan import PruningPlan
 from tflite_ext.pruning.macs import count_macs
 from tflite_ext.pruning.strip import strip
 

@@ -15,26 +15,26 @@ Example:
 import keras
 from keras import ops
 
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError
+from tflite_ext.pruning.handlers import handler_for
 
 GRANULARITIES = ("channel", "unstructured", "2:4")
-SUPPORTED = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-             keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
-             keras.layers.SeparableConv1D, keras.layers.SeparableConv2D, keras.layers.Dense)
 
 
-def masked_kernel(layer):
-    """The weight that element-wise masks apply to (pointwise kernel for separable convs)."""
-    pointwise = getattr(layer, "pointwise_kernel", None)
-    return layer.kernel if pointwise is None else pointwise
+def prunable(layer):
+    """Whether `PruneWrapper` can wrap `layer` (its handler says so)."""
+    handler = handler_for(layer)
+    return handler is not None and handler.prunable
 
 
 @keras.saving.register_keras_serializable(package="tflite_ext")
-class PruneWrapper(keras.layers.Wrapper):
+class PruneWrapper(wrapping.Wrapper):
     """Masks output channels / input features (or single weights) of the wrapped layer.
 
     Args:
-        layer: a Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or Dense layer.
+        layer: a layer whose handler is `prunable` (Conv1D/2D/3D and their transposes,
+            DepthwiseConv1D/2D, SeparableConv1D/2D, Dense).
         granularity: "channel", "unstructured" or "2:4".
         schedule: the pruning schedule (kept here so a saved model remembers it).
         policy: dict of pruning settings (importance, scope, min_channels, round_to).
@@ -44,10 +44,11 @@ class PruneWrapper(keras.layers.Wrapper):
 
     def __init__(self, layer, granularity="channel", schedule=None, policy=None,
                  track_activations=False, **kwargs):
-        if not isinstance(layer, SUPPORTED):
+        if not prunable(layer):
             raise UnsupportedLayerError(
-                "PruneWrapper wraps Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D or "
-                f"Dense layers. Received: layer={layer.name} ({type(layer).__name__})")
+                "PruneWrapper wraps Conv1D/2D/3D(Transpose), DepthwiseConv1D/2D, "
+                "SeparableConv1D/2D or Dense layers. Received: "
+                f"layer={layer.name} ({type(layer).__name__})")
         if granularity not in GRANULARITIES:
             raise InputError(f"granularity must be one of {GRANULARITIES}. "
                              f"Received: granularity={granularity!r}")
@@ -59,9 +60,14 @@ class PruneWrapper(keras.layers.Wrapper):
         self.track_activations = bool(track_activations)
 
     @property
-    def tflite_ext_inner(self):
-        """The wrapped layer (the dependency graph looks through the wrapper)."""
-        return self.layer
+    def masked_kernel(self):
+        """The weight that element-wise masks apply to (pointwise kernel for separable convs)."""
+        return handler_for(self.layer).masked_kernel(self.layer)[0]
+
+    @property
+    def masked_axis(self):
+        """The input axis of `masked_kernel` (along which 2:4 runs)."""
+        return handler_for(self.layer).masked_kernel(self.layer)[1]
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -73,7 +79,7 @@ class PruneWrapper(keras.layers.Wrapper):
         self.pruning_step = self.add_weight(shape=(), dtype="int64", initializer="zeros",
                                             trainable=False, name="pruning_step")
         if self.granularity != "channel":
-            self.weight_mask = self.add_weight(shape=masked_kernel(self.layer).shape,
+            self.weight_mask = self.add_weight(shape=self.masked_kernel.shape,
                                                name="weight_mask", **mask)
         if self.track_activations:
             zeros = dict(initializer="zeros", trainable=False)
@@ -98,7 +104,7 @@ class PruneWrapper(keras.layers.Wrapper):
         if training:
             self.record_training_step(inputs)
         if self.granularity != "channel":
-            kernel = masked_kernel(self.layer)
+            kernel = self.masked_kernel
             if training:  # the optimizer moved masked weights off zero: put them back
                 kernel.assign(kernel * self.weight_mask)
             return self.layer(inputs)
@@ -121,16 +127,3 @@ class PruneWrapper(keras.layers.Wrapper):
             config["layer"], custom_objects=custom_objects)
         config["schedule"] = keras.saving.deserialize_keras_object(config.get("schedule"))
         return cls(**config)
-
-
-def prune_wrapper_of(layer):
-    """The `PruneWrapper` that is `layer` or sits inside it, or None.
-
-    Other wrappers are looked through: `quantize_model(prune(model))` puts each `PruneWrapper`
-    inside a `QuantizeWrapper`, whose kernels then carry the pruning masks.
-    """
-    while isinstance(layer, keras.layers.Wrapper):
-        if isinstance(layer, PruneWrapper):
-            return layer
-        layer = layer.layer
-    return None

@@ -1,13 +1,15 @@
 """`quantize_model`: quantization-aware training for Keras 3 functional and Sequential models.
 
-The model is rebuilt layer by layer (`keras.models.clone_model` with a `call_function`):
-weighted layers go into a `QuantizeWrapper` (fake-quantized kernels, following BN folded in),
-and an `ActivationQuantizer` is placed wherever the int8 graph gets a new scale: the model
-inputs and the outputs of convolutions, Dense, Add, Concatenate, activations and global
-average pooling. A conv or Add whose only consumer is a ReLU/ReLU6 gets no quantizer of its
-own (TFLite fuses the activation, so only the activated tensor exists in int8). Layers that
-keep their input scale in TFLite (pooling, reshape, flatten, padding, nearest upsampling,
-dropout) and Softmax (fixed 1/256 output scale) get none.
+The model is rebuilt node by node (the walk and rebuild of `tflite_ext.functional`, the same
+that `prune` and `strip` use; nested models come out flattened): weighted layers go into a
+`QuantizeWrapper` (fake-quantized kernels, following BN folded in), and an
+`ActivationQuantizer` is placed wherever the int8 graph gets a new scale: the model inputs
+and the outputs of convolutions, Dense, Add, Concatenate, activations and global average
+pooling. A conv or Add whose only consumer is a ReLU/ReLU6 gets no quantizer of its own
+(TFLite fuses the activation, so only the activated tensor exists in int8). Layers that keep
+their input scale in TFLite (pooling, reshape, flatten, padding, cropping, nearest
+upsampling, dropout) and Softmax (fixed 1/256 output scale) get none. Which layer is which
+is its handler's knowledge (`Handler.qat` in `pruning.handlers`).
 
 Example:
     >>> from tflite_ext import models, tasks
@@ -22,154 +24,70 @@ import collections
 import keras
 from keras import layers
 
-from tflite_ext import graph_handlers
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError
+from tflite_ext.functional import FunctionalGraph, clone_layer, rebuild, unique_names
+from tflite_ext.pruning.handlers import activation_name, handler_for
 from tflite_ext.quantization.quantizers import ActivationQuantizer
-from tflite_ext.quantization.wrapper import (QuantizeWrapper, _activation_name, innermost,
-                                             layer_kind)
-
-# A per-tensor fake quant: channel i out is channel i in, and 0 stays exactly 0 (the range
-# always holds 0), so pruned channels stay removed through it. The pruning graph must know.
-graph_handlers.register_handler(ActivationQuantizer, graph_handlers.PASS_THROUGH)
-
-# TFLite keeps the input's scale through these (or needs none): no quantizer after them.
-_SAME_SCALE = (layers.MaxPooling1D, layers.MaxPooling2D, layers.AveragePooling1D,
-               layers.AveragePooling2D, layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D,
-               layers.Reshape, layers.Flatten, layers.ZeroPadding1D, layers.ZeroPadding2D,
-               layers.Dropout, layers.InputLayer)
-# These compute new values: their output gets a quantizer.
-# Rescaling is `strip`'s constant add for a removed residual branch (x * 1 + c: one ADD).
-_NEW_SCALE = (layers.Add, layers.Rescaling, layers.Concatenate, layers.GlobalAveragePooling1D,
-              layers.GlobalAveragePooling2D, layers.BatchNormalization, layers.ReLU)
-_FUSABLE_ACTIVATIONS = ("relu", "relu6")
-_LAYER_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+from tflite_ext.quantization.wrapper import KINDS, QuantizeWrapper
 
 
-def _fusable_activation(layer):
-    """True for a layer TFLite folds into the preceding conv/FC/add as a fused activation."""
-    if isinstance(layer, layers.ReLU):
-        cfg = layer.get_config()
-        plain = not cfg["negative_slope"] and not cfg["threshold"]
-        return plain and cfg["max_value"] in (None, 6, 6.0)
-    if isinstance(layer, layers.Activation):
-        return _activation_name(layer) in _FUSABLE_ACTIVATIONS
-    return False
+def _action(node):
+    """The node's QAT action (`Handler.qat`), or raises UnsupportedLayerError(reason)."""
+    base = wrapping.unwrap(node.layer)
+    handler = handler_for(base)
+    if handler is None:
+        raise UnsupportedLayerError(type(base).__name__)
+    return handler.qat(base)
 
 
-def _unsupported_reason(layer):
-    """None if quantize_model handles `layer`, else a short description of the problem."""
-    cls = innermost(layer).__class__.__name__
-    if isinstance(layer, keras.Model):
-        return f"{cls} (nested model)"
-    if layer_kind(layer) is not None:
-        base = innermost(layer)
-        if getattr(base, "data_format", "channels_last") != "channels_last":
-            return f"{cls} with data_format={base.data_format}"
-        if isinstance(base, layers.BatchNormalization) and base.axis not in (
-                -1, len(base.input.shape) - 1):
-            return f"BatchNormalization with axis={base.axis}"
-        if getattr(base, "groups", 1) != 1:
-            return f"{cls} with groups={base.groups}"
-        if _activation_name(base) not in _LAYER_ACTIVATIONS:
-            return f"{cls} with activation={_activation_name(base)}"
-        return None
-    if isinstance(layer, layers.Activation):
-        name = _activation_name(layer)
-        return None if name in _LAYER_ACTIVATIONS else f"Activation({name})"
-    if isinstance(layer, layers.UpSampling2D):
-        return None
-    if isinstance(layer, (layers.Softmax,) + _SAME_SCALE + _NEW_SCALE):
-        return None
-    return cls
+def _fuses(node):
+    handler = node is not None and handler_for(node.layer)
+    return bool(handler) and handler.fuses(wrapping.unwrap(node.layer))
 
 
-def _history_names(node):
-    """Names of the layers whose outputs feed one serialized node (any nesting)."""
-    if isinstance(node, dict):
-        if "keras_history" in node:
-            return [node["keras_history"][0]]
-        return [n for v in node.values() for n in _history_names(v)]
-    if isinstance(node, (list, tuple)):
-        return [n for v in node for n in _history_names(v)]
-    return []
+def _plan(graph, actions, skip, fold_batch_norm):
+    """{node name: (what, folded BN node name, quantize the output?)}; `what` is "wrap",
+    "copy" or "identity" (a BatchNormalization folded into the layer before it)."""
+    consumers = collections.defaultdict(list)
+    for node in graph.nodes:
+        for tid in node.inputs:
+            consumers[tid].append(node)
+    calls = collections.Counter(id(node.layer) for node in graph.nodes)
 
-
-def _graph(functional):
-    """(consumers: name -> [consumer names], call counts: name -> int, output names)."""
-    config = functional.get_config()
-    consumers, calls = collections.defaultdict(list), {}
-    for layer_cfg in config["layers"]:
-        calls[layer_cfg["name"]] = len(layer_cfg["inbound_nodes"])
-        for producer in _history_names(layer_cfg["inbound_nodes"]):
-            consumers[producer].append(layer_cfg["name"])
-    outputs = config["output_layers"]
-    if outputs and isinstance(outputs[0], str):
-        outputs = [outputs]
-    return consumers, calls, {o[0] for o in outputs}
-
-
-def _as_functional(model):
-    if isinstance(model, keras.Sequential):
-        try:
-            inputs, outputs = model.inputs, model.outputs
-        except (AttributeError, ValueError):
-            inputs = outputs = None
-        if not inputs:
-            raise InputError("quantize_model needs a built Sequential model (start it with "
-                             f"keras.Input). Received: model={model.name} (not built)")
-        return keras.Model(inputs, outputs, name=model.name)
-    if isinstance(model, keras.Model) and hasattr(model, "_run_through_graph"):
-        return model
-    raise InputError("quantize_model needs a functional or Sequential Keras model. "
-                     f"Received: model={type(model).__name__}")
-
-
-def _plan(functional, skip, fold_batch_norm):
-    """Per layer name: (action, folded BN name, quantize output?)."""
-    consumers, calls, outputs = _graph(functional)
-    by_name = {layer.name: layer for layer in functional.layers}
-
-    def only_consumer(name):
-        cons = consumers.get(name, [])
-        if len(cons) != 1 or name in outputs:
-            return None
-        return by_name[cons[0]]
+    def only_consumer(node):
+        found = consumers.get(node.outputs[0], [])
+        return found[0] if len(found) == 1 and node.outputs[0] not in graph.outputs else None
 
     plan, folded = {}, set()
-    for layer in functional.layers:
-        name = layer.name
-        if isinstance(layer, layers.InputLayer):
-            continue
-        if name in skip:
-            plan[name] = ("copy", None, True)
-            continue
-        if layer_kind(layer) is not None:
-            bn = only_consumer(name)
-            foldable = (fold_batch_norm and isinstance(bn, layers.BatchNormalization)
-                        and not isinstance(layer, layers.BatchNormalization)
-                        and bn.name not in skip and calls[bn.name] == 1
-                        and bn.axis in (-1, len(bn.input.shape) - 1)
-                        and _activation_name(innermost(layer)) == "linear")
+    for node in graph.nodes:
+        layer = node.layer
+        if not node.inputs:
+            plan[node.name] = ("input", None, True)
+        elif layer.name in skip:
+            plan[node.name] = ("copy", None, True)
+        elif actions[node.name] in KINDS:
+            bn = only_consumer(node)
+            base = wrapping.unwrap(layer)
+            act = activation_name(base)
+            foldable = (fold_batch_norm and bn is not None
+                        and isinstance(bn.layer, layers.BatchNormalization)
+                        and not isinstance(base, layers.BatchNormalization)
+                        and bn.layer.name not in skip and calls[id(bn.layer)] == 1
+                        and bn.layer.axis in (-1, len(bn.layer.input.shape) - 1)
+                        and act == "linear")
             bn = bn if foldable else None
             if bn is not None:
                 folded.add(bn.name)
-            act = _activation_name(innermost(layer))
-            tail = bn.name if bn is not None else name
-            nxt = only_consumer(tail)
-            fuse = act == "linear" and nxt is not None and _fusable_activation(nxt)
-            plan[name] = ("wrap", bn.name if bn else None, not fuse and act != "softmax")
-        elif isinstance(layer, (layers.Add, layers.Rescaling)):
-            nxt = only_consumer(name)
-            plan[name] = ("copy", None, not (nxt is not None and _fusable_activation(nxt)))
-        elif isinstance(layer, layers.UpSampling2D):
-            plan[name] = ("copy", None, layer.interpolation != "nearest")
-        elif isinstance(layer, layers.Activation):
-            plan[name] = ("copy", None, _activation_name(layer) not in ("linear", "softmax"))
+            fuse = act == "linear" and _fuses(only_consumer(bn or node))
+            plan[node.name] = ("wrap", bn.name if bn else None, not fuse and act != "softmax")
+        elif actions[node.name] == "fused_output":
+            plan[node.name] = ("copy", None, not _fuses(only_consumer(node)))
         else:
-            plan[name] = ("copy", None, isinstance(layer, _NEW_SCALE))
+            plan[node.name] = ("copy", None, actions[node.name] == "output")
     for name in folded:
         plan[name] = ("identity", None, False)
-    return plan, calls
+    return plan
 
 
 def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99):
@@ -201,80 +119,78 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
     Example:
         >>> qat = quantize_model(model, skip_layers=["lstm"])
     """
-    functional = _as_functional(model)
-    if any(isinstance(layer, (QuantizeWrapper, ActivationQuantizer))
-           for layer in functional.layers):
-        raise InputError(f"model is already quantized. Received: model={functional.name}")
-    names = [layer.name for layer in functional.layers]
+    graph = FunctionalGraph(model)
+    nodes = [node for node in graph.nodes if node.inputs]
+    if any(isinstance(n.layer, (QuantizeWrapper, ActivationQuantizer)) for n in nodes):
+        raise InputError(f"model is already quantized. Received: model={graph.name}")
+    names = [node.layer.name for node in nodes]
     skip = set([skip_layers] if isinstance(skip_layers, str) else skip_layers)
     missing = sorted(skip - set(names))
     if missing:
         raise InputError(f"skip_layers names layers that are not in the model (layers: "
                          f"{names}). Received: skip_layers={missing}")
-    bad = [(layer.name, _unsupported_reason(layer)) for layer in functional.layers
-           if layer.name not in skip and _unsupported_reason(layer) is not None]
+    actions, bad = {}, []
+    for node in nodes:
+        if node.layer.name in skip:
+            continue
+        try:
+            actions[node.name] = _action(node)
+        except UnsupportedLayerError as reason:
+            bad.append((node.layer.name, str(reason)))
     if bad:
         listed = ", ".join(f"'{n}' ({why})" for n, why in bad)
         raise UnsupportedLayerError(
             f"quantize_model cannot quantize {len(bad)} layer(s): {listed}. Leave them in "
             f"float with quantize_model(model, skip_layers={[n for n, _ in bad]}) and convert "
-            "with float fallback allowed. Received: model=" + functional.name)
-    plan, calls = _plan(functional, skip, fold_batch_norm)
-    shared = sorted(n for n, c in calls.items() if c > 1 and n in plan)
+            "with float fallback allowed. Received: model=" + graph.name)
+    calls = collections.Counter(node.layer.name for node in nodes)
+    shared = sorted(name for name, count in calls.items() if count > 1)
     if shared:
         raise UnsupportedLayerError(
             f"quantize_model cannot quantize layers called more than once (shared weights). "
             f"Received: shared layers {shared}")
-    by_name = {layer.name: layer for layer in functional.layers}
-    return _rebuild(functional, plan, by_name, range_decay)
+    plan = _plan(graph, actions, skip, fold_batch_norm)
+    return _rebuild(graph, plan, range_decay)
 
 
-def _copy_layer(layer):
-    return keras.layers.deserialize(keras.layers.serialize(layer))
+def _copy(layer, name):
+    if name == layer.name:
+        return clone_layer(layer)
+    return clone_layer(layer, {**layer.get_config(), "name": name})
 
 
-def _rebuild(functional, plan, by_name, decay):
-    input_structure = keras.tree.map_structure(
-        lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name), functional.input)
-    new_inputs = keras.tree.flatten(input_structure)
-    quantized_inputs = {}  # id(input tensor) -> its quantized version, one quantizer each
+def _rebuild(graph, plan, decay):
+    names = unique_names(graph)
 
-    def quantize_inputs(value):
-        for i, tensor in enumerate(new_inputs):
-            if value is tensor:
-                if id(tensor) not in quantized_inputs:
-                    quantized_inputs[id(tensor)] = ActivationQuantizer(
-                        decay=decay, initial_range=(0.0, 1.0),
-                        name=f"{functional.inputs[i].name}_quant")(tensor)
-                return quantized_inputs[id(tensor)]
-        return value
+    def make_layer(node):
+        what, bn_name, _ = plan[node.name]
+        layer = node.layer
+        if what == "identity":
+            return None, None, node.inputs[0]
+        if what == "copy":
+            return _copy(layer, names[node.name]), \
+                lambda new: new.set_weights(layer.get_weights())
+        bn = graph.node_by_name[bn_name].layer if bn_name else None
+        new_bn = _copy(bn, names[bn_name]) if bn is not None else None
+        wrapper = QuantizeWrapper(_copy(layer, names[node.name]), batch_norm=new_bn,
+                                  name=f"quant_{names[node.name]}")
 
-    def call_function(layer, *args, **kwargs):
-        args = keras.tree.map_structure(quantize_inputs, args)
-        kwargs = keras.tree.map_structure(quantize_inputs, kwargs)
-        action, bn_name, quantize_output = plan[layer.name]
-        if action == "identity":
-            return args[0]
-        if action == "wrap":
-            bn = _copy_layer(by_name[bn_name]) if bn_name else None
-            new = QuantizeWrapper(_copy_layer(layer), batch_norm=bn, name=f"quant_{layer.name}")
-            # Only the tensor: BN's `mask=None` etc. mean nothing to the wrapper.
-            outputs = new(args[0])
+        def init(new):
             new.layer.set_weights(layer.get_weights())
             if bn is not None:
-                bn.set_weights(by_name[bn_name].get_weights())
-        else:
-            new = _copy_layer(layer)
-            outputs = new(*args, **kwargs)
-            new.set_weights(layer.get_weights())
-        if quantize_output:
-            outputs = ActivationQuantizer(decay=decay, name=f"{layer.name}_act")(outputs)
-        return outputs
+                new.batch_norm.set_weights(bn.get_weights())
+        # Only the tensor: a BN's `mask=None` and the like mean nothing to the wrapper.
+        return wrapper, init, node.inputs[0]
 
-    qat = keras.models.clone_model(functional, input_tensors=input_structure,
-                                   clone_function=lambda layer: layer,
-                                   call_function=call_function)
-    return qat
+    def quantize_output(node, tensor):
+        if not plan[node.name][2]:
+            return tensor
+        if not node.inputs:  # a model input: its range starts at [0, 1]
+            return ActivationQuantizer(decay=decay, initial_range=(0.0, 1.0),
+                                       name=f"{node.layer.name}_quant")(tensor)
+        return ActivationQuantizer(decay=decay, name=f"{names[node.name]}_act")(tensor)
+
+    return rebuild(graph, make_layer, then=quantize_output)
 
 
 def calibrate(qat_model, data, batch_size=32, steps=None):

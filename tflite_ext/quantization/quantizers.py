@@ -74,6 +74,10 @@ class ActivationQuantizer(keras.layers.Layer):
         >>> y = q(x, training=True)
     """
 
+    # A per-tensor fake quant: channel i out is channel i in, and 0 stays exactly 0 (the range
+    # always holds 0), so pruned channels stay removed through it (`pruning.handlers`).
+    tflite_ext_channel_rule = "pass_through"
+
     def __init__(self, decay=0.99, initial_range=(-6.0, 6.0), **kwargs):
         super().__init__(**kwargs)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:

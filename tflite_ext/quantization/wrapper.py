@@ -25,51 +25,27 @@ Example:
 import keras
 from keras import layers, ops
 
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError
+from tflite_ext.pruning.handlers import activation_name, handler_for
+from tflite_ext.pruning.wrapper import PruneWrapper
 from tflite_ext.quantization.quantizers import ActivationQuantizer, quantize_weight
 
-# Innermost layer class -> how the wrapper computes it. Order matters: subclasses first.
-_KINDS = (
-    (layers.SeparableConv2D, "separable"),
-    (layers.DepthwiseConv2D, "depthwise"),
-    (layers.Conv1D, "conv1d"),
-    (layers.Conv2D, "conv2d"),
-    (layers.Dense, "dense"),
-    # A BatchNormalization that follows no conv/Dense: computed as a per-channel 1x1
-    # depthwise conv (identity kernel with the BN folded in), which TFLite runs in int8.
-    (layers.BatchNormalization, "affine"),
-)
-
-
-def innermost(layer):
-    """The layer under any number of `keras.layers.Wrapper`s (e.g. a pruning wrapper)."""
-    while isinstance(layer, layers.Wrapper):
-        layer = layer.layer
-    return layer
+# How the wrapper computes each kind (the layer's handler names it, `Handler.qat`). A
+# BatchNormalization that follows no conv/Dense is "affine": a per-channel 1x1 depthwise conv
+# (identity kernel with the BN folded in), which TFLite runs in int8.
+KINDS = ("conv2d", "conv1d", "depthwise", "separable", "dense", "affine")
 
 
 def layer_kind(layer):
-    """'conv2d', 'conv1d', 'depthwise', 'separable', 'dense', or None if not quantizable."""
-    base = innermost(layer)
-    for cls, kind in _KINDS:
-        if isinstance(base, cls):
-            return kind
-    return None
-
-
-def _mask(layer, name):
-    """A pruning wrapper's mask variable called `name` (in_mask, out_mask, weight_mask)."""
-    while isinstance(layer, layers.Wrapper):
-        mask = getattr(layer, name, None)
-        if mask is not None:
-            return mask
-        layer = layer.layer
-    return None
-
-
-def _activation_name(layer):
-    name = layer.get_config().get("activation", "linear")
-    return name if isinstance(name, str) else repr(name)
+    """The kind of `layer` (looking through a pruning wrapper), or None if not wrappable."""
+    base = wrapping.unwrap(layer)
+    handler = handler_for(base)
+    try:
+        kind = handler.qat(base) if handler is not None else None
+    except UnsupportedLayerError:
+        return None
+    return kind if kind in KINDS else None
 
 
 def _depthwise_quant(kernel):
@@ -86,13 +62,15 @@ def _scale_depthwise(kernel, scale):
 
 
 @keras.saving.register_keras_serializable(package="tflite_ext")
-class QuantizeWrapper(layers.Wrapper):
+class QuantizeWrapper(wrapping.Wrapper):
     """Fake-quantizes a Conv1D/Conv2D/DepthwiseConv2D/SeparableConv2D/Dense layer's weights.
 
     Args:
         layer: the layer to wrap (already built or not), possibly inside a pruning wrapper.
         batch_norm: optional BatchNormalization (channels last) to fold into the layer.
     """
+
+    survives_strip = True  # strip keeps it, sliced (see `sliced`)
 
     def __init__(self, layer, batch_norm=None, **kwargs):
         super().__init__(layer, **kwargs)
@@ -109,7 +87,7 @@ class QuantizeWrapper(layers.Wrapper):
         if self.kind == "separable":  # TFLite splits it: the depthwise output needs a range
             self.mid_quantizer = ActivationQuantizer(name=f"{self.name}_depthwise_act")
         self.logits_quantizer = None
-        if self.kind != "affine" and _activation_name(innermost(layer)) == "softmax":
+        if self.kind != "affine" and activation_name(wrapping.unwrap(layer)) == "softmax":
             # int8 SOFTMAX has a fixed output scale, but its input (the logits) needs a range.
             self.logits_quantizer = ActivationQuantizer(name=f"{self.name}_logits_act")
 
@@ -127,7 +105,12 @@ class QuantizeWrapper(layers.Wrapper):
     @property
     def _base(self):
         # A property, not an attribute: Keras would track the layer a second time.
-        return innermost(self.layer)
+        return wrapping.unwrap(self.layer)
+
+    @property
+    def _pruner(self):
+        """The pruning wrapper inside (prune + QAT in one fit), whose masks fold in, or None."""
+        return wrapping.find(self.layer, PruneWrapper)
 
     @property
     def _bn(self):
@@ -147,13 +130,14 @@ class QuantizeWrapper(layers.Wrapper):
             kernels = [base.kernel]
         bias = base.bias if base.use_bias else None
         kernels = [ops.convert_to_tensor(k) for k in kernels]
-        weight_mask = _mask(self.layer, "weight_mask")
-        if weight_mask is not None:  # unstructured / 2:4: on the pointwise kernel if separable
-            kernels[-1] = kernels[-1] * ops.cast(weight_mask, kernels[-1].dtype)
-        in_mask = _mask(self.layer, "in_mask")
-        if in_mask is not None:  # input features live on axis -2 of every first kernel
-            in_mask = ops.cast(in_mask, kernels[0].dtype)
-            kernels[0] = kernels[0] * (ops.expand_dims(in_mask, -1))
+        pruner = self._pruner
+        if pruner is None:
+            return kernels, bias
+        if pruner.granularity != "channel":  # unstructured / 2:4: the pointwise kernel if any
+            kernels[-1] = kernels[-1] * ops.cast(pruner.weight_mask, kernels[-1].dtype)
+        # Input features live on axis -2 of every first kernel.
+        in_mask = ops.cast(pruner.in_mask, kernels[0].dtype)
+        kernels[0] = kernels[0] * (ops.expand_dims(in_mask, -1))
         return kernels, bias
 
     def _fold(self, kernels, bias):
@@ -170,9 +154,8 @@ class QuantizeWrapper(layers.Wrapper):
             scale = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
             out_kernel = self._scale_out(out_kernel, scale)
             bias = (bias - bn.moving_mean) * scale + beta
-        mask = _mask(self.layer, "out_mask")
-        if mask is not None:
-            mask = ops.cast(ops.reshape(mask, (channels,)), out_kernel.dtype)
+        if self._pruner is not None:
+            mask = ops.cast(ops.reshape(self._pruner.out_mask, (channels,)), out_kernel.dtype)
             out_kernel = self._scale_out(out_kernel, mask)
             bias = bias * mask
         return kernels[:-1] + [out_kernel], bias
@@ -245,25 +228,11 @@ class QuantizeWrapper(layers.Wrapper):
                      padding=padding, dilation_rate=(1, base.dilation_rate[0]))
         return ops.squeeze(y, 1)
 
-    @property
-    def tflite_ext_inner(self):
-        """The innermost wrapped layer, whose channels and weights this wrapper computes (the
-        dependency graph and pruning importance read it; a pruning wrapper in between is
-        reached through `.layer`)."""
-        return self._base
-
-    def _pruning_bookkeeping(self, inputs):
-        """Does in training what the pruning wrapper's own `call` (replaced by this one) does:
-        its step count and activation statistics."""
-        pruner = self.layer
-        while isinstance(pruner, layers.Wrapper) and not hasattr(pruner, "record_training_step"):
-            pruner = pruner.layer
-        if hasattr(pruner, "record_training_step"):
-            pruner.record_training_step(inputs)
-
     def call(self, inputs, training=False):
-        if training:
-            self._pruning_bookkeeping(inputs)
+        if training and self._pruner is not None:
+            # What the pruning wrapper's own `call` (replaced by this one) does in training:
+            # its step count and activation statistics.
+            self._pruner.record_training_step(inputs)
         kernels, bias = self._kernels_and_bias()
         if training and self._bn is not None:
             self._update_bn_statistics(inputs, kernels, bias)
@@ -293,6 +262,31 @@ class QuantizeWrapper(layers.Wrapper):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def sliced(self, inner, out_keep, name):
+        """This wrapper around `inner` (sliced by `strip`), its folded BN sliced to `out_keep`.
+
+        Exact: pruned channels were zeroed in the QAT model's kernels and bias (after
+        folding), so per-channel weight ranges, the per-tensor Dense range and every
+        activation range (which always holds 0) are unchanged by removing them. Ranges and
+        observer states are copied.
+        """
+        bn, bn_weights = self.batch_norm, None
+        if bn is not None:
+            bn_weights = [w[out_keep] if w.ndim and w.shape[-1] == out_keep.size else w
+                          for w in bn.get_weights()]
+            bn = type(bn).from_config(bn.get_config())
+        wrapper = QuantizeWrapper(inner, batch_norm=bn, name=name)
+
+        def init(new):
+            if bn is not None:
+                new.batch_norm.set_weights(bn_weights)
+            new.bn_observing.assign(self.bn_observing)
+            for mine, theirs in ((new.mid_quantizer, self.mid_quantizer),
+                                 (new.logits_quantizer, self.logits_quantizer)):
+                if mine is not None:
+                    mine.set_weights(theirs.get_weights())
+        return wrapper, init
 
     def get_config(self):
         config = super().get_config()

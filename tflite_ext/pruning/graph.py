@@ -4,35 +4,36 @@ Structured pruning must remove the *same* channels from every layer that shares 
 output channels are the next conv's input channels, BatchNormalization and depthwise convs carry
 them through, residual `Add` ties all branches together, `Concatenate` places each branch at an
 offset and `Flatten` expands one channel into one feature per spatial position. This module
-finds those ties (the DepGraph idea of Torch-Pruning, written for Keras functional graphs).
+finds those ties (the DepGraph idea of Torch-Pruning, written for Keras functional graphs), on
+the walk of `tflite_ext.functional`.
 
 Each tensor gets a *channel map*: the list of channel *spaces* its last axis is made of. A
 producer (Conv, Dense, SeparableConv) starts a new space; element-wise ops union spaces; a
 space that reaches a model output, a model input or a layer that mixes channels in unknown
 ways (a "barrier", e.g. LayerNormalization) is blocked. Every unblocked space is a `Group`:
-the unit that importance scores and pruning masks work on.
+the unit that importance scores and pruning masks work on. Which rule a layer follows is its
+handler's (`pruning.handlers`); the project's wrappers are looked through.
 
-All layer knowledge lives in `HANDLERS` (module `tflite_ext.graph_handlers`, re-exported
-here), a table from layer class to a small handler; wrappers are looked through. A custom layer
-opts in with `register_handler(MyLayer, PASS_THROUGH)` (or `BARRIER`), or by defining
-`tflite_ext_channel_rule = "pass_through"` (or `"barrier"`) on its class.
+`graph_of(model)` builds the graph once per model and hands the same one to `prune`, the
+pruning plan, `count_macs` and `strip`.
 
 Example:
-    >>> from tflite_ext import graph, models
-    >>> g = graph.DependencyGraph(models.resnet8())
+    >>> from tflite_ext import models
+    >>> g = graph_of(models.resnet8())
     >>> [(grp.size, grp.producers) for grp in g.groups][:2]   # the identity add ties 2 convs
     [(16, ['stem_conv', 's1b_conv']), (16, ['s1a_conv'])]
 """
 import dataclasses
 import math
+import weakref
 
-import keras
 import numpy as np
 
-from tflite_ext.errors import InputError, UnsupportedLayerError
-# The handler table lives in its own module; re-exported here (the public import path).
-from tflite_ext.graph_handlers import (BARRIER, HANDLERS, PASS_THROUGH, Handler,  # noqa: F401
-                                       handler_for, register_handler, unwrap)
+from tflite_ext.errors import UnsupportedLayerError
+from tflite_ext.functional import FunctionalGraph
+from tflite_ext.pruning import handlers
+from tflite_ext.pruning.handlers import BARRIER, handler_for
+from tflite_ext.wrapping import unwrap
 
 # ----------------------------------------------------------------------------- channel maps
 # A channel map is a tuple of blocks; a block is (segments, repeat) where segments is a tuple
@@ -60,22 +61,6 @@ def _expand(cmap):
     return np.concatenate(spaces), np.concatenate(chans)
 
 
-# ----------------------------------------------------------------------------- graph nodes
-
-
-@dataclasses.dataclass
-class Node:
-    """One call of one layer in the (flattened) functional graph."""
-
-    name: str              # unique node name: layer name (prefixed inside nested models)
-    layer: object          # the live Keras layer (possibly a pruning wrapper)
-    args: list             # call args, tensors replaced by {"__tensor__": tensor_id}
-    kwargs: dict
-    inputs: list           # tensor ids, flat
-    outputs: list          # tensor ids, flat
-    kind: str = ""
-
-
 @dataclasses.dataclass
 class Group:
     """A set of tied channels: pruning channel i removes it from every member.
@@ -97,118 +82,7 @@ class Group:
     carriers: list = dataclasses.field(default_factory=list)
 
 
-def _is_model(layer):
-    return isinstance(layer, keras.Model)
-
-
-def _functional_config(model):
-    if isinstance(model, keras.Sequential):
-        if not model.built or not getattr(model, "inputs", None):
-            raise InputError(
-                "The Sequential model must be built with a known input shape (add keras.Input "
-                f"or call it once). Received: model={model.name}")
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
-    try:
-        config = model.get_config()
-        ok = isinstance(config, dict) and "layers" in config and "output_layers" in config
-    except Exception:  # noqa: BLE001 - subclassed models may raise in get_config
-        ok = False
-    if not ok:
-        raise InputError(
-            "The model must be a functional or Sequential Keras model; a subclassed model has "
-            f"no graph to prune. Received: model={type(model).__name__}")
-    return model, config
-
-
-def _refs(spec):
-    """Normalizes config input/output layer specs to a list of [name, node, tensor]."""
-    if len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], int):
-        return [spec]
-    out = []
-    for item in spec:
-        out.extend(_refs(item))
-    return out
-
-
-def _map_tensors(obj, fn):
-    """Replaces serialized Keras tensors inside a JSON-like structure with fn(history)."""
-    if isinstance(obj, dict):
-        if obj.get("class_name") == "__keras_tensor__":
-            return fn(obj["config"]["keras_history"], obj["config"]["shape"])
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_map_tensors(v, fn) for v in obj]
-    return obj
-
-
-def _flat_tensors(obj, out):
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            out.append(obj["__tensor__"])
-        else:
-            for v in obj.values():
-                _flat_tensors(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _flat_tensors(v, out)
-    return out
-
-
-class _Collector:
-    """Flattens a functional model (and models nested as layers) into a list of Nodes."""
-
-    def __init__(self):
-        self.nodes = []
-        self.alias = {}
-        self.shapes = {}
-        self.input_ids = []
-
-    def resolve(self, tid):
-        while tid in self.alias:
-            tid = self.alias[tid]
-        return tid
-
-    def collect(self, model, prefix="", bound_inputs=None):
-        model, config = _functional_config(model)
-        tid = lambda h: f"{prefix}{h[0]}:{h[1]}:{h[2]}"  # noqa: E731
-
-        def to_ref(history, shape):
-            self.shapes.setdefault(tid(history), tuple(shape))
-            return {"__tensor__": tid(history)}
-
-        in_refs = _refs(config["input_layers"])
-        for i, ref in enumerate(in_refs):
-            if bound_inputs is None:
-                layer = model.get_layer(ref[0])
-                self.input_ids.append(tid(ref))
-                self.nodes.append(Node(f"{prefix}{ref[0]}", layer, [], {}, [], [tid(ref)]))
-                self.shapes[tid(ref)] = tuple(model.inputs[i].shape)
-            else:
-                self.alias[tid(ref)] = bound_inputs[i]
-        for lcfg in config["layers"]:
-            if lcfg["class_name"] == "InputLayer" or not lcfg.get("inbound_nodes"):
-                continue
-            layer = model.get_layer(lcfg["name"])
-            for k, inbound in enumerate(lcfg["inbound_nodes"]):
-                args = _map_tensors(inbound.get("args", []), to_ref)
-                kwargs = _map_tensors(inbound.get("kwargs", {}), to_ref)
-                inputs = _flat_tensors([args, kwargs], [])
-                name = f"{prefix}{lcfg['name']}" + (f"#{k}" if k else "")
-                if _is_model(layer):
-                    inner_out = self.collect(layer, f"{name}/", inputs)
-                    for t, out_id in enumerate(inner_out):
-                        self.alias[f"{prefix}{lcfg['name']}:{k}:{t}"] = out_id
-                    continue
-                outputs = [f"{prefix}{lcfg['name']}:{k}:0"]
-                self.nodes.append(Node(name, layer, args, kwargs, inputs, outputs))
-        out_ids = [tid(ref) for ref in _refs(config["output_layers"])]
-        if bound_inputs is None:
-            for ref, tensor in zip(out_ids, model.outputs):
-                self.shapes.setdefault(ref, tuple(tensor.shape))
-        return out_ids
-
-
-class DependencyGraph:
+class DependencyGraph(FunctionalGraph):
     """Groups of tied channels of a functional/Sequential Keras model.
 
     Args:
@@ -217,10 +91,10 @@ class DependencyGraph:
         opaque: layer names to treat as barriers (nothing on either side is pruned); the way
             to exclude a layer type the graph does not know.
 
-    Attributes:
-        nodes: `Node`s in topological order.
+    Attributes (beside `FunctionalGraph`'s):
         groups: prunable `Group`s, in graph order.
-        outputs: the model's output tensor ids.
+        group_by_id: {group id: Group}.
+        opaque: the names treated as barriers.
 
     Example:
         >>> g = DependencyGraph(keras.applications.MobileNetV2(weights=None))
@@ -229,19 +103,8 @@ class DependencyGraph:
     """
 
     def __init__(self, model, opaque=()):
-        col = _Collector()
-        self.outputs = col.collect(model)
-        self.model = model
+        super().__init__(model)
         self.opaque = set(opaque)
-        for node in col.nodes:
-            node.inputs = [col.resolve(t) for t in node.inputs]
-            node.args = _resolve_refs(node.args, col.resolve)
-            node.kwargs = _resolve_refs(node.kwargs, col.resolve)
-        self.outputs = [col.resolve(t) for t in self.outputs]
-        self.input_ids = col.input_ids
-        self.shapes = {col.resolve(k): v for k, v in col.shapes.items()}
-        self.nodes = _topological(col.nodes)
-        self.node_by_name = {n.name: n for n in self.nodes}
         self._parent, self._size, self._blocked = [], [], []
         self.maps = {}
         self._origin = {}
@@ -276,14 +139,15 @@ class DependencyGraph:
             for sid, _ in segments:
                 self._blocked[self.find(sid)] = True
 
-    def _width(self, tid):
+    def width(self, tid):
+        """Size of the last axis of tensor `tid`, or None if unknown."""
         shape = self.shapes.get(tid)
         if shape is None or len(shape) < 2 or shape[-1] is None:
             return None
         return int(shape[-1])
 
     def _fresh(self, tid, blocked, origin=None):
-        width = self._width(tid)
+        width = self.width(tid)
         if width is None:
             return ()
         return ((((self._new_space(width, blocked, origin), width),), 1),)
@@ -302,8 +166,8 @@ class DependencyGraph:
                 raise UnsupportedLayerError(
                     f"The channel graph does not know layer '{node.name}' "
                     f"({type(inner).__name__}): exclude it with opaque=['{node.name}'] or opt "
-                    "it in with tflite_ext.graph.register_handler("
-                    f"{type(inner).__name__}, tflite_ext.graph.PASS_THROUGH).")
+                    "it in with tflite_ext.pruning.register_handler("
+                    f"{type(inner).__name__}, tflite_ext.pruning.PASS_THROUGH).")
             rank = len(self.shapes.get(node.inputs[0], ()))
             kind = handler.check(unwrap(node.layer), rank)
             in_maps = [self.maps.get(t, ()) for t in node.inputs]
@@ -315,14 +179,14 @@ class DependencyGraph:
 
     def _apply(self, node, kind, in_maps, out):
         first = in_maps[0] if in_maps else ()
-        if kind in ("pass_through", "flatten", "reshape") and map_width(first) != self._width(
+        if kind in ("pass_through", "flatten", "reshape") and map_width(first) != self.width(
                 node.inputs[0]):
             kind = "barrier"  # channel axis unknown or already reshaped: stay safe
         if kind == "reshape":
             target = node.layer.get_config().get("target_shape")
             if len(target) == 1:
                 kind = "flatten"
-            elif target[-1] == self._width(node.inputs[0]):
+            elif target[-1] == self.width(node.inputs[0]):
                 kind = "pass_through"
             else:
                 kind = "barrier"
@@ -419,7 +283,7 @@ class DependencyGraph:
 
     def keep_mask(self, tid, group_keep):
         """Boolean per-feature mask of tensor `tid` given {group id: bool array}."""
-        width = self._width(tid)
+        width = self.width(tid)
         keep = np.ones(width if width is not None else 0, bool)
         for root, fidx, cidx in self.index_of(tid):
             if root in group_keep:
@@ -429,16 +293,6 @@ class DependencyGraph:
 
 def _has_weights(layer):
     return bool(layer.weights)
-
-
-def _resolve_refs(obj, resolve):
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return {"__tensor__": resolve(obj["__tensor__"])}
-        return {k: _resolve_refs(v, resolve) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_resolve_refs(v, resolve) for v in obj]
-    return obj
 
 
 def _same_structure(a, b):
@@ -455,20 +309,20 @@ def _pairs(a, b):
         yield from zip(sa, sb)
 
 
-def _topological(nodes):
-    produced = {t: i for i, n in enumerate(nodes) for t in n.outputs}
-    deps = [{produced[t] for t in n.inputs if t in produced} for n in nodes]
-    order, done = [], set()
-    for i in range(len(nodes)):
-        stack = [(i, False)]
-        while stack:
-            j, expanded = stack.pop()
-            if j in done:
-                continue
-            if expanded:
-                done.add(j)
-                order.append(nodes[j])
-                continue
-            stack.append((j, True))
-            stack.extend((d, False) for d in deps[j] if d not in done)
-    return order
+# {model: (key, graph)}: the graph of a model is built once. Weak keys let a model go; the key
+# (its layers, opaque, the handler table's generation) catches a Sequential model that gained
+# layers and a handler registered since.
+_GRAPHS = weakref.WeakKeyDictionary()
+
+
+def graph_of(model, opaque=()):
+    """The `DependencyGraph` of `model`, built on first use and then reused.
+
+    `prune`, the pruning plan, `count_macs` and `strip` all ask here, so a model's graph is
+    built once per model (a pruned or stripped model is a new model with a graph of its own).
+    """
+    key = (tuple(map(id, model.layers)), frozenset(opaque), handlers.generation())
+    cached = _GRAPHS.get(model)
+    if cached is None or cached[0] != key:
+        cached = _GRAPHS[model] = (key, DependencyGraph(model, opaque))
+    return cached[1]

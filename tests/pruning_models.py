@@ -17,8 +17,8 @@ def randomize_bn(model, seed=0):
             randomize_bn(layer, seed)
         elif isinstance(layer, layers.BatchNormalization):
             shapes = [w.shape for w in layer.get_weights()]
-            gamma, beta, mean, var = (rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.5, shapes[1]),
-                                      rng.normal(0, 0.5, shapes[2]), rng.uniform(0.5, 2, shapes[3]))
+            gamma, beta = rng.uniform(0.5, 1.5, shapes[0]), rng.normal(0, 0.5, shapes[1])
+            mean, var = rng.normal(0, 0.5, shapes[2]), rng.uniform(0.5, 2, shapes[3])
             layer.set_weights([gamma, beta, mean, var])
     return model
 

@@ -267,3 +267,20 @@ def test_bad_arguments_have_one_line_messages():
         ActivationQuantizer(decay=1.5)
     with pytest.raises(ValueError, match=r"Received: freeze_after_step=-1$"):
         FreezeQuantization(freeze_after_step=-1)
+
+
+def test_dict_inputs_and_outputs_keep_their_structure():
+    # The shared rebuild packs inputs and outputs as the model has them (a KeyError before).
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8,), name="x")
+    h = layers.Dense(8, activation="relu", name="h")(i)
+    model = keras.Model(i, {"b": layers.Dense(2, name="b")(h), "a": layers.Dense(3, name="a")(h)})
+    out = quantize_model(model)(np.ones((2, 8), "float32"))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (2, 3), "b": (2, 2)}
+    p, q = keras.Input((4,), name="p"), keras.Input((4,), name="q")
+    two = keras.Model({"p": p, "q": q}, layers.Dense(2)(layers.Concatenate()([p, q])))
+    qat = quantize_model(two)
+    x = {"p": np.ones((1, 4), "float32"), "q": np.zeros((1, 4), "float32")}
+    assert [t.name for t in qat.inputs] == ["p", "q"]
+    # Unobserved ranges (-6, 6): a step is 0.047; a few steps bound the difference.
+    np.testing.assert_allclose(qat(x), two(x), atol=0.1)

@@ -433,3 +433,19 @@ def test_removed_branch_model_takes_qat_and_converts_to_full_integer():
     assert "RELU" not in summary["op_counts"]  # no standalone ReLU left where the block was
     top1 = np.argmax(qat.predict(x, verbose=0), -1)
     assert np.mean(np.argmax(host.predict(flatbuffer, x), -1) == top1) >= 0.95
+
+
+def test_dict_outputs_prune_strip_and_count():
+    # Keras sorts dict outputs by key; the walk must follow (it recursed forever before).
+    L = keras.layers
+    i = keras.Input((8, 8, 3), name="x")
+    g = L.GlobalAveragePooling2D()(L.Conv2D(8, 3, activation="relu", name="c")(i))
+    model = keras.Model(i, {"b": L.Dense(2, name="b")(g), "a": L.Dense(3, name="a")(g)})
+    assert count_macs(model) == 36 * 27 * 8 + 8 * 2 + 8 * 3
+    pruned = pm.masked(model, 0.5)
+    small = strip(pruned)
+    x = np.random.default_rng(0).random((2, 8, 8, 3)).astype("float32")
+    want, got = pruned(x), small(x)
+    assert sorted(got) == ["a", "b"] and small.get_layer("c").filters == 4
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5)

@@ -241,7 +241,8 @@ def _calibration_samples(data, specs, limit):
             array = array[None]
         if tuple(array.shape[1:]) != expected:
             raise InputError(f"representative_data shape {tuple(array.shape)} does not match "
-                             f"model input {spec.name!r} shape (N, {', '.join(map(str, expected))}).")
+                             f"model input {spec.name!r} shape "
+                             f"(N, {', '.join(map(str, expected))}).")
         if spec.dtype.is_floating and not np.issubdtype(array.dtype, np.floating):
             raise InputError(f"representative_data dtype must be floating for float input "
                              f"{spec.name!r}. Received: dtype={array.dtype}")

@@ -23,7 +23,7 @@ def _check_model(name, model):
     if not isinstance(model, keras.Model):
         raise InputError(f"{name} must be a keras.Model. Received: {name}={type(model).__name__}")
     try:
-        model.outputs
+        _ = model.outputs  # an unbuilt subclassed model has none
     except AttributeError:
         raise InputError(f"{name} must be built (a functional model, or call it once). "
                          f"Received: {name}={model.name!r}") from None

@@ -28,3 +28,11 @@ class UnsupportedLayerError(TfliteExtError, ValueError):
 
 class DeviceError(TfliteExtError):
     """adb, an Android device or a device-side binary did not behave as expected."""
+
+
+class RunTimeout(DeviceError):
+    """An adb command or benchmark run did not finish in time."""
+
+
+class BenchmarkFailed(DeviceError):
+    """benchmark_model ran but failed or printed no timings."""

@@ -34,7 +34,8 @@ def ensure_writable_dir(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise InputError(f"Cannot create output folder ({e.strerror}). Received: {path!r}") from None
+        raise InputError(f"Cannot create output folder ({e.strerror}). "
+                         f"Received: {path!r}") from None
     if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"Output folder is not writable. Received: {path!r}")
     return path

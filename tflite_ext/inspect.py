@@ -152,8 +152,9 @@ def _summarize(data):
         for i in indices:
             t = main_tensors[i]
             q = t["quantization"] or {"scale": [0.0], "zero_point": [0]}
-            rows.append({"name": t["name"], "index": int(i), "dtype": t["dtype"], "shape": t["shape"],
-                         "scale": q["scale"][0], "zero_point": q["zero_point"][0]})
+            rows.append({"name": t["name"], "index": int(i), "dtype": t["dtype"],
+                         "shape": t["shape"], "scale": q["scale"][0],
+                         "zero_point": q["zero_point"][0]})
         return rows
 
     float_ops = [_where(_op_label(op), op["subgraph"]) for op in operators if op["float_tensors"]]

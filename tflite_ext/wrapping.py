@@ -50,9 +50,8 @@ def layers_of(layer):
 
 def unwrap(layer):
     """The layer under any number of the project's wrappers."""
-    for layer in layers_of(layer):  # noqa: B007 - the last one is the answer
-        pass
-    return layer
+    *_, inner = layers_of(layer)
+    return inner
 
 
 def find(layer, cls):

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 
 from tflite_ext.bench import benchmark_output
-from tflite_ext.errors import DeviceError, InputError
+from tflite_ext.errors import BenchmarkFailed, DeviceError, InputError, RunTimeout
 from tflite_ext.files import atomic_write, ensure_writable_dir, read_model_bytes
 
 ADB_ENV = "TFLITE_EXT_ADB"
@@ -102,16 +102,8 @@ class Adb:
         return found
 
 
-class RunTimeout(DeviceError):
-    """An adb command or benchmark run did not finish in time."""
-
-
-class BenchmarkFailed(DeviceError):
-    """benchmark_model ran but failed or printed no timings."""
-
-
 def _last_line(text):
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
 
 
@@ -279,7 +271,8 @@ def _check_run_args(model, binary, threads, delegates):
     binary_abi(binary)
     bad = [d for d in delegates if d not in DELEGATES]
     if bad:
-        raise InputError(f"delegate must be one of {sorted(DELEGATES)}. Received: delegate={bad[0]!r}")
+        raise InputError(f"delegate must be one of {sorted(DELEGATES)}. "
+                         f"Received: delegate={bad[0]!r}")
     if any(int(t) < 1 for t in threads):
         raise InputError(f"threads must be >= 1. Received: threads={list(threads)}")
 

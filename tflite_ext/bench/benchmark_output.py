@@ -49,7 +49,8 @@ def _number(text):
         value = float(text)
     except ValueError:
         return None
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+    integral = value.is_integer() and "." not in text and "e" not in text.lower()
+    return int(value) if integral else value
 
 
 def _strip_prefix(raw):

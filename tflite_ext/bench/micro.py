@@ -25,9 +25,9 @@ from tflite_micro import runtime
 from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
 
 from tflite_ext import inspect
+from tflite_ext.bench import host
 from tflite_ext.errors import InputError, TfliteExtError
 from tflite_ext.files import atomic_write, ensure_writable_dir
-from tflite_ext.bench import host
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _RECORD_ARENA = 16 * 1024 * 1024   # generous arena for the allocation report
@@ -112,7 +112,7 @@ def _single_op_models(data):
     original = list(model.subgraphs)
     probes = {}
     for opcode_index, (subgraph, op) in first.items():
-        def is_variable(t):
+        def is_variable(t, subgraph=subgraph):
             buffer = model.buffers[subgraph.tensors[t].buffer] if model.buffers else None
             return buffer is None or buffer.data is None or len(buffer.data) == 0
         probe = schema.SubGraphT()
@@ -168,7 +168,8 @@ def allocation_report(model, n_inputs=1):
                              report=True)[0]
     if not result["ok"]:
         raise TfliteExtError(f"TFLM cannot run the model: {_last_line(result)}")
-    report = {"lines": [l for l in result["log"].splitlines() if "RecordingMicroAllocator" in l]}
+    report = {"lines": [line for line in result["log"].splitlines()
+                         if "RecordingMicroAllocator" in line]}
     for line in report["lines"]:
         for key in ("total", "head", "tail"):
             marker = f"Arena allocation {key} "
@@ -181,7 +182,7 @@ def allocation_report(model, n_inputs=1):
 
 
 def _last_line(result):
-    lines = [l.strip() for l in (result.get("log") or "").splitlines() if l.strip()]
+    lines = [line.strip() for line in (result.get("log") or "").splitlines() if line.strip()]
     return lines[-1] if lines else (result.get("error") or "unknown error")
 
 

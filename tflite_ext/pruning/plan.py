@@ -146,7 +146,9 @@ class PruningPlan:
             removal.settle_removed_branches(self.graph, self._removed)
 
     def step(self):
-        return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step)) if self.wrappers else 0
+        if not self.wrappers:
+            return 0
+        return int(keras.ops.convert_to_numpy(self.wrappers[0].pruning_step))
 
     def _current_keep(self, group):
         node = self.producer_of[group.id]

@@ -49,7 +49,7 @@ def _group_keep(graph):
             continue
         keep = np.zeros(group.size, bool)
         if consumers:
-            for (name, fidx, cidx), wrapper in zip(group.consumers, consumers):
+            for (_, fidx, cidx), wrapper in zip(group.consumers, consumers):
                 keep[cidx] |= keras.ops.convert_to_numpy(wrapper.in_mask)[fidx] > 0
         else:
             for name in group.producers:

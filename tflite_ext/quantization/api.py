@@ -213,7 +213,7 @@ def calibrate(qat_model, data, batch_size=32, steps=None):
     for step, start in enumerate(range(0, count, batch_size)):
         if steps is not None and step >= steps:
             break
-        batch = keras.tree.map_structure(lambda a: a[start:start + batch_size], data)
+        batch = keras.tree.map_structure(lambda a, s=start: a[s:s + batch_size], data)
         qat_model(batch, training=True)
     set_observing(qat_model, ranges=True, batch_norm=True)
     return qat_model

@@ -23,7 +23,7 @@ Example:
     >>> y = wrapped(np.zeros((1, 8, 8, 3), "float32"))
 """
 import keras
-from keras import layers, ops
+from keras import ops
 
 from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError

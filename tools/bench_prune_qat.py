@@ -1,4 +1,5 @@
-r"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, targets (issue 4).
+r"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, issue 4's
+targets.
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
 Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency),
@@ -194,7 +195,8 @@ def run_seed(seed, data, args):
         qat, pruned_acc = {"a": variant_a, "b": variant_b}[name](model, data, args, steps)
         seconds = time.time() - start
         acc, keras_acc, size, agree, full_int, wrong = measure(qat, data)
-        ok = {"int8>=PTQ": acc >= ptq_acc - 1e-9, "int8>=float-0.3": acc >= float_acc - 0.003 - 1e-9,
+        ok = {"int8>=PTQ": acc >= ptq_acc - 1e-9,
+              "int8>=float-0.3": acc >= float_acc - 0.003 - 1e-9,
               "agree>=99.5%": agree >= 0.995, f"bytes<={SIZE_TARGET:,}": size <= SIZE_TARGET}
         rows.append(dict(seed=seed, variant=name, float=float_acc, ptq=ptq_acc, int8=acc,
                          pruned=pruned_acc, wrong=wrong,
@@ -204,7 +206,8 @@ def run_seed(seed, data, args):
     return rows
 
 
-HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'pruned':>7} {'int8':>7} {'kerasQAT':>8} "
+HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'pruned':>7} {'int8':>7} "
+          f"{'kerasQAT':>8} "
           f"{'bytes':>7} {'agree':>7} {'secs':>5}  targets")
 
 
@@ -239,7 +242,8 @@ def main(argv):
         mine = [r for r in rows if r["variant"] == name]
         met = sum(all(r["ok"].values()) for r in mine)
         print(f"variant {name}: all targets met on {met}/{len(mine)} seeds; mean int8 "
-              f"{np.mean([r['int8'] for r in mine]):.4f}, mean {np.mean([r['seconds'] for r in mine]):.0f} s")
+              f"{np.mean([r['int8'] for r in mine]):.4f}, "
+              f"mean {np.mean([r['seconds'] for r in mine]):.0f} s")
 
 
 if __name__ == "__main__":

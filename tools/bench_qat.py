@@ -1,8 +1,9 @@
 """QAT vs PTQ vs float on the digits CNN of references.md; prints the figures of issue 4.
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
-QAT: `quantize_model` on the trained float model, 5 epochs at Adam 3e-5 (1e-4 lost one test image on seed 1), ranges and BN
-statistics frozen after 3 epochs; converted with no representative data.
+QAT: `quantize_model` on the trained float model, 5 epochs at Adam 3e-5 (1e-4 lost one test
+image on seed 1), ranges and BN statistics frozen after 3 epochs; converted with no
+representative data.
 
 Usage:
     python tools/bench_qat.py [--float_epochs 30] [--qat_epochs 5] [--seed 0]

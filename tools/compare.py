@@ -122,7 +122,8 @@ def run_tfmot_peer(model_name, out, data, representative, ref_logits, weights, b
     """Runs tools/tfmot_peer.py isolated (own interpreter, own env); returns its result dict."""
     spec = {
         "model": model_name, "out": out, "seed": seed, "batch_size": budget["batch_size"],
-        "data": os.path.join(out, "peer_data.npz"), "weights": os.path.join(out, "float_weights.npz"),
+        "data": os.path.join(out, "peer_data.npz"),
+        "weights": os.path.join(out, "float_weights.npz"),
         "result": os.path.join(out, "tfmot_result.json"),
         "variants": [
             dict(name="tfmot_prune80", kind="prune", sparsity=TFMOT_SPARSITY,

@@ -70,7 +70,8 @@ def text_table(rows, columns):
     table = [header] + body
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))) for r in table)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in table)
 
 
 _LATENCY_COLUMNS = [("num_threads", "threads"), ("xnnpack", "XNNPACK"), ("min_us", "min µs"),
@@ -103,7 +104,8 @@ def micro_markdown(result):
             ("samples compared", agree["samples"])]
     ops = ", ".join(f"{k} ×{v}" for k, v in sorted(result["op_counts"].items()))
     return (f"# TFLite Micro: {result.get('model', '')}\n\n"
-            + markdown_table([{"k": k, "v": v} for k, v in rows], [("k", "measure"), ("v", "value")])
+            + markdown_table([{"k": k, "v": v} for k, v in rows],
+                             [("k", "measure"), ("v", "value")])
             + f"\nOperators: {ops}\n")
 
 

@@ -7,8 +7,9 @@ speech data ships offline, so accuracy is not the point here), converts to full 
 every op against TensorFlow Lite Micro, finds the exact tensor arena and writes `ds_cnn.c` /
 `ds_cnn.h` ready for an MCU project.
 """
-import argparse
 import os
+
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -17,8 +18,14 @@ import numpy as np  # noqa: E402
 from tflite_ext import convert, models  # noqa: E402
 from tflite_ext.bench import micro  # noqa: E402
 
+flags.DEFINE_boolean("quick", False, "A smaller model (a smoke run).")
+flags.DEFINE_string("out", "build/examples/ds_cnn", "Output folder.")
+FLAGS = flags.FLAGS
 
-def main(quick, out):
+
+def main(argv):
+    del argv  # flags only
+    quick, out = FLAGS.quick, FLAGS.out
     model = models.ds_cnn(filters=16 if quick else 64)
     features = np.random.default_rng(0).normal(size=(100, 49, 10, 1)).astype("float32")
     result = convert.to_tflite(model, features)
@@ -33,8 +40,4 @@ def main(quick, out):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller model (a smoke run)")
-    parser.add_argument("--out", default="build/examples/ds_cnn")
-    args = parser.parse_args()
-    main(args.quick, args.out)
+    app.run(main)

@@ -6,16 +6,23 @@ Trains ResNet-8 (MLPerf Tiny) on the digits upsampled to 32x32x3, removes whole 
 polynomial schedule (residual branches lose the same channels), strips them physically and
 converts both models to full int8 so sizes, MACs and latency can be compared side by side.
 """
-import argparse
 import os
+
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tflite_ext import convert, models, pruning, tasks  # noqa: E402
-from tflite_ext.bench import host  # noqa: E402
+from tflite_ext.bench import variants  # noqa: E402
+
+flags.DEFINE_boolean("quick", False, "Few epochs (a smoke run).")
+flags.DEFINE_string("out", "build/examples", "Output folder.")
+FLAGS = flags.FLAGS
 
 
-def main(quick, out):
+def main(argv):
+    del argv  # flags only
+    quick, out = FLAGS.quick, FLAGS.out
     data = tasks.digits(size=32, channels=3)
     x, y = data.x_train, data.y_train
     model = models.compile_classifier(models.resnet8())
@@ -31,17 +38,14 @@ def main(quick, out):
     dense_int8 = convert.to_tflite(model, x[:200])
     small_int8 = convert.to_tflite(small, x[:200])
     small_int8.save(os.path.join(out, "resnet8_pruned_int8.tflite"))
-    latency = host.time_interleaved({"dense": dense_int8.flatbuffer,
-                                     "pruned": small_int8.flatbuffer}, data.x_test, runs=100)
-    for name, result in (("dense", dense_int8), ("pruned", small_int8)):
-        accuracy = host.evaluate(result.flatbuffer, data.x_test, data.y_test)["accuracy"]
-        print(f"{name:>6}: {len(result.flatbuffer):>8,} bytes  {result.report['macs']:>11,} MACs  "
-              f"{latency[name]:7.1f} µs  accuracy {accuracy:.4f}")
+    # Accuracy, bytes and MACs of each .tflite; LiteRT latency with the two timed interleaved.
+    measured = variants.measure({"dense": dense_int8.flatbuffer,
+                                 "pruned": small_int8.flatbuffer}, data.x_test, data.y_test,
+                                runs=100)
+    for name, m in measured.items():
+        print(f"{name:>6}: {m['bytes']:>8,} bytes  {m['macs']:>11,} MACs  "
+              f"{m['median_us']:7.1f} µs  accuracy {m['tflite_accuracy']:.4f}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few epochs (a smoke run)")
-    parser.add_argument("--out", default="build/examples")
-    args = parser.parse_args()
-    main(args.quick, args.out)
+    app.run(main)

@@ -6,8 +6,9 @@ Trains the digits CNN in float, fine-tunes it with fake quantization (ranges and
 statistics frozen for the last epochs), converts it with no calibration data and proves that
 every op and tensor is integer.
 """
-import argparse
 import os
+
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -15,8 +16,14 @@ from tflite_ext import convert, inspect, models, tasks  # noqa: E402
 from tflite_ext.bench import host  # noqa: E402
 from tflite_ext.quantization import FreezeQuantization, quantize_model  # noqa: E402
 
+flags.DEFINE_boolean("quick", False, "Few epochs (a smoke run).")
+flags.DEFINE_string("out", "build/examples", "Output folder.")
+FLAGS = flags.FLAGS
 
-def main(quick, out):
+
+def main(argv):
+    del argv  # flags only
+    quick, out = FLAGS.quick, FLAGS.out
     data = tasks.digits()
     model = models.compile_classifier(models.digits_cnn())
     model.fit(data.x_train, data.y_train, epochs=15 if quick else 30, batch_size=32, verbose=0)
@@ -35,8 +42,4 @@ def main(quick, out):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few epochs (a smoke run)")
-    parser.add_argument("--out", default="build/examples")
-    args = parser.parse_args()
-    main(args.quick, args.out)
+    app.run(main)

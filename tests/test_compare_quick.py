@@ -20,7 +20,8 @@ def quick_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare.py"),
                            "--model", "digits_cnn", "--quick", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(out / "compare.json") as f:
         return out, json.load(f), proc.stdout
@@ -57,3 +58,17 @@ def test_structured_pruning_removes_channels(quick_run):
         pytest.skip("tflite_ext.pruning not available")
     assert pruned["bytes"] < rows["PTQ int8"]["bytes"] / 4
     assert pruned["macs"] < rows["PTQ int8"]["macs"] / 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope"], "flag --model=nope: value should be one of <digits_cnn|resnet8>"),
+    (["--skip-tfmot"], "Unknown command line flag 'skip-tfmot'. Did you mean: skip_tfmot ?"),
+])
+def test_bad_flag_is_one_line_and_writes_nothing(tmp_path, args, message):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare.py"), *args,
+                           "--out", str(tmp_path / "out")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr.splitlines()[0]
+    assert not (tmp_path / "out").exists()

@@ -10,16 +10,12 @@ Example:
     ['float32', 'int8_ptq', ...]
 """
 import dataclasses
-import gzip
-import json
 import os
-import platform
-import sys
 import time
 
 import keras
-import numpy as np
 
+from tflite_ext.bench import variants
 from tflite_ext.errors import InputError
 from tflite_ext.files import atomic_write, ensure_writable_dir
 
@@ -68,38 +64,12 @@ class DemoContext:
         self.log(f"  {variant.name}: {len(variant.tflite):,} bytes")
 
 
-class EpochLine(keras.callbacks.Callback):
-    """Prints one compact line per epoch (rewritten in place on a terminal)."""
-
-    def __init__(self, stage, epochs, log):
-        super().__init__()
-        self.stage, self.epochs, self.log = stage, epochs, log
-        self.tty = log is print and sys.stdout.isatty()
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        text = (f"  {self.stage}: epoch {epoch + 1}/{self.epochs}  "
-                f"loss {logs.get('loss', 0):.4f}  accuracy {logs.get('accuracy', 0):.4f}  "
-                f"({time.perf_counter() - self.start:.0f} s)")
-        if self.tty and epoch + 1 < self.epochs:
-            print("\r" + text, end="", flush=True)
-        else:
-            self.log(("\r" if self.tty else "") + text)
-
-
-def fit(ctx, model, stage, epochs, callbacks=(), batch_size=32):
-    """Fits on the task's training split with a per-epoch progress line."""
-    model.fit(ctx.data.x_train, ctx.data.y_train, epochs=epochs, batch_size=batch_size,
-              verbose=0, callbacks=[*callbacks, EpochLine(stage, epochs, ctx.log)])
-    return model
-
-
-def keras_accuracy(ctx, model):
-    logits = model.predict(ctx.data.x_test, batch_size=256, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == ctx.data.y_test))
+def fit(ctx, model, stage, epochs, learning_rate, callbacks=(), teach=True):
+    """`variants.fit` on the task, one line per epoch; the float model teaches if `teach`."""
+    return variants.fit(model, ctx.data, epochs=epochs, learning_rate=learning_rate,
+                        teacher=ctx.model if teach else None, temperature=DISTILL_TEMPERATURE,
+                        alpha=DISTILL_ALPHA, callbacks=callbacks, label=f"  {stage}",
+                        log=ctx.log)
 
 
 def to_int8(ctx, model):
@@ -116,8 +86,8 @@ def stage_train(ctx):
     from tflite_ext import convert, models
 
     keras.utils.set_random_seed(ctx.seed)
-    ctx.model = models.compile_classifier(models.digits_cnn(ctx.data.input_shape))
-    fit(ctx, ctx.model, "train", ctx.epochs("train"))
+    ctx.model = fit(ctx, models.digits_cnn(ctx.data.input_shape), "train",
+                    ctx.epochs("train"), 1e-3, teach=False)
     ctx.add(Variant("float32", "Keras float model, no quantization",
                     convert.to_tflite(ctx.model, mode="float32").flatbuffer, ctx.model))
 
@@ -134,15 +104,6 @@ def stage_ptq(ctx):
     ctx.log(f"  layers int8 hurts most: {', '.join(errors['worst'][:3])}")
 
 
-def teach(ctx, student, learning_rate):
-    """The float model teaches its compressed copy (tools/bench_prune_qat.py: +0.1 point)."""
-    from tflite_ext import distillation
-
-    return distillation.distill(ctx.model, student, temperature=DISTILL_TEMPERATURE,
-                                alpha=DISTILL_ALPHA,
-                                optimizer=keras.optimizers.Adam(learning_rate))
-
-
 def stage_prune(ctx):
     """Structured pruning of whole filters and neurons during fit, then strip and int8."""
     from tflite_ext import pruning
@@ -150,10 +111,9 @@ def stage_prune(ctx):
     steps_per_epoch = -(-len(ctx.data.x_train) // 32)
     end = min(400, (ctx.epochs("prune") - 1) * steps_per_epoch)  # ramp, then recover
     schedule = pruning.PolynomialDecay(0.0, PRUNE_SPARSITY, 0, end, frequency=min(50, end // 4))
-    pruned = pruning.prune(ctx.model, schedule, round_to=8)
-    trainer = teach(ctx, pruned, PRUNE_LEARNING_RATE)
-    fit(ctx, trainer, "prune", ctx.epochs("prune"),
-        [pruning.PruningCallback()])
+    # The float model teaches its compressed copy (tools/bench_prune_qat.py: +0.1 point).
+    pruned = fit(ctx, pruning.prune(ctx.model, schedule, round_to=8), "prune",
+                 ctx.epochs("prune"), PRUNE_LEARNING_RATE, [pruning.PruningCallback()])
     ctx.stripped = pruning.strip(pruned)
     pruning.recalibrate_batch_norm(ctx.stripped, ctx.data.x_train)  # BN after pruning
     before, after = pruning.count_macs(ctx.model), pruning.count_macs(ctx.stripped)
@@ -177,11 +137,10 @@ def quantization_aware(ctx, model, stage):
     from tflite_ext import convert
     from tflite_ext.quantization import FreezeQuantization, quantize_model
 
-    qat = quantize_model(model)
     epochs = ctx.epochs("qat")
     steps = epochs * -(-len(ctx.data.x_train) // 32)
-    fit(ctx, teach(ctx, qat, QAT_LEARNING_RATE), stage, epochs, [
-        FreezeQuantization(freeze_after_step=int(0.6 * steps))])
+    qat = fit(ctx, quantize_model(model), stage, epochs, QAT_LEARNING_RATE,
+              [FreezeQuantization(freeze_after_step=int(0.6 * steps))])
     # No representative data: the fake-quant ranges learned in training are the int8 scales.
     return qat, convert.to_tflite(qat).flatbuffer
 
@@ -196,28 +155,17 @@ def stage_qat(ctx):
 
 def stage_evaluate(ctx):
     """Measures every variant alike: accuracy, bytes, gzip bytes, MACs, LiteRT latency."""
-    from tflite_ext import inspect
-    from tflite_ext.bench import host
-
-    x, y = ctx.data.x_test, ctx.data.y_test
-    for v in ctx.variants.values():
-        info = inspect.summary(v.tflite)
-        v.metrics.update(
-            tflite_accuracy=host.evaluate(v.tflite, x, y)["accuracy"],
-            keras_accuracy=keras_accuracy(ctx, v.keras_model) if v.keras_model else None,
-            bytes=len(v.tflite), gzip_bytes=len(gzip.compress(v.tflite, 9)),
-            macs=info["macs"], full_integer=info["full_integer"], ops=info["op_counts"])
-    runs = 60 if ctx.quick else 400
-    ctx.log(f"  timing {len(ctx.variants)} variants interleaved, {runs} rounds, 1 thread")
-    medians = host.time_interleaved({n: v.tflite for n, v in ctx.variants.items()}, x,
-                                    runs=runs, num_threads=1)
-    for name, median in medians.items():
-        ctx.variants[name].metrics["median_us"] = median
+    measured = variants.measure(
+        {n: v.tflite for n, v in ctx.variants.items()}, ctx.data.x_test, ctx.data.y_test,
+        keras_models={n: v.keras_model for n, v in ctx.variants.items()},
+        runs=60 if ctx.quick else 400, log=lambda line: ctx.log("  " + line))
+    for name, metrics in measured.items():
+        ctx.variants[name].metrics.update(metrics)
 
 
 def stage_report(ctx):
     """Writes model.tflite (the last, most compressed variant), reports and plots."""
-    from tflite_ext.bench.report import plot_variants
+    from tflite_ext.bench import report
 
     final = list(ctx.variants.values())[-1]
     for v in ctx.variants.values():
@@ -230,13 +178,12 @@ def stage_report(ctx):
         "variants": [{"name": v.name, "description": v.description, **v.metrics}
                      for v in ctx.variants.values()],
         "stage_seconds": ctx.timings,
-        "versions": _versions(),
+        "versions": variants.environment(),
     })
-    atomic_write(os.path.join(ctx.out_dir, "report.json"), json.dumps(ctx.report, indent=2))
-    atomic_write(os.path.join(ctx.out_dir, "report.md"), render_markdown(ctx.report))
-    plot_variants([{"name": v["name"], "accuracy": v["tflite_accuracy"],
-                    "size_bytes": v["bytes"], "latency_us": v["median_us"]}
-                   for v in ctx.report["variants"]], ctx.out_dir)
+    report.write_report(ctx.out_dir, "report", ctx.report, render_markdown(ctx.report))
+    report.plot_variants([{"name": v["name"], "accuracy": v["tflite_accuracy"],
+                           "size_bytes": v["bytes"], "latency_us": v["median_us"]}
+                          for v in ctx.report["variants"]], ctx.out_dir)
 
 
 STAGES = {  # name: (function, stages it needs); run in this order
@@ -294,42 +241,30 @@ def run(out_dir="build/demo", quick=False, stages=None, seed=0, log=print):
     return ctx.report
 
 
-def _fmt(value, kind):
-    if value is None:
-        return "-"
-    return {"acc": f"{value:.4f}", "int": f"{value:,}", "us": f"{value:.1f}",
-            "bool": "yes" if value else "no"}[kind]
-
-
-_COLUMNS = [("variant", "name", None), ("keras acc", "keras_accuracy", "acc"),
-            ("tflite acc", "tflite_accuracy", "acc"), ("bytes", "bytes", "int"),
-            ("gzip bytes", "gzip_bytes", "int"), ("MACs", "macs", "int"),
-            ("median µs", "median_us", "us"), ("full int", "full_integer", "bool")]
-
-
-def _rows(report):
-    return [[v[key] if kind is None else _fmt(v.get(key), kind) for _, key, kind in _COLUMNS]
-            for v in report["variants"]]
+_COLUMNS = [("name", "variant"), ("keras_accuracy", "keras acc", "{:.4f}"),
+            ("tflite_accuracy", "tflite acc", "{:.4f}"), ("bytes", "bytes", "{:,}"),
+            ("gzip_bytes", "gzip bytes", "{:,}"), ("macs", "MACs", "{:,}"),
+            ("median_us", "median µs", "{:.1f}"),
+            ("full_integer", "full int", lambda full: "yes" if full else "no")]
 
 
 def render_table(report):
     """A fixed-width text table of the variants."""
-    rows = [[c[0] for c in _COLUMNS]] + _rows(report)
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(_COLUMNS))]
-    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+    from tflite_ext.bench.report import text_table
+
+    return text_table(report["variants"], _COLUMNS)
 
 
 def render_markdown(report):
     """The report as Markdown: the variants table and how it was measured."""
+    from tflite_ext.bench.report import markdown_table
+
     lines = ["# tflite-ext demo", "", f"Task: {report['task']}.", "",
-             "| " + " | ".join(c[0] for c in _COLUMNS) + " |",
-             "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _rows(report)]
-    lines += ["", "Latency: LiteRT, 1 thread, median per-sample µs, all variants timed "
-              "interleaved in one process.", "",
-              "![accuracy vs size](accuracy_vs_size.png) "
-              "![accuracy vs latency](accuracy_vs_latency.png)", "",
+             markdown_table(report["variants"], _COLUMNS).rstrip("\n")]
+    lines += ["", ("Latency: LiteRT, 1 thread, median per-sample µs, all variants timed "
+                   "interleaved in one process."), "",
+              ("![accuracy vs size](accuracy_vs_size.png) "
+               "![accuracy vs latency](accuracy_vs_latency.png)"), "",
               "Variants:"] + [f"- `{v['name']}`: {v['description']}" for v in report["variants"]]
     if report.get("quantization_error"):
         from tflite_ext.quantization import debug
@@ -339,13 +274,3 @@ def render_markdown(report):
     if report.get("quick"):
         lines += ["", "Quick mode: few epochs, figures are not representative."]
     return "\n".join(lines) + "\n"
-
-
-def _versions():
-    import tensorflow as tf
-
-    from tflite_ext import __version__
-
-    return {"tflite_ext": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count()}

@@ -1,4 +1,5 @@
-r"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, targets (issue 4).
+r"""Pruning + QAT on the digits CNN of references.md: per-seed bytes, int8 accuracy, issue 4's
+targets.
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
 Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency),
@@ -21,41 +22,89 @@ Pruning: PolynomialDecay(0.0, --sparsity, 0, --ramp_steps, frequency=--frequency
 Targets (issue 4, pruned + QAT): int8 acc >= PTQ int8 acc, int8 acc >= float - 0.3 point,
 top-1 agreement Keras QAT vs .tflite >= 99.5%, bytes <= 27,797 (issue 3).
 
+Training and measuring go through tflite_ext.bench.variants, as in tools/compare.py.
+
 Usage:
-    PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both
+    python tools/bench_prune_qat.py --seeds 0 --seeds 1 --seeds 2 --distill both
     # tools/compare.py's recipe, three seeds, test split:
-    PYTHONPATH=. python tools/bench_prune_qat.py --seeds 0 1 2 --distill both --recalibrate \
+    python tools/bench_prune_qat.py --seeds 0 --seeds 1 --seeds 2 --distill both --recalibrate \
         --ramp_steps 200 --frequency 100 --qat_lr 1e-4 --freeze_epoch 5
-    PYTHONPATH=. python tools/bench_prune_qat.py --help
+    python tools/bench_prune_qat.py --help
 """
-import argparse
 import json
 import os
+import sys
 import time
+
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tflite_ext import convert, distillation, inspect, models, pruning, tasks  # noqa: E402
-from tflite_ext.bench import host  # noqa: E402
+from tflite_ext import convert, inspect, models, pruning, tasks  # noqa: E402
+from tflite_ext.bench import variants  # noqa: E402
 from tflite_ext.quantization import FreezeQuantization, calibrate, quantize_model  # noqa: E402
 
 SIZE_TARGET = 27_797  # 1/10 of tfmot's 80%-pruned int8 digits model (references.md)
 BATCH = 32
 
 
-def tflite_top1(flatbuffer, x):
-    """Top-1 of a .tflite on float samples (LiteRT, the model's own quantization)."""
-    return np.argmax(host.predict(flatbuffer, x), axis=-1)
+def _is_json_object(text):
+    try:
+        return text is None or isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+flags.DEFINE_multi_integer("seeds", [0, 1, 2], "Seeds, each its own float model (repeat the "
+                           "flag for more).")
+flags.DEFINE_string("variants", "a", "a, b or a,b (see the module doc).")
+flags.DEFINE_integer("float_epochs", 30, "Float training epochs (Adam 1e-3).", lower_bound=1)
+flags.DEFINE_string("cache_dir", "", "Save/reuse the float model per seed here (speeds up "
+                    "sweeps).")
+flags.DEFINE_float("sparsity", 0.75, "Final sparsity per group.", lower_bound=0.0,
+                   upper_bound=1.0)
+flags.DEFINE_integer("ramp_steps", 400, "Sparsity ramp end step.", lower_bound=1)
+flags.DEFINE_integer("frequency", 50, "Mask update every N steps.", lower_bound=1)
+flags.DEFINE_integer("round_to", 8, "Kept channels rounded to a multiple of this.",
+                     lower_bound=1)
+flags.DEFINE_string("importance", "l2", "l1, l2, bn_scale.")
+flags.DEFINE_enum("scope", "local", ["local", "global"], "Channel ranking scope.")
+flags.DEFINE_string("group_sparsity", None, "Per-group final sparsity as JSON, e.g. "
+                    "'{\"fc1\": 0.5}'.")
+flags.register_validator("group_sparsity", _is_json_object,
+                         'expected a JSON object, e.g. \'{"fc1": 0.5}\'')
+flags.DEFINE_integer("prune_epochs", 15, "Pruning fine-tune epochs.", lower_bound=1)
+flags.DEFINE_float("prune_lr", 5e-4, "Pruning fine-tune Adam rate.")
+flags.DEFINE_boolean("cosine", False, "Cosine decay of the prune lr.")
+flags.DEFINE_integer("qat_epochs", 5, "QAT epochs.", lower_bound=1)
+flags.DEFINE_float("qat_lr", 3e-5, "QAT Adam rate.")
+flags.DEFINE_integer("freeze_epoch", 3, "Freeze QAT ranges after this many QAT epochs.",
+                     lower_bound=0)
+flags.DEFINE_integer("freeze_bn_epoch", None, "Freeze folded BN statistics after this many QAT "
+                     "epochs (default: with the ranges, at --freeze_epoch).", lower_bound=0)
+flags.DEFINE_boolean("recalibrate", False, "Recompute BN statistics after strip (variant a, "
+                     "as tools/compare.py does).")
+flags.DEFINE_boolean("calibrate", False, "Set QAT activation ranges from the training images "
+                     "first.")
+flags.DEFINE_float("val_fraction", 0.0, "Evaluate on a stratified fraction of the training "
+                   "data instead of the test split (for tuning).", lower_bound=0.0,
+                   upper_bound=0.9)
+flags.DEFINE_enum("distill", "none", ["none", "prune", "qat", "both"], "Which stage's fit the "
+                  "float model teaches.")
+flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
+flags.DEFINE_float("alpha", 0.5, "Weight of the ground-truth loss when distilling.")
+FLAGS = flags.FLAGS
 
 
 def prune(model, args):
     schedule = pruning.PolynomialDecay(0.0, args.sparsity, 0, args.ramp_steps,
                                        frequency=args.frequency)
+    groups = json.loads(args.group_sparsity) if args.group_sparsity else None
     return pruning.prune(model, schedule, round_to=args.round_to, importance=args.importance,
-                         scope=args.scope, group_sparsity=args.group_sparsity)
+                         scope=args.scope, group_sparsity=groups)
 
 
 def learning_rate(lr, epochs, steps, cosine):
@@ -66,46 +115,25 @@ def learning_rate(lr, epochs, steps, cosine):
 
 def train(student, teacher, data, args, *, distill, lr, epochs, callbacks):
     """Fits `student` (optionally distilled from `teacher`); returns the trained student."""
-    optimizer = keras.optimizers.Adam(lr)
-    if distill:
-        # A copy: the Distiller freezes its teacher, and prune()/quantize_model() of a frozen
-        # model would copy `trainable=False` into every layer of the next student.
-        copy = keras.models.clone_model(teacher)
-        copy.set_weights(teacher.get_weights())
-        teacher = copy
-        trainer = distillation.distill(teacher, student, temperature=args.temperature,
-                                       alpha=args.alpha, optimizer=optimizer)
-    else:
-        trainer = student
-        trainer.compile(optimizer=optimizer,
-                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                        metrics=["accuracy"])
-    trainer.fit(data.x_train, data.y_train, epochs=epochs, batch_size=BATCH, verbose=0,
-                callbacks=callbacks)
-    return student
+    return variants.fit(student, data, epochs=epochs, learning_rate=lr, batch_size=BATCH,
+                        teacher=teacher if distill else None, temperature=args.temperature,
+                        alpha=args.alpha, callbacks=callbacks)
 
 
 def float_model(seed, data, args):
     """The float teacher for `seed` (trained, or read from --cache_dir)."""
     name = f"digits_float_seed{seed}_val{args.val_fraction}.keras"  # one per training split
-    path = args.cache_dir and os.path.join(args.cache_dir, name)
-    if path and os.path.exists(path):
-        return keras.saving.load_model(path)
-    model = models.digits_cnn()
-    models.compile_classifier(model, 1e-3)
-    model.fit(data.x_train, data.y_train, epochs=args.float_epochs, batch_size=BATCH, verbose=0)
-    if path:
-        os.makedirs(args.cache_dir, exist_ok=True)
-        model.save(path)
-    return model
+    return variants.train_or_load(args.cache_dir and os.path.join(args.cache_dir, name),
+                                  models.digits_cnn, data, seed=seed, epochs=args.float_epochs,
+                                  learning_rate=1e-3, batch_size=BATCH)
 
 
 def measure(qat, data):
     """Converts a QAT model; returns (int8 acc, keras acc, bytes, agreement, full_integer,
     indices of the test images the .tflite gets wrong)."""
     flatbuffer = convert.to_tflite(qat).flatbuffer
-    keras_top1 = qat.predict(data.x_test, verbose=0).argmax(-1)
-    top1 = tflite_top1(flatbuffer, data.x_test)
+    keras_top1 = variants.top1(qat, data.x_test)
+    top1 = variants.top1(flatbuffer, data.x_test)
     return (np.mean(top1 == data.y_test), np.mean(keras_top1 == data.y_test), len(flatbuffer),
             np.mean(top1 == keras_top1), inspect.summary(flatbuffer)["full_integer"],
             np.flatnonzero(top1 != data.y_test).tolist())
@@ -120,7 +148,7 @@ def variant_a(model, data, args, steps):
     small = pruning.strip(pruned)
     if args.recalibrate:
         pruning.recalibrate_batch_norm(small, data.x_train, BATCH)
-    pruned_acc = np.mean(small.predict(data.x_test, verbose=0).argmax(-1) == data.y_test)
+    pruned_acc = variants.accuracy(small, data.x_test, data.y_test)
     qat = quantize_model(small)
     if args.calibrate:
         calibrate(qat, data.x_train, BATCH)
@@ -157,9 +185,9 @@ def run_seed(seed, data, args):
     keras.utils.set_random_seed(seed)
     steps = int(np.ceil(len(data.x_train) / BATCH))
     model = float_model(seed, data, args)
-    float_acc = model.evaluate(data.x_test, data.y_test, verbose=0)[1]
+    float_acc = variants.accuracy(model, data.x_test, data.y_test)
     ptq = convert.to_tflite(model, data.x_train[:300]).flatbuffer
-    ptq_acc = np.mean(tflite_top1(ptq, data.x_test) == data.y_test)
+    ptq_acc = variants.accuracy(ptq, data.x_test, data.y_test)
     rows = []
     for name in args.variants.split(","):
         keras.utils.set_random_seed(seed)
@@ -167,7 +195,8 @@ def run_seed(seed, data, args):
         qat, pruned_acc = {"a": variant_a, "b": variant_b}[name](model, data, args, steps)
         seconds = time.time() - start
         acc, keras_acc, size, agree, full_int, wrong = measure(qat, data)
-        ok = {"int8>=PTQ": acc >= ptq_acc - 1e-9, "int8>=float-0.3": acc >= float_acc - 0.003 - 1e-9,
+        ok = {"int8>=PTQ": acc >= ptq_acc - 1e-9,
+              "int8>=float-0.3": acc >= float_acc - 0.003 - 1e-9,
               "agree>=99.5%": agree >= 0.995, f"bytes<={SIZE_TARGET:,}": size <= SIZE_TARGET}
         rows.append(dict(seed=seed, variant=name, float=float_acc, ptq=ptq_acc, int8=acc,
                          pruned=pruned_acc, wrong=wrong,
@@ -177,7 +206,8 @@ def run_seed(seed, data, args):
     return rows
 
 
-HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'pruned':>7} {'int8':>7} {'kerasQAT':>8} "
+HEADER = (f"{'seed':>4} {'var':>3} {'float':>7} {'PTQ':>7} {'pruned':>7} {'int8':>7} "
+          f"{'kerasQAT':>8} "
           f"{'bytes':>7} {'agree':>7} {'secs':>5}  targets")
 
 
@@ -191,44 +221,12 @@ def print_row(r, flush=False, show_wrong=True):
           + (f"  wrong={r['wrong']}" if show_wrong else ""), flush=flush)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", default="a", help="a, b or a,b (see the module doc)")
-    parser.add_argument("--float_epochs", type=int, default=30)
-    parser.add_argument("--cache_dir", default="",
-                        help="save/reuse the float model per seed here (speeds up sweeps)")
-    parser.add_argument("--sparsity", type=float, default=0.75)
-    parser.add_argument("--ramp_steps", type=int, default=400)
-    parser.add_argument("--frequency", type=int, default=50)
-    parser.add_argument("--round_to", type=int, default=8)
-    parser.add_argument("--importance", default="l2", help="l1, l2, bn_scale")
-    parser.add_argument("--scope", default="local", choices=["local", "global"])
-    parser.add_argument("--group_sparsity", type=json.loads, default=None,
-                        help='per-group final sparsity as JSON, e.g. \'{"fc1": 0.5}\'')
-    parser.add_argument("--prune_epochs", type=int, default=15)
-    parser.add_argument("--prune_lr", type=float, default=5e-4)
-    parser.add_argument("--cosine", action="store_true", help="cosine decay of the prune lr")
-    parser.add_argument("--qat_epochs", type=int, default=5)
-    parser.add_argument("--qat_lr", type=float, default=3e-5)
-    parser.add_argument("--freeze_epoch", type=int, default=3)
-    parser.add_argument("--freeze_bn_epoch", type=int, default=None,
-                        help="freeze folded BN statistics after this many QAT epochs "
-                             "(default: with the ranges, at --freeze_epoch)")
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="recompute BN statistics after strip (variant a, as "
-                             "tools/compare.py does)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="set QAT activation ranges from the training images first")
-    parser.add_argument("--val_fraction", type=float, default=0.0,
-                        help="evaluate on a stratified fraction of the training data instead "
-                             "of the test split (for tuning)")
-    parser.add_argument("--distill", default="none", choices=["none", "prune", "qat", "both"])
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.5,
-                        help="weight of the ground-truth loss when distilling")
-    args = parser.parse_args()
-    print(" ".join(f"{k}={v}" for k, v in vars(args).items()), flush=True)
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])}")
+    args = FLAGS
+    print(" ".join(f"{f.name}={f.value}" for f in FLAGS.get_key_flags_for_module(sys.argv[0])),
+          flush=True)
 
     data = tasks.validation_split(tasks.digits(), args.val_fraction)
     split = (f"validation ({args.val_fraction:.0%} of train)" if args.val_fraction
@@ -244,8 +242,9 @@ def main():
         mine = [r for r in rows if r["variant"] == name]
         met = sum(all(r["ok"].values()) for r in mine)
         print(f"variant {name}: all targets met on {met}/{len(mine)} seeds; mean int8 "
-              f"{np.mean([r['int8'] for r in mine]):.4f}, mean {np.mean([r['seconds'] for r in mine]):.0f} s")
+              f"{np.mean([r['int8'] for r in mine]):.4f}, "
+              f"mean {np.mean([r['seconds'] for r in mine]):.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -9,13 +9,19 @@ Prints:
   (d) digits CNN: float vs structured prune + strip + int8 (bytes, accuracy), the peer target
       (int8 <= 27,797 bytes = 1/10 of tfmot's 277,968, accuracy >= float - 0.5 point).
 
+Training and measuring go through tflite_ext.bench.variants, as in tools/compare.py.
+
 Usage:
-    PYTHONPATH=. python tools/bench_pruning.py [--parts abcd] [--quick]
+    python tools/bench_pruning.py [--parts abcd] [--quick]
+    python tools/bench_pruning.py --parts c --distill --sparsity 0.5 --round_to 16 \
+        --group_sparsity "s1a_.*=1.0,stem_.*=0.0,s2.*=0.5,s3.*=0.25" --seeds 0 --seeds 1
+    python tools/bench_pruning.py --help
 """
-import argparse
 import os
 import statistics
 import time
+
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Re-training ResNet-8 after a structured-pruning fit corrupts the heap with TF's oneDNN
@@ -23,9 +29,67 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
-from tflite_ext import graph, models, pruning, tasks  # noqa: E402
+from tflite_ext import convert, graph, models, pruning, tasks  # noqa: E402
+from tflite_ext.bench import host, variants  # noqa: E402
+
+
+def _group_sparsity(items):
+    """["s3.*=0.5", "s2a_.*=0.75"] -> {"s3.*": 0.5, "s2a_.*": 0.75} (order kept: first match
+    wins); raises ValueError on an item that is not regex=sparsity."""
+    out = {}
+    for item in items:
+        pattern, _, value = item.rpartition("=")
+        if not pattern:
+            raise ValueError(item)
+        out[pattern] = float(value)
+    return out
+
+
+def _valid_groups(items):
+    try:
+        _group_sparsity(items or [])
+    except ValueError:
+        return False
+    return True
+
+
+flags.DEFINE_string("parts", "abcd", "Which parts to run (letters a-d, see above).")
+flags.DEFINE_boolean("quick", False, "Few epochs (a smoke run).")
+flags.DEFINE_multi_float("digits_sparsity", [0.75, 0.8], "Part (d) sparsities (repeat the "
+                         "flag for more).")
+flags.DEFINE_integer("ft_epochs", 15, "Pruning fine-tune epochs.", lower_bound=1)
+flags.DEFINE_string("importance", "l2", "Channel ranking criterion (l1, l2, bn_scale, ...).")
+flags.DEFINE_float("mac_ratio", 3.2, "ResNet-8 MAC target (used when --sparsity is not given).")
+flags.DEFINE_integer("round_to", 4, "ResNet-8 channel multiple.", lower_bound=1)
+# Part (c): the ResNet-8 recipe.
+flags.DEFINE_float("sparsity", None, "ResNet-8 sparsity (overrides --mac_ratio).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("scope", "local", ["local", "global"], "Channel ranking scope.")
+flags.DEFINE_list("group_sparsity", None, "Per-group final sparsity, e.g. "
+                  "'s3.*=0.5,s2a_.*=0.75' (prune's group_sparsity: first regex matching a "
+                  "group's layers wins; the schedule ramps each group in proportion; no commas "
+                  "inside regexes).")
+flags.register_validator("group_sparsity", _valid_groups,
+                         "expected regex=sparsity items, comma separated")
+flags.DEFINE_integer("float_epochs", 30, "Float training epochs (Adam 1e-3).", lower_bound=1)
+flags.DEFINE_float("ft_lr", 5e-4, "Pruning fine-tune Adam rate.")
+flags.DEFINE_boolean("cosine", False, "Cosine-decay the fine-tune rate.")
+flags.DEFINE_integer("end_step", None, "Sparsity ramp end step (default: half the fine-tune "
+                     "steps).", lower_bound=1)
+flags.DEFINE_integer("frequency", 20, "Mask update every N steps.", lower_bound=1)
+flags.DEFINE_boolean("distill", False, "The float model teaches the student.")
+flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
+flags.DEFINE_float("alpha", 0.5, "Ground-truth loss weight when distilling.")
+flags.DEFINE_multi_integer("seeds", [0], "Seeds of part (c), each its own float model (repeat "
+                           "the flag for more).")
+flags.DEFINE_float("val_fraction", 0.0, "Tune on a stratified split of the training data "
+                   "(0: report test).", lower_bound=0.0, upper_bound=0.9)
+flags.DEFINE_string("float_cache", None, "Directory caching float models.")
+flags.DEFINE_integer("timing_runs", 1000, "Interleaved LiteRT timing rounds.", lower_bound=1)
+flags.DEFINE_boolean("profile", False, "Cumulative per-stage LiteRT latency of both int8 "
+                     "models.")
+FLAGS = flags.FLAGS
 
 
 def part_a():
@@ -75,80 +139,51 @@ def part_b(epochs=6):
 
 
 def _int8(model, rep):
-    from tflite_ext import convert
-
     return convert.to_tflite(model, rep).flatbuffer
 
 
-def _int8_accuracy(flatbuffer, data):
-    from tflite_ext.bench import host
-
-    return host.evaluate(flatbuffer, data.x_test, data.y_test)["accuracy"]
-
-
 def _fit(model, data, epochs, lr, callbacks=()):
-    models.compile_classifier(model, lr)
-    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=32, verbose=0,
-              callbacks=list(callbacks))
-    return model.evaluate(data.x_test, data.y_test, verbose=0)[1]
+    """Trains (Adam `lr`, batch 32); returns the Keras test accuracy."""
+    variants.fit(model, data, epochs=epochs, learning_rate=lr, callbacks=callbacks)
+    return variants.accuracy(model, data.x_test, data.y_test)
 
 
 RESNET8_STAGES = ("stem_relu", "s1_out", "s2_out", "s3_out")  # cumulative-latency cut points
 
 
-def _float_resnet8(data, seed, epochs, cache_dir):
-    """Trained float ResNet-8 for `seed` (Adam 1e-3, batch 32), optionally cached on disk."""
+def _float_resnet8(data, seed, epochs):
+    """Trained float ResNet-8 for `seed` (Adam 1e-3, batch 32), cached in --float_cache."""
     name = f"resnet8_seed{seed}_e{epochs}_n{len(data.x_train)}.keras"
-    path = cache_dir and os.path.join(cache_dir, name)
-    if path and os.path.exists(path):
-        return keras.saving.load_model(path)
-    keras.utils.set_random_seed(seed)
-    model = models.resnet8(data.input_shape, data.num_classes)
-    _fit(model, data, epochs, 1e-3)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        model.save(path)
-    return model
+    return variants.train_or_load(FLAGS.float_cache and os.path.join(FLAGS.float_cache, name),
+                                  lambda: models.resnet8(data.input_shape, data.num_classes),
+                                  data, seed=seed, epochs=epochs, learning_rate=1e-3)
 
 
-def _prune_finetune(float_model, data, args, seed, sparsity):
+def _prune_finetune(float_model, data, seed, sparsity, ft_epochs):
     """prune (logits excluded) -> fine-tune with PruningCallback (optionally distilled) -> strip
     -> BatchNormalization recalibrated on the training images."""
-    from tflite_ext import distillation
-
     keras.utils.set_random_seed(seed)
     steps = -(-len(data.x_train) // 32)
-    end_step = args.end_step or steps * max(args.ft_epochs // 2, 1)
-    schedule = pruning.PolynomialDecay(0.0, sparsity, 0, end_step, frequency=args.frequency)
+    end_step = FLAGS.end_step or steps * max(ft_epochs // 2, 1)
+    schedule = pruning.PolynomialDecay(0.0, sparsity, 0, end_step, frequency=FLAGS.frequency)
     student = pruning.prune(float_model, schedule, layers=lambda layer: layer.name != "logits",
-                            importance=args.importance, scope=args.scope,
-                            round_to=args.round_to, group_sparsity=args.group_sparsity)
-    lr = args.ft_lr
-    if args.cosine:
-        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=args.ft_epochs * steps,
+                            importance=FLAGS.importance, scope=FLAGS.scope,
+                            round_to=FLAGS.round_to, group_sparsity=_groups())
+    lr = FLAGS.ft_lr
+    if FLAGS.cosine:
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=ft_epochs * steps,
                                                     alpha=0.05)
     callbacks = [pruning.PruningCallback(data=(data.x_train[:256], data.y_train[:256]))]
-    if args.distill:
-        trainer = distillation.distill(float_model, student, temperature=args.temperature,
-                                       alpha=args.alpha, optimizer=keras.optimizers.Adam(lr))
-    else:
-        trainer = models.compile_classifier(student, lr)
-    trainer.fit(data.x_train, data.y_train, epochs=args.ft_epochs, batch_size=32, verbose=0,
-                callbacks=callbacks)
+    variants.fit(student, data, epochs=ft_epochs, learning_rate=lr,
+                 teacher=float_model if FLAGS.distill else None,
+                 temperature=FLAGS.temperature, alpha=FLAGS.alpha, callbacks=callbacks)
     small = pruning.strip(student)
     pruning.recalibrate_batch_norm(small, data.x_train)  # BN statistics after pruning
     return small
 
 
-def _group_sparsity(text):
-    """'s3.*=0.5,s2a_.*=0.75' -> {"s3.*": 0.5, "s2a_.*": 0.75} (order kept: first match wins)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        pattern, _, value = item.rpartition("=")
-        if not pattern:
-            raise argparse.ArgumentTypeError(f"expected regex=sparsity, got {item!r}")
-        out[pattern] = float(value)
-    return out
+def _groups():
+    return _group_sparsity(FLAGS.group_sparsity) if FLAGS.group_sparsity else None
 
 
 def _format_groups(groups):
@@ -166,8 +201,6 @@ def _stage_profile(full, small, rep, runs):
 
     Each prefix model (input -> stage output, int8) is converted and all are timed interleaved.
     """
-    from tflite_ext.bench import host
-
     fbs = {}
     for tag, model in (("full", full), ("small", small)):
         names = {layer.name for layer in model.layers}
@@ -186,62 +219,61 @@ def _stage_profile(full, small, rep, runs):
               + f" = {prev:.1f}")
 
 
-def _resnet8_seed(args, seed):
+def _resnet8_seed(seed):
     """One seed of part (c); returns the row of figures and prints it."""
-    from tflite_ext.bench import host
-
-    data = tasks.validation_split(tasks.digits(32, 3), args.val_fraction, seed)
-    epochs = 3 if args.quick else args.float_epochs
-    float_model = _float_resnet8(data, seed, epochs, args.float_cache)
-    acc = float_model.evaluate(data.x_test, data.y_test, verbose=0)[1]
-    sparsity, predicted = args.sparsity, None
+    data = tasks.validation_split(tasks.digits(32, 3), FLAGS.val_fraction, seed)
+    float_model = _float_resnet8(data, seed, 3 if FLAGS.quick else FLAGS.float_epochs)
+    acc = variants.accuracy(float_model, data.x_test, data.y_test)
+    sparsity, predicted = FLAGS.sparsity, None
     if sparsity is None:
         sparsity, predicted = pruning.sparsity_for_mac_ratio(
-            float_model, args.mac_ratio, round_to=args.round_to, scope=args.scope,
+            float_model, FLAGS.mac_ratio, round_to=FLAGS.round_to, scope=FLAGS.scope,
             layers=lambda layer: layer.name != "logits")
-    if args.quick:
-        args.ft_epochs = 2
-    small = _prune_finetune(float_model, data, args, seed, sparsity)
-    small_acc = models.compile_classifier(small).evaluate(data.x_test, data.y_test, verbose=0)[1]
+    ft_epochs = 2 if FLAGS.quick else FLAGS.ft_epochs
+    small = _prune_finetune(float_model, data, seed, sparsity, ft_epochs)
+    small_acc = variants.accuracy(small, data.x_test, data.y_test)
     rep = data.x_train[:200]
-    fb_full, fb_small = _int8(float_model, rep), _int8(small, rep)
-    lat = host.time_interleaved({"full": fb_full, "small": fb_small}, x=data.x_test[:50],
-                                runs=args.timing_runs)
+    int8 = variants.measure({"full": _int8(float_model, rep), "small": _int8(small, rep)},
+                            data.x_test, data.y_test, runs=FLAGS.timing_runs,
+                            timing_x=data.x_test[:50])
+    full, pruned = int8["full"], int8["small"]
     macs_full, macs_small = pruning.count_macs(float_model), pruning.count_macs(small)
-    int8_full, int8_small = _int8_accuracy(fb_full, data), _int8_accuracy(fb_small, data)
     row = dict(seed=seed, sparsity=sparsity, mac_x=macs_full / macs_small,
-               lat_full=lat["full"], lat_small=lat["small"], lat_x=lat["full"] / lat["small"],
-               acc_full=int8_full, acc_small=int8_small)
-    split = f"validation ({args.val_fraction:.0%} of train)" if args.val_fraction else "test"
-    print(f"(c) ResNet-8 on digits 32x32x3, seed {seed}, sparsity {sparsity} ({args.scope}, "
-          f"{args.importance}, round_to={args.round_to}"
-          + (f", groups {_format_groups(args.group_sparsity)}" if args.group_sparsity else "")
+               lat_full=full["median_us"], lat_small=pruned["median_us"],
+               lat_x=full["median_us"] / pruned["median_us"],
+               acc_full=full["tflite_accuracy"], acc_small=pruned["tflite_accuracy"])
+    split = f"validation ({FLAGS.val_fraction:.0%} of train)" if FLAGS.val_fraction else "test"
+    groups = _groups()
+    print(f"(c) ResNet-8 on digits 32x32x3, seed {seed}, sparsity {sparsity} ({FLAGS.scope}, "
+          f"{FLAGS.importance}, round_to={FLAGS.round_to}"
+          + (f", groups {_format_groups(groups)}" if groups else "")
           + (f", predicted MAC ratio {predicted:.2f}x" if predicted else "") + f"), "
-          f"{args.ft_epochs} fine-tune epochs at {args.ft_lr}"
-          + (" cosine" if args.cosine else "")
-          + (f", distilled T={args.temperature} alpha={args.alpha}" if args.distill else "")
+          f"{ft_epochs} fine-tune epochs at {FLAGS.ft_lr}"
+          + (" cosine" if FLAGS.cosine else "")
+          + (f", distilled T={FLAGS.temperature} alpha={FLAGS.alpha}" if FLAGS.distill else "")
           + f"; accuracy on {split}:")
     print("    widths  " + " ".join(f"{k.replace('_conv', '')}={v}"
                                     for k, v in _widths(small).items()))
     print(f"    MACs    {macs_full:>10,} -> {macs_small:>10,}  ({row['mac_x']:.2f}x)")
     print(f"    params  {float_model.count_params():>10,} -> {small.count_params():>10,}")
-    print(f"    int8    {len(fb_full):>10,} -> {len(fb_small):>10,} bytes")
-    print(f"    LiteRT  {lat['full']:>10.1f} -> {lat['small']:>10.1f} us median, 1 thread, "
-          f"interleaved ({row['lat_x']:.2f}x)")
-    print(f"    float accuracy {acc:.4f} -> {small_acc:.4f}; int8 {int8_full:.4f} -> "
-          f"{int8_small:.4f} ({(int8_small - int8_full) * 100:+.2f} pt)")
+    print(f"    int8    {full['bytes']:>10,} -> {pruned['bytes']:>10,} bytes")
+    print(f"    LiteRT  {row['lat_full']:>10.1f} -> {row['lat_small']:>10.1f} us median, "
+          f"1 thread, interleaved ({row['lat_x']:.2f}x)")
+    print(f"    float accuracy {acc:.4f} -> {small_acc:.4f}; int8 {row['acc_full']:.4f} -> "
+          f"{row['acc_small']:.4f} ({(row['acc_small'] - row['acc_full']) * 100:+.2f} pt)")
     checks = [("MACs >= 3x fewer", row["mac_x"] >= 3.0),
               ("latency >= 2x lower", row["lat_x"] >= 2.0),
-              ("int8 accuracy >= unpruned int8 - 1 pt", int8_small >= int8_full - 0.01)]
+              ("int8 accuracy >= unpruned int8 - 1 pt",
+               row["acc_small"] >= row["acc_full"] - 0.01)]
     print("    targets: " + "; ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in checks))
-    if args.profile:
-        _stage_profile(float_model, small, rep, args.timing_runs)
+    if FLAGS.profile:
+        _stage_profile(float_model, small, rep, FLAGS.timing_runs)
     row["passed"] = all(ok for _, ok in checks)
     return row
 
 
-def part_c(args):
-    rows = [_resnet8_seed(args, seed) for seed in args.seeds]
+def part_c():
+    rows = [_resnet8_seed(seed) for seed in FLAGS.seeds]
     if len(rows) > 1:
         print("    seeds summary: " + " | ".join(
             f"seed {r['seed']}: MACs {r['mac_x']:.2f}x, latency {r['lat_x']:.2f}x "
@@ -258,8 +290,8 @@ def part_d(quick=False, sparsities=(0.75, 0.8), ft_epochs=15, importance="l2", s
     rep = data.x_train[:200]
     fb_full = _int8(float_model, rep)
     print(f"(d) digits CNN: float acc {acc:.4f}; PTQ int8 {len(fb_full):,} bytes, "
-          f"acc {_int8_accuracy(fb_full, data):.4f}; peer target <= 27,797 bytes, "
-          f">= {acc - 0.005:.4f}")
+          f"acc {variants.accuracy(fb_full, data.x_test, data.y_test):.4f}; peer target <= "
+          f"27,797 bytes, >= {acc - 0.005:.4f}")
     for s in sparsities:
         keras.utils.set_random_seed(0)
         schedule = pruning.PolynomialDecay(0.0, s, 0, 400, frequency=50)
@@ -268,56 +300,25 @@ def part_d(quick=False, sparsities=(0.75, 0.8), ft_epochs=15, importance="l2", s
         p_acc = _fit(pruned, data, 2 if quick else ft_epochs, 5e-4, [pruning.PruningCallback()])
         small = pruning.strip(pruned)
         fb = _int8(small, rep)
-        print(f"    sparsity {s} ({importance}, {scope}, round_to=8, {ft_epochs} epochs at 5e-4): params {small.count_params():,}, MACs "
-              f"{pruning.count_macs(small):,}, int8 {len(fb):,} bytes "
-              f"({len(fb_full) / len(fb):.1f}x smaller), float acc {p_acc:.4f}, int8 acc "
-              f"{_int8_accuracy(fb, data):.4f}")
+        print(f"    sparsity {s} ({importance}, {scope}, round_to=8, {ft_epochs} epochs at "
+              f"5e-4): params {small.count_params():,}, MACs {pruning.count_macs(small):,}, "
+              f"int8 {len(fb):,} bytes ({len(fb_full) / len(fb):.1f}x smaller), float acc "
+              f"{p_acc:.4f}, int8 acc {variants.accuracy(fb, data.x_test, data.y_test):.4f}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="abcd")
-    parser.add_argument("--quick", action="store_true", help="few epochs (smoke run)")
-    parser.add_argument("--digits-sparsity", type=float, nargs="+", default=[0.75, 0.8])
-    parser.add_argument("--ft-epochs", type=int, default=15)
-    parser.add_argument("--importance", default="l2")
-    parser.add_argument("--mac-ratio", type=float, default=3.2,
-                        help="ResNet-8 MAC target (used when --sparsity is not given)")
-    parser.add_argument("--round-to", type=int, default=4, help="ResNet-8 channel multiple")
-    c = parser.add_argument_group("part (c) ResNet-8 recipe")
-    c.add_argument("--sparsity", type=float, default=None,
-                   help="ResNet-8 sparsity (overrides --mac-ratio)")
-    c.add_argument("--scope", default="local", help="local or global channel ranking")
-    c.add_argument("--group-sparsity", type=_group_sparsity, default=None,
-                   help="per-group final sparsity, e.g. 's3.*=0.5,s2a_.*=0.75' (prune's "
-                        "group_sparsity: first regex matching a group's layers wins; the "
-                        "schedule ramps each group in proportion; no commas inside regexes)")
-    c.add_argument("--float-epochs", type=int, default=30, help="float training (Adam 1e-3)")
-    c.add_argument("--ft-lr", type=float, default=5e-4, help="pruning fine-tune Adam rate")
-    c.add_argument("--cosine", action="store_true", help="cosine-decay the fine-tune rate")
-    c.add_argument("--end-step", type=int, default=None,
-                   help="sparsity ramp end step (default: half the fine-tune steps)")
-    c.add_argument("--frequency", type=int, default=20, help="mask update every N steps")
-    c.add_argument("--distill", action="store_true", help="the float model teaches the student")
-    c.add_argument("--temperature", type=float, default=4.0)
-    c.add_argument("--alpha", type=float, default=0.5, help="ground-truth loss weight")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0])
-    c.add_argument("--val-fraction", type=float, default=0.0,
-                   help="tune on a stratified split of the training data (0: report test)")
-    c.add_argument("--float-cache", default=None, help="directory caching float models")
-    c.add_argument("--timing-runs", type=int, default=1000)
-    c.add_argument("--profile", action="store_true",
-                   help="cumulative per-stage LiteRT latency of both int8 models")
-    args = parser.parse_args()
-    if "a" in args.parts:
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])}")
+    if "a" in FLAGS.parts:
         part_a()
-    if "b" in args.parts:
+    if "b" in FLAGS.parts:
         part_b()
-    if "c" in args.parts:
-        part_c(args)
-    if "d" in args.parts:
-        part_d(args.quick, args.digits_sparsity, args.ft_epochs, args.importance, args.scope)
+    if "c" in FLAGS.parts:
+        part_c()
+    if "d" in FLAGS.parts:
+        part_d(FLAGS.quick, FLAGS.digits_sparsity, FLAGS.ft_epochs, FLAGS.importance,
+               FLAGS.scope)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

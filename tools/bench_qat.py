@@ -1,15 +1,17 @@
 """QAT vs PTQ vs float on the digits CNN of references.md; prints the figures of issue 4.
 
 Float: Adam 1e-3, 30 epochs, batch 32. PTQ: full int8 calibrated on 300 training images.
-QAT: `quantize_model` on the trained float model, 5 epochs at Adam 3e-5 (1e-4 lost one test image on seed 1), ranges and BN
-statistics frozen after 3 epochs; converted with no representative data.
+QAT: `quantize_model` on the trained float model, 5 epochs at Adam 3e-5 (1e-4 lost one test
+image on seed 1), ranges and BN statistics frozen after 3 epochs; converted with no
+representative data.
 
 Usage:
-    PYTHONPATH=. python tools/bench_qat.py [--float_epochs 30] [--qat_epochs 5] [--seed 0]
+    python tools/bench_qat.py [--float_epochs 30] [--qat_epochs 5] [--seed 0]
 """
-import argparse
 import os
 import time
+
+from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -17,48 +19,45 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tflite_ext import convert, inspect, models, tasks  # noqa: E402
-from tflite_ext.bench import host  # noqa: E402
+from tflite_ext.bench import variants  # noqa: E402
 from tflite_ext.quantization import FreezeQuantization, debug, quantize_model  # noqa: E402
 
+flags.DEFINE_integer("float_epochs", 30, "Float training epochs (Adam 1e-3).", lower_bound=1)
+flags.DEFINE_integer("qat_epochs", 5, "QAT epochs.", lower_bound=1)
+flags.DEFINE_float("qat_lr", 3e-5, "QAT Adam rate.")
+flags.DEFINE_integer("freeze_epoch", 3, "Freeze ranges and BN statistics after this many QAT "
+                     "epochs.", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "Random seed for weights and shuffling.")
+FLAGS = flags.FLAGS
 
-def tflite_top1(flatbuffer, x):
-    """Top-1 of a .tflite on float samples (LiteRT, the model's own quantization)."""
-    return np.argmax(host.predict(flatbuffer, x), axis=-1)
 
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--float_epochs", type=int, default=30)
-    parser.add_argument("--qat_epochs", type=int, default=5)
-    parser.add_argument("--qat_lr", type=float, default=3e-5)
-    parser.add_argument("--freeze_epoch", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])}")
+    args = FLAGS
     keras.utils.set_random_seed(args.seed)
     data = tasks.digits()
     start = time.time()
-    model = models.compile_classifier(models.digits_cnn(), 1e-3)
-    model.fit(data.x_train, data.y_train, epochs=args.float_epochs, batch_size=32, verbose=0)
-    float_acc = model.evaluate(data.x_test, data.y_test, verbose=0)[1]
+    model = variants.fit(models.digits_cnn(), data, epochs=args.float_epochs,
+                         learning_rate=1e-3)
+    float_acc = variants.accuracy(model, data.x_test, data.y_test)
     print(f"float        acc {float_acc:.4f}   ({time.time() - start:.0f} s)")
 
     ptq = convert.to_tflite(model, data.x_train[:300]).flatbuffer
-    ptq_acc = np.mean(tflite_top1(ptq, data.x_test) == data.y_test)
+    ptq_acc = variants.accuracy(ptq, data.x_test, data.y_test)
     print(f"PTQ int8     acc {ptq_acc:.4f}   {len(ptq):,} bytes")
     report = debug.layer_error_report(model, ptq, data.x_test[:200])
     print("PTQ layers by added error:", ", ".join(report["worst"][:3]))
 
     start = time.time()
-    qat = models.compile_classifier(quantize_model(model), args.qat_lr)
     steps_per_epoch = int(np.ceil(len(data.x_train) / 32))
     freeze = FreezeQuantization(freeze_after_step=args.freeze_epoch * steps_per_epoch)
-    qat.fit(data.x_train, data.y_train, epochs=args.qat_epochs, batch_size=32, verbose=0,
-            callbacks=[freeze])
-    qat_keras = qat.predict(data.x_test, verbose=0).argmax(-1)
+    qat = variants.fit(quantize_model(model), data, epochs=args.qat_epochs,
+                       learning_rate=args.qat_lr, callbacks=[freeze])
+    qat_keras = variants.top1(qat, data.x_test)
     flatbuffer = convert.to_tflite(qat).flatbuffer  # QAT ranges: no calibration data
     info = inspect.summary(flatbuffer)
-    qat_top1 = tflite_top1(flatbuffer, data.x_test)
+    qat_top1 = variants.top1(flatbuffer, data.x_test)
     qat_acc, agree = np.mean(qat_top1 == data.y_test), np.mean(qat_top1 == qat_keras)
     print(f"QAT keras    acc {np.mean(qat_keras == data.y_test):.4f}   "
           f"({time.time() - start:.0f} s)")
@@ -74,4 +73,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -9,21 +9,24 @@ The tfmot variants run in tools/tfmot_peer.py, a subprocess with `TF_USE_LEGACY_
 (tfmot only works with tf_keras, which must never share a process with Keras 3). It receives
 the float weights and the exact data arrays and hands back .tflite files.
 
-Example:
-    PYTHONPATH=. python tools/compare.py --model digits_cnn
-    PYTHONPATH=. python tools/compare.py --model resnet8 --out build/compare/resnet8
-    PYTHONPATH=. python tools/compare.py --model digits_cnn --quick     # smoke test, ~1 min
+Training, measuring and the report tables go through tflite_ext.bench.variants and
+tflite_ext.bench.report, as in `tflite-ext demo`.
+
+Example (with the package installed, `pip install -e ".[compare]"`):
+    python tools/compare.py --model digits_cnn
+    python tools/compare.py --model resnet8 --out build/compare/resnet8
+    python tools/compare.py --model digits_cnn --quick     # smoke test, ~1 min
 """
-import argparse
 import json
 import os
+import re
 import subprocess
 import sys
-import gzip
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+
 # oneDNN v3.7 (bundled with TF 2.21) corrupts the heap in the weight gradient of a strided 1x1
 # Conv2D with fewer than 16 input channels and an odd batch (uxlfoundation/oneDNN#6035): the
 # stripped ResNet-8's s2_shortcut has 8, and 1257 training images end each epoch on a batch of
@@ -35,9 +38,18 @@ import numpy as np  # noqa: E402
 
 from tflite_ext.files import atomic_write, ensure_writable_dir  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.path.join(REPO, "tools", "tfmot_peer.py")
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfmot_peer.py")
 _START = time.perf_counter()
+
+flags.DEFINE_enum("model", "digits_cnn", ["digits_cnn", "resnet8"], "The reference model.")
+flags.DEFINE_boolean("quick", False, "A few epochs: a smoke test.")
+flags.DEFINE_string("out", None, "Output folder (default build/compare/<model>).")
+flags.DEFINE_integer("seed", 0, "Random seed for weights and shuffling.")
+flags.DEFINE_boolean("skip_tfmot", False, "Leave out the tfmot peer.")
+flags.DEFINE_float("sparsity", None, "tflite_ext structured sparsity (default: per model, "
+                   "TX_PRUNING); groups the recipe's group_sparsity names keep their own.",
+                   lower_bound=0.0, upper_bound=1.0)
+FLAGS = flags.FLAGS
 
 # The budget of references.md. "quick" keeps the same shape at a fraction of the cost.
 BUDGETS = {
@@ -53,7 +65,7 @@ TFMOT_SPARSITY = 0.8  # the issue's peer: unstructured magnitude pruning at 80%
 # tflite_ext structured pruning per model: the fraction of channels removed from each
 # dependency group (or per group, `group_sparsity`), the ranking criterion, kept counts rounded
 # to a multiple. The logits layer is never pruned (its outputs are the classes). Recipes were
-# chosen on a validation split of the training data (tools/bench_pruning.py --val-fraction,
+# chosen on a validation split of the training data (tools/bench_pruning.py --val_fraction,
 # tools/bench_prune_qat.py --val_fraction); the test set reports. Same fine-tune budget as
 # tfmot (15 epochs, Adam 5e-4), but our sparsity ramp ends at step 200 instead of 400, leaving
 # five more epochs to recover (measured on ResNet-8 with its first block removed, validation
@@ -90,18 +102,6 @@ def load_task(model_name):
     return (lambda: models.resnet8(data.input_shape, data.num_classes)), data
 
 
-def epoch_printer(label):
-    import keras
-
-    class _Printer(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            log(f"{label} epoch {epoch + 1}/{self.params['epochs']} "
-                f"loss={logs.get('loss', float('nan')):.4f} acc={logs.get('accuracy', 0):.4f}")
-
-    return _Printer()
-
-
 def layer_weights(model):
     """`{"<layer name>/<i>": array}` for every layer weight: what tools/tfmot_peer.py loads."""
     return {f"{layer.name}/{i}": np.asarray(w.numpy() if hasattr(w, "numpy") else w)
@@ -122,7 +122,8 @@ def run_tfmot_peer(model_name, out, data, representative, ref_logits, weights, b
     """Runs tools/tfmot_peer.py isolated (own interpreter, own env); returns its result dict."""
     spec = {
         "model": model_name, "out": out, "seed": seed, "batch_size": budget["batch_size"],
-        "data": os.path.join(out, "peer_data.npz"), "weights": os.path.join(out, "float_weights.npz"),
+        "data": os.path.join(out, "peer_data.npz"),
+        "weights": os.path.join(out, "float_weights.npz"),
         "result": os.path.join(out, "tfmot_result.json"),
         "variants": [
             dict(name="tfmot_prune80", kind="prune", sparsity=TFMOT_SPARSITY,
@@ -140,9 +141,11 @@ def run_tfmot_peer(model_name, out, data, representative, ref_logits, weights, b
     if os.path.exists(spec["result"]):
         os.unlink(spec["result"])  # never report a previous run's files
 
+    # This interpreter, environment and working directory: the peer imports the same
+    # tflite_ext (only its stdlib-only `files`), with tf_keras in place of Keras 3.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KERAS_", "TF_USE_"))}
-    env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, PEER, "--spec", spec_path], env=env, cwd=REPO,
+    env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, PEER, "--spec", spec_path], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
 
@@ -150,8 +153,9 @@ def run_tfmot_peer(model_name, out, data, representative, ref_logits, weights, b
         for line in proc.stdout:
             lines.append(line)
             text = line.rstrip()
-            # Relay the peer's own progress lines, not TF/absl start-up chatter.
-            if text and not text.startswith(("I0000", "W0000", "E0000", "WARNING:", "  ")):
+            # Relay the peer's own progress lines, not TF/absl chatter ("W1201 14:44:55.06
+            # ...]", "INFO:tensorflow:..." from Python, "I0000 00:00:..." from C++).
+            if text and not re.match(r"[IWEF]\d{4} |(INFO|WARNING):|  ", text):
                 log(f"[tfmot] {text}")
 
     thread = threading.Thread(target=relay, daemon=True)
@@ -169,29 +173,13 @@ def run_tfmot_peer(model_name, out, data, representative, ref_logits, weights, b
 
 # --- tflite_ext variants (each returns a Keras 3 model ready for conversion). ---------------
 
-def fit(model, data, epochs, lr, batch_size, label, callbacks=(), teacher=None):
-    """Fits `model` on the training split; with a teacher, through a distiller."""
-    import keras
+def fit(model, data, epochs, lr, budget, label, callbacks=(), teacher=None):
+    """`variants.fit` with this comparison's batch size, distillation and progress log."""
+    from tflite_ext.bench import variants
 
-    from tflite_ext import distillation, models
-
-    if teacher is None:
-        trainer = models.compile_classifier(model, lr)
-    else:
-        trainer = distillation.distill(teacher, model, optimizer=keras.optimizers.Adam(lr),
-                                       **DISTILL)
-    trainer.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0,
-                callbacks=[*callbacks, epoch_printer(label)])
-    return model
-
-
-def copy_model(model):
-    """An independent copy of a functional model with the same weights."""
-    import keras
-
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    return clone
+    return variants.fit(model, data, epochs=epochs, learning_rate=lr,
+                        batch_size=budget["batch_size"], teacher=teacher, callbacks=callbacks,
+                        label=label, log=log, **DISTILL)
 
 
 def tx_structured_prune(float_model, data, budget, model_name):
@@ -205,8 +193,8 @@ def tx_structured_prune(float_model, data, budget, model_name):
     pruned = pruning.prune(float_model, schedule, layers=lambda layer: layer.name != "logits",
                            importance=config["importance"], round_to=config["round_to"],
                            group_sparsity=config.get("group_sparsity"))
-    fit(pruned, data, budget["prune_epochs"], budget["prune_lr"], budget["batch_size"],
-        "tx_prune", callbacks=[pruning.PruningCallback()], teacher=float_model)
+    fit(pruned, data, budget["prune_epochs"], budget["prune_lr"], budget, "tx_prune",
+        callbacks=[pruning.PruningCallback()], teacher=float_model)
     small = pruning.strip(pruned)
     pruning.recalibrate_batch_norm(small, data.x_train, budget["batch_size"])
     return small
@@ -217,38 +205,19 @@ def tx_qat(model, teacher, data, budget, label="tx_qat"):
     from tflite_ext import quantization
 
     qat = quantization.quantize_model(model)
-    return fit(qat, data, budget["qat_epochs"], budget["qat_lr"], budget["batch_size"], label,
+    return fit(qat, data, budget["qat_epochs"], budget["qat_lr"], budget, label,
                teacher=teacher)
 
 
 # --- Report. -------------------------------------------------------------------------------
 
-COLUMNS = [("variant", "variant"), ("accuracy", "test acc"), ("bytes", ".tflite bytes"),
-           ("gzip_bytes", "gzip bytes"), ("macs", "MACs"), ("median_us", "median µs"),
-           ("bytes_vs_ptq", "bytes ÷ PTQ"), ("macs_vs_ptq", "MACs ÷ PTQ"),
-           ("speedup_vs_ptq", "speed-up vs PTQ")]
-
-
-def _cell(key, value):
-    if value is None:
-        return "—"
-    if key == "accuracy":
-        return f"{value:.4f}"
-    if key in ("bytes", "gzip_bytes", "macs"):
-        return f"{value:,}"
-    if key == "median_us":
-        return f"{value:.1f}"
-    if key.endswith("_ptq"):
-        return f"{value:.2f}×"
-    return str(value)
-
-
-def markdown_table(rows):
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(k, row.get(k)) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines)
+COLUMNS = [("variant", "variant"), ("accuracy", "test acc", "{:.4f}"),
+           ("bytes", ".tflite bytes", "{:,}"), ("gzip_bytes", "gzip bytes", "{:,}"),
+           ("macs", "MACs", "{:,}"), ("median_us", "median µs", "{:.1f}"),
+           ("bytes_vs_ptq", "bytes ÷ PTQ", "{:.2f}×"), ("macs_vs_ptq", "MACs ÷ PTQ", "{:.2f}×"),
+           ("speedup_vs_ptq", "speed-up vs PTQ", "{:.2f}×")]
+TARGET_COLUMNS = [("target", "target"), ("measured", "measured"),
+                  ("passed", "met", lambda passed: "yes" if passed else "NO")]
 
 
 def check_targets(model_name, rows):
@@ -297,18 +266,18 @@ def check_targets(model_name, rows):
 
 
 def render_markdown(result):
+    from tflite_ext.bench.report import markdown_table
+
     lines = [f"# Peer comparison: {result['model']}{' (quick)' if result['quick'] else ''}", "",
              f"Data: {result['data']}. Budget: {json.dumps(result['budget'])}.",
-             f"LiteRT, 1 thread, median of {result['timing']['samples_per_variant']} "
-             f"single invokes per variant, all variants interleaved.", "",
-             markdown_table(result["rows"]), ""]
+             (f"LiteRT, 1 thread, median of {result['timing']['samples_per_variant']} "
+              f"single invokes per variant, all variants interleaved, on "
+              f"{result['environment']['cpu']}."), "",
+             markdown_table(result["rows"], COLUMNS)]
     if result["targets"]:
-        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['passed'] else 'NO'} |"
-                  for c in result["targets"]]
-        lines.append("")
-    lines += [f"tflite_ext recipe: {json.dumps(result['tx_pruning'])}, taught by the float "
-              f"model ({json.dumps(result['distill'])}).", ""]
+        lines += ["## Targets", "", markdown_table(result["targets"], TARGET_COLUMNS)]
+    lines += [(f"tflite_ext recipe: {json.dumps(result['tx_pruning'])}, taught by the float "
+               f"model ({json.dumps(result['distill'])})."), ""]
     if result["skipped"]:
         lines += ["Not run: " + "; ".join(result["skipped"]), ""]
     return "\n".join(lines)
@@ -316,37 +285,29 @@ def render_markdown(result):
 
 # --- The run. ------------------------------------------------------------------------------
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["digits_cnn", "resnet8"], default="digits_cnn")
-    parser.add_argument("--quick", action="store_true", help="a few epochs: a smoke test")
-    parser.add_argument("--out", help="output folder (default build/compare/<model>)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-tfmot", action="store_true", help="leave out the tfmot peer")
-    parser.add_argument("--sparsity", type=float,
-                        help="tflite_ext structured sparsity (default: per model, TX_PRUNING); "
-                        "groups the recipe's group_sparsity names keep their own")
-    args = parser.parse_args(argv)
-    out = os.path.abspath(args.out or os.path.join("build", "compare", args.model))
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])}")
+    out = os.path.abspath(FLAGS.out or os.path.join("build", "compare", FLAGS.model))
     ensure_writable_dir(out)
-    budget = dict(BUDGETS["quick" if args.quick else "full"])
-    if args.sparsity is not None:
-        TX_PRUNING[args.model] = dict(TX_PRUNING[args.model], sparsity=args.sparsity)
+    budget = dict(BUDGETS["quick" if FLAGS.quick else "full"])
+    if FLAGS.sparsity is not None:
+        TX_PRUNING[FLAGS.model] = dict(TX_PRUNING[FLAGS.model], sparsity=FLAGS.sparsity)
 
     import keras
 
-    from tflite_ext import convert, inspect
-    from tflite_ext.bench import host
+    from tflite_ext import convert
+    from tflite_ext.bench import report, variants
 
-    keras.utils.set_random_seed(args.seed)
-    build, data = load_task(args.model)
+    keras.utils.set_random_seed(FLAGS.seed)
+    build, data = load_task(FLAGS.model)
     representative = data.x_train[:budget["calibration"]]
-    log(f"{args.model}: {len(data.x_train)} train / {len(data.x_test)} test samples, "
-        f"input {data.input_shape}; budget {'quick' if args.quick else 'full'}")
+    log(f"{FLAGS.model}: {len(data.x_train)} train / {len(data.x_test)} test samples, "
+        f"input {data.input_shape}; budget {'quick' if FLAGS.quick else 'full'}")
 
     # 1. The float model, trained once; every variant starts from these weights.
-    float_model = fit(build(), data, budget["float_epochs"], budget["float_lr"],
-                      budget["batch_size"], "float")
+    float_model = fit(build(), data, budget["float_epochs"], budget["float_lr"], budget,
+                      "float")
     float_model.save(os.path.join(out, "float.keras"))
     ref_logits = float_model.predict(data.x_test, verbose=0)
     keras_models = {"float32": float_model, "PTQ int8": float_model}
@@ -361,69 +322,56 @@ def main(argv=None):
     skipped, peer = [], None
 
     # 3-4. tfmot, isolated in its own process with tf_keras.
-    if args.skip_tfmot:
-        skipped.append("tfmot variants (--skip-tfmot)")
+    if FLAGS.skip_tfmot:
+        skipped.append("tfmot variants (--skip_tfmot)")
     else:
         log("tfmot peer: starting subprocess (TF_USE_LEGACY_KERAS=1)")
-        peer = run_tfmot_peer(args.model, out, data, representative, ref_logits,
-                              layer_weights(float_model), budget, args.seed)
+        peer = run_tfmot_peer(FLAGS.model, out, data, representative, ref_logits,
+                              layer_weights(float_model), budget, FLAGS.seed)
         for key, label in (("tfmot_prune80", "tfmot prune 80% + strip → int8"),
                            ("tfmot_qat", "tfmot QAT → int8")):
             with open(peer["variants"][key]["tflite"], "rb") as f:
                 files[label] = f.read()
 
     # 5-7. tflite_ext. QAT models convert without calibration data: their ranges are trained.
-    keras.utils.set_random_seed(args.seed)
-    stripped = tx_structured_prune(float_model, data, budget, args.model)
+    keras.utils.set_random_seed(FLAGS.seed)
+    stripped = tx_structured_prune(float_model, data, budget, FLAGS.model)
     stripped.save(os.path.join(out, "tx_pruned.keras"))
     label = "tflite_ext structured prune + strip → int8"
     files[label], keras_models[label] = to_int8(stripped), stripped
     for label, start in (("tflite_ext QAT → int8", float_model),
                          ("tflite_ext prune → strip → QAT → int8", stripped)):
-        keras.utils.set_random_seed(args.seed)
+        keras.utils.set_random_seed(FLAGS.seed)
         qat = tx_qat(start, float_model, data, budget, label=label)
         files[label], keras_models[label] = convert.to_tflite(qat).flatbuffer, qat
 
     # Measure every .tflite the same way, here.
+    measured = variants.measure(files, data.x_test, data.y_test, keras_models=keras_models,
+                                runs=budget["timing_runs"], warmup=20, log=log)
     rows = []
-    for name, flatbuffer in files.items():
-        atomic_write(os.path.join(out, f"{_file_name(name)}.tflite"), flatbuffer)
-        info = inspect.summary(flatbuffer)
-        preds = np.argmax(host.predict(flatbuffer, data.x_test), axis=-1)
-        row = {"variant": name, "accuracy": float(np.mean(preds == data.y_test)),
-               "bytes": len(flatbuffer), "gzip_bytes": len(gzip.compress(flatbuffer, 9)),
-               "macs": int(info["macs"]), "full_integer": bool(info["full_integer"]),
-               "file": f"{_file_name(name)}.tflite"}
-        if name in keras_models:
-            keras_preds = np.argmax(keras_models[name].predict(data.x_test, verbose=0), -1)
-            row["keras_agreement"] = float(np.mean(keras_preds == preds))
-        rows.append(row)
-        log(f"evaluated {name}: acc={row['accuracy']:.4f} bytes={row['bytes']:,}")
-    log(f"timing {len(files)} variants interleaved, round-robin, {budget['timing_runs']} "
-        f"rounds, 1 thread")
-    latency = host.time_interleaved(files, data.x_test, runs=budget["timing_runs"], warmup=20,
-                                    num_threads=1)
+    for name, metrics in measured.items():
+        file = f"{_file_name(name)}.tflite"
+        atomic_write(os.path.join(out, file), files[name])
+        rows.append({"variant": name, "accuracy": metrics.pop("tflite_accuracy"), **metrics,
+                     "file": file})
     ptq = next(r for r in rows if r["variant"] == "PTQ int8")
-    ptq["median_us"] = latency["PTQ int8"]
     for row in rows:
-        row["median_us"] = latency[row["variant"]]
         row["bytes_vs_ptq"] = ptq["bytes"] / row["bytes"]
         row["macs_vs_ptq"] = ptq["macs"] / row["macs"] if row["macs"] else None
         row["speedup_vs_ptq"] = ptq["median_us"] / row["median_us"]
 
     result = {
-        "model": args.model, "quick": args.quick, "seed": args.seed, "budget": budget,
+        "model": FLAGS.model, "quick": FLAGS.quick, "seed": FLAGS.seed, "budget": budget,
         "data": (f"sklearn digits {data.input_shape}, {len(data.x_train)} train / "
                  f"{len(data.x_test)} test (70/30 stratified, random_state=0)"),
-        "tx_pruning": TX_PRUNING[args.model], "tfmot_sparsity": TFMOT_SPARSITY,
+        "tx_pruning": TX_PRUNING[FLAGS.model], "tfmot_sparsity": TFMOT_SPARSITY,
         "timing": {"threads": 1, "rounds": budget["timing_runs"],
                    "samples_per_variant": budget["timing_runs"]},
         "rows": rows, "tfmot": peer, "skipped": skipped, "distill": DISTILL,
-        "targets": check_targets(args.model, rows),
+        "targets": check_targets(FLAGS.model, rows), "environment": variants.environment(),
     }
-    atomic_write(os.path.join(out, "compare.json"), json.dumps(result, indent=2))
     markdown = render_markdown(result)
-    atomic_write(os.path.join(out, "compare.md"), markdown)
+    report.write_report(out, "compare", result, markdown)
     print("\n" + markdown)
     log(f"wrote {out}/compare.json and compare.md")
     return 0
@@ -436,4 +384,4 @@ def _file_name(variant):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

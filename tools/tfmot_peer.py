@@ -8,27 +8,32 @@ checked against the parent's logits), tfmot prunes or quantizes with the given b
 result is converted to a full-int8 .tflite with the same representative data. The parent
 evaluates and times every .tflite itself.
 
+compare.py runs it with its own interpreter, environment and working directory, so this process
+imports the same tflite_ext (only `tflite_ext.files`, which needs no Keras).
+
 Example (what compare.py runs):
     TF_USE_LEGACY_KERAS=1 python tools/tfmot_peer.py --spec build/compare/digits_cnn/peer_spec.json
 """
-import argparse
 import json
 import os
 import sys
 import time
 
+from absl import app, flags
+
 if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
     sys.exit("tools/tfmot_peer.py must run with TF_USE_LEGACY_KERAS=1 (tools/compare.py sets it).")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras  # noqa: E402
 
 from tflite_ext.files import atomic_write  # noqa: E402  (stdlib-only module: no Keras 3 import)
 
+flags.DEFINE_string("spec", None, "JSON written by tools/compare.py.")
+flags.mark_flag_as_required("spec")
+FLAGS = flags.FLAGS
 layers = tf_keras.layers
 
 
@@ -137,17 +142,21 @@ def keras_accuracy(model, x, y):
 
 
 class EpochPrinter(tf_keras.callbacks.Callback):
-    """One short progress line per epoch (the parent relays it with a [tfmot] prefix)."""
+    """One progress line per epoch, as tflite_ext.bench.variants.EpochLog writes it (a tf_keras
+    callback: that one is Keras 3); the parent relays it with a [tfmot] prefix."""
 
     def __init__(self, label):
         super().__init__()
         self.label = label
 
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        print(f"{self.label} epoch {epoch + 1}/{self.params['epochs']} "
-              f"loss={logs.get('loss', float('nan')):.4f} acc={logs.get('accuracy', 0):.4f}",
-              flush=True)
+        print(f"{self.label}: epoch {epoch + 1}/{self.params['epochs']}  "
+              f"loss {logs.get('loss', 0):.4f}  accuracy {logs.get('accuracy', 0):.4f}  "
+              f"({time.perf_counter() - self.start:.0f} s)", flush=True)
 
 
 def run_prune(base, spec, variant, data):
@@ -181,11 +190,9 @@ def run_qat(base, spec, variant, data):
 RUNNERS = {"prune": run_prune, "qat": run_qat}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="JSON written by tools/compare.py")
-    args = parser.parse_args(argv)
-    with open(args.spec) as f:
+def main(argv):
+    del argv  # flags only
+    with open(FLAGS.spec) as f:
         spec = json.load(f)
     data = dict(np.load(spec["data"]))
     result = {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
@@ -223,4 +230,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -2,6 +2,7 @@
 
 Submodules are imported on use so `import tflite_ext.bench` stays light:
 `host`, `micro`, `android`, `benchmark_output` (the benchmark_model parser), `report`,
+`variants` (train, measure and describe model variants: what the demo and tools/ share),
 `commands` (the CLI commands).
 
 Example:

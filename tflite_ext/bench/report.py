@@ -30,9 +30,11 @@ def to_json(data):
     return json.dumps(data, indent=2, default=default) + "\n"
 
 
-def _cell(value):
+def _cell(value, fmt=None):
     if value is None:
         return ""
+    if fmt is not None:  # a column's own format: "{:.4f}", "{:.2f}×", or a callable
+        return fmt(value) if callable(fmt) else fmt.format(value)
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -40,13 +42,36 @@ def _cell(value):
     return str(value).replace("|", "\\|")
 
 
+def _cells(rows, columns):
+    """Header and formatted cells; a column is (key, header) or (key, header, format)."""
+    return ([c[1] for c in columns],
+            [[_cell(row.get(c[0]), *c[2:]) for c in columns] for row in rows])
+
+
 def markdown_table(rows, columns):
-    """A Markdown table; `columns` is [(key, header)]."""
-    lines = ["| " + " | ".join(h for _, h in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
+    """A Markdown table; `columns` is [(key, header)] or [(key, header, format)].
+
+    Example:
+        >>> print(markdown_table([{"name": "int8", "acc": 0.99}],
+        ...                      [("name", "variant"), ("acc", "accuracy", "{:.4f}")]))
+        | variant | accuracy |
+        |---|---|
+        | int8 | 0.9900 |
+    """
+    header, body = _cells(rows, columns)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
+
+
+def text_table(rows, columns):
+    """The same table in fixed-width text for a terminal: first column left, others right."""
+    header, body = _cells(rows, columns)
+    table = [header] + body
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in table)
 
 
 _LATENCY_COLUMNS = [("num_threads", "threads"), ("xnnpack", "XNNPACK"), ("min_us", "min µs"),
@@ -60,8 +85,8 @@ def host_markdown(result):
     if "size_bytes" in result:
         lines += [f"Model size: {result['size_bytes']:,} bytes", ""]
     if result.get("accuracy") is not None:
-        lines += [f"Accuracy: {result['accuracy']:.4f} on {result.get('samples', '?')} "
-                  "samples", ""]
+        lines += [(f"Accuracy: {result['accuracy']:.4f} on {result.get('samples', '?')} "
+                   "samples"), ""]
     lines.append(markdown_table(result.get("latency", []), _LATENCY_COLUMNS))
     return "\n".join(lines)
 
@@ -79,7 +104,8 @@ def micro_markdown(result):
             ("samples compared", agree["samples"])]
     ops = ", ".join(f"{k} ×{v}" for k, v in sorted(result["op_counts"].items()))
     return (f"# TFLite Micro: {result.get('model', '')}\n\n"
-            + markdown_table([{"k": k, "v": v} for k, v in rows], [("k", "measure"), ("v", "value")])
+            + markdown_table([{"k": k, "v": v} for k, v in rows],
+                             [("k", "measure"), ("v", "value")])
             + f"\nOperators: {ops}\n")
 
 

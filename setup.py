@@ -29,7 +29,8 @@ setup(
         # The peer we compare against; only tools/tfmot_peer.py imports it, in its own process.
         "compare": COMPARE,
         # The suite runs tools/compare.py in quick mode, tfmot side included.
-        "test": ["pytest>=8", "pytest-xdist", *COMPARE],
+        # ruff: the lint rules of ruff.toml, which CI runs before the tests.
+        "test": ["pytest>=8", "pytest-xdist", "ruff>=0.6", *COMPARE],
     },
     entry_points={"console_scripts": ["tflite-ext=tflite_ext.cli:run"]},
 )

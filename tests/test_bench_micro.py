@@ -5,7 +5,6 @@ import shutil
 import subprocess
 
 import keras
-import numpy as np
 import pytest
 import tensorflow as tf
 import tflite_micro

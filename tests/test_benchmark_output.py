@@ -33,7 +33,7 @@ def _logcat(text):
 
 
 @pytest.mark.parametrize("variant", [MODERN, _strip_info(MODERN), _logcat(_strip_info(MODERN)),
-                                     "".join(f"I tflite  : {l}\n" for l in
+                                     "".join(f"I tflite  : {line}\n" for line in
                                              _strip_info(MODERN).splitlines())])
 def test_modern_run_with_every_prefix(variant):
     r = parse(variant)

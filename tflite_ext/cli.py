@@ -14,7 +14,7 @@ import textwrap
 
 from absl import flags
 
-from tflite_ext.errors import TfliteExtError
+from tflite_ext.errors import InputError, TfliteExtError
 
 PROG = "tflite-ext"
 
@@ -151,17 +151,13 @@ def _adapt(main):
 
 def _no_positionals(args):
     if args:
-        raise _UsageError(f"unexpected argument(s): {' '.join(args)}")
+        raise InputError(f"unexpected argument(s): {' '.join(args)}")
 
 
 def _one_positional(args, what):
     if len(args) != 1:
-        raise _UsageError(f"expected exactly one {what}. Received: {' '.join(args) or 'none'}")
+        raise InputError(f"expected exactly one {what}. Received: {' '.join(args) or 'none'}")
     return args[0]
-
-
-class _UsageError(Exception):
-    pass
 
 
 def _stderr(*parts):
@@ -215,7 +211,7 @@ def main(argv):
     try:
         positionals = fv([PROG] + rest)[1:]
         return command.main(fv, positionals)
-    except (flags.Error, _UsageError, TfliteExtError) as e:
+    except (flags.Error, TfliteExtError) as e:
         _stderr(f"{PROG} {name}: error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -42,17 +42,12 @@ def _flow(make_model):
     return steps
 
 
-def _cpu():
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else "unknown"
-
-
 def main(argv):
     del argv
     import keras
 
     from tflite_ext import models
+    from tflite_ext.bench import variants
     from tflite_ext.pruning import graph
 
     make = {"mobilenet_v2": lambda: keras.applications.MobileNetV2(weights=None),
@@ -73,7 +68,7 @@ def main(argv):
         build_seconds.append(0.0)
         runs.append(_flow(make))
     graph.DependencyGraph.__init__ = real_init
-    print(f"{FLAGS.model}, {FLAGS.repeats} runs, CPU: {_cpu()}")
+    print(f"{FLAGS.model}, {FLAGS.repeats} runs, CPU: {variants.environment()['cpu']}")
     print("| step | median s |\n|---|---|")
     for step in runs[0]:
         print(f"| {step} | {statistics.median(r[step] for r in runs):.3f} |")

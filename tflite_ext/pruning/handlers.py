@@ -125,6 +125,7 @@ class Conv(Handler):
 
     rule = "producer"
     prunable = True
+    in_axis, out_axis = -2, -1  # of the kernel
 
     def check(self, layer, rank):
         cfg = layer.get_config()
@@ -133,18 +134,19 @@ class Conv(Handler):
         return self.rule
 
     def out_kernel(self, layer):
-        return layer.kernel, -1
+        return layer.kernel, self.out_axis
 
     def in_kernel(self, layer):
-        return layer.kernel, -2
+        return layer.kernel, self.in_axis
 
     def masked_kernel(self, layer):
-        return layer.kernel, -2
+        return layer.kernel, self.in_axis
 
     def slice(self, config, weights, in_keep, out_keep):
         config["units" if "units" in config else "filters"] = int(out_keep.sum())
         out = dict(weights)
-        out["kernel"] = _take(_take(weights["kernel"], in_keep, -2), out_keep, -1)
+        kernel = _take(weights["kernel"], in_keep, self.in_axis)
+        out["kernel"] = _take(kernel, out_keep, self.out_axis)
         if "bias" in weights:
             out["bias"] = weights["bias"][out_keep]
         return config, out
@@ -160,22 +162,7 @@ class ConvTranspose(Conv):
     """Conv1D/2D/3DTranspose: kernel (..., out, in), bias (out); every input position
     scatters the whole kernel. QAT does not treat it (post-training int8 converts it)."""
 
-    def out_kernel(self, layer):
-        return layer.kernel, -2
-
-    def in_kernel(self, layer):
-        return layer.kernel, -1
-
-    def masked_kernel(self, layer):
-        return layer.kernel, -1
-
-    def slice(self, config, weights, in_keep, out_keep):
-        config["filters"] = int(out_keep.sum())
-        out = dict(weights)
-        out["kernel"] = _take(_take(weights["kernel"], in_keep, -1), out_keep, -2)
-        if "bias" in weights:
-            out["bias"] = weights["bias"][out_keep]
-        return config, out
+    in_axis, out_axis = -1, -2
 
     def macs(self, layer, in_shape, out_shape):
         return _positions(in_shape) * math.prod(layer.kernel.shape)

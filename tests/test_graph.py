@@ -165,3 +165,22 @@ def test_handlers_look_through_nested_wrappers():
     assert handlers.handler_for(layers.LayerNormalization()) is handlers.BARRIER
     # Keras' own wrappers change what the inner layer computes: not looked through
     assert wrapping.unwrap(layers.TimeDistributed(conv)) is not conv
+
+
+def test_savedmodel_layer_with_dict_outputs_is_a_one_line_error(tmp_path):
+    # A TFSMLayer returns a dict: the walk follows it (a bare KeyError: 0 before), and the
+    # layer, opaque to the graph, is named with the way out.
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(8, 3)(i)
+    inner = keras.Model(i, {"a": layers.Conv2D(2, 1)(x), "b": layers.Conv2D(3, 1)(x)})
+    inner.export(str(tmp_path / "sm"), verbose=False)
+    j = keras.Input((8, 8, 3))
+    y = layers.Conv2D(3, 3, padding="same", name="pre")(j)
+    model = keras.Model(j, layers.TFSMLayer(str(tmp_path / "sm"), call_endpoint="serve",
+                                            name="sm")(y))
+    with pytest.raises(UnsupportedLayerError, match=r"^The channel graph does not know layer "
+                                                    r"'sm' \(TFSMLayer\): exclude it with "
+                                                    r"opaque=\['sm'\]"):
+        graph.DependencyGraph(model)
+    g = graph.DependencyGraph(model, opaque=["sm"])
+    assert g.groups == [] and len(g.outputs) == 2

@@ -175,6 +175,28 @@ def test_strip_warns_about_onednn_strided_1x1_crash(monkeypatch):
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN#6035 is an x86-64 kernel bug")
+def test_prune_and_quantize_warn_where_the_user_meets_the_onednn_crash(monkeypatch):
+    # A published model can have the layer before any pruning: plain fit would abort on it.
+    from tflite_ext.quantization import quantize_model
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    i = keras.Input((8, 8, 3))
+    thin = keras.Model(i, keras.layers.Conv2D(8, 1, strides=2, name="thin")(
+        keras.layers.Conv2D(8, 3, name="stem")(i)))
+    with pytest.warns(RuntimeWarning, match=r"^prune\(\) returns .*\(thin\): .*"
+                                            r"TF_ENABLE_ONEDNN_OPTS=0"):
+        prune(thin, 0.5)
+    with pytest.warns(RuntimeWarning, match=r"^quantize_model\(\) returns .*\(thin\)"):
+        quantize_model(thin)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(thin, 0.5)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 # ---------------------------------------------------------------- whole residual branches
 
 

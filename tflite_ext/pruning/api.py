@@ -10,6 +10,7 @@ import re
 from tflite_ext import wrapping
 from tflite_ext.errors import InputError
 from tflite_ext.functional import clone_layer, rebuild, unique_names
+from tflite_ext.onednn import warn_if_training_crashes
 from tflite_ext.pruning import importance as importance_lib
 from tflite_ext.pruning.graph import graph_of
 from tflite_ext.pruning.plan import group_members, group_overrides
@@ -132,7 +133,9 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
         wrapper.tflite_ext_importance = imp
         return wrapper, lambda new, src=source: new.layer.set_weights(src.get_weights())
 
-    return rebuild(graph, make_layer)
+    pruned = rebuild(graph, make_layer)
+    warn_if_training_crashes(pruned.layers, "prune()")  # it is about to be trained
+    return pruned
 
 
 def _check_arguments(schedule, overrides, scope, granularity, min_channels, round_to):

@@ -13,23 +13,16 @@ Example:
     >>> np.abs(small.predict(x) - pruned.predict(x)).max() < 1e-5
     True
 
-Known TensorFlow bug (not in tflite_ext): in TF 2.21 (bundled oneDNN 3.7.3) on x86-64, the oneDNN
-CPU kernel for the filter gradient of a 1x1 Conv2D with stride > 1 and fewer than 16 input
-channels writes past its workspace (uxlfoundation/oneDNN#6035): `fit` on some batch sizes
-(e.g. 9) dies with "double free or corruption" or a segfault. Stripping a ResNet's projection
-shortcut to 8 input channels creates exactly that layer, so `strip` warns when its result has
-one; set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported to train such a model.
+`strip` warns when its result has a layer that crashes TensorFlow's oneDNN training kernels
+(`tflite_ext.onednn`).
 """
-import os
-import platform
-import warnings
-
 import keras
 import numpy as np
 
 from tflite_ext import wrapping
 from tflite_ext.errors import InputError
 from tflite_ext.functional import clone_layer, rebuild, unique_names
+from tflite_ext.onednn import warn_if_training_crashes
 from tflite_ext.pruning.graph import graph_of
 from tflite_ext.pruning.handlers import handler_for
 from tflite_ext.pruning.removal import dead_flow, join_offsets, repeated_relus
@@ -126,7 +119,7 @@ def strip(model):
 
     Warns:
         RuntimeWarning: the result has a strided 1x1 Conv2D with fewer than 16 input channels
-            and TF_ENABLE_ONEDNN_OPTS is not 0: fitting it can crash (see the module note).
+            and TF_ENABLE_ONEDNN_OPTS is not 0: fitting it can crash (`tflite_ext.onednn`).
 
     Example:
         >>> small = strip(pruned)
@@ -166,37 +159,5 @@ def strip(model):
         return _stripped_layer(graph, node, keeps, names[node.name])
 
     small = rebuild(graph, make_layer)
-    _warn_if_onednn_crashes(small)
+    warn_if_training_crashes(small.layers, "strip()")
     return small
-
-
-def _onednn_crashing_convs(model):
-    """Names of Conv2D layers that hit uxlfoundation/oneDNN#6035 when trained with oneDNN.
-
-    The bug is in oneDNN's 1x1 backward-weights kernel for strided NHWC input when the input
-    channels are fewer than its channel block (16 with AVX-512, the case reproduced here).
-    """
-    names = []
-    for layer in model.layers:
-        conv = wrapping.unwrap(layer)
-        if (isinstance(conv, keras.layers.Conv2D) and conv.groups == 1
-                and all(k == 1 for k in conv.kernel_size) and any(s > 1 for s in conv.strides)
-                and conv.kernel.shape[-2] < 16):
-            names.append(conv.name)
-    return names
-
-
-def _warn_if_onednn_crashes(model):
-    # oneDNN is TF's default on x86-64. TF reads the variable once, at import, so a value set
-    # after importing TensorFlow is seen here but too late for TF (then no warning, still a crash).
-    onednn_off = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in ("0", "false")
-    if (keras.backend.backend() != "tensorflow" or onednn_off
-            or platform.machine().lower() not in ("x86_64", "amd64")):
-        return
-    names = _onednn_crashing_convs(model)
-    if names:
-        warnings.warn(
-            f"strip() left strided 1x1 Conv2D layers with fewer than 16 input channels "
-            f"({', '.join(names)}): training them with TensorFlow's oneDNN CPU kernels can "
-            "crash the process (uxlfoundation/oneDNN#6035); set TF_ENABLE_ONEDNN_OPTS=0 "
-            "before importing TensorFlow to fit this model.", RuntimeWarning, stacklevel=3)

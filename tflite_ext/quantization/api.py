@@ -27,6 +27,7 @@ from keras import layers
 from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.functional import FunctionalGraph, clone_layer, rebuild, unique_names
+from tflite_ext.onednn import warn_if_training_crashes
 from tflite_ext.pruning.handlers import activation_name, handler_for
 from tflite_ext.quantization.quantizers import ActivationQuantizer
 from tflite_ext.quantization.wrapper import KINDS, QuantizeWrapper
@@ -150,7 +151,9 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
             f"quantize_model cannot quantize layers called more than once (shared weights). "
             f"Received: shared layers {shared}")
     plan = _plan(graph, actions, skip, fold_batch_norm)
-    return _rebuild(graph, plan, range_decay)
+    qat = _rebuild(graph, plan, range_decay)
+    warn_if_training_crashes(qat.layers, "quantize_model()")  # it is about to be trained
+    return qat
 
 
 def _copy(layer, name):

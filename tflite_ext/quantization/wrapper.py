@@ -138,6 +138,12 @@ class QuantizeWrapper(wrapping.Wrapper):
         # Input features live on axis -2 of every first kernel.
         in_mask = ops.cast(pruner.in_mask, kernels[0].dtype)
         kernels[0] = kernels[0] * (ops.expand_dims(in_mask, -1))
+        if self.kind == "separable":
+            # The pointwise rows of a pruned input (c * multiplier + m) go too: they add
+            # nothing, but would widen the per-channel weight scales, which change once
+            # `strip` removes them.
+            rows = ops.repeat(in_mask, kernels[0].shape[-1])
+            kernels[1] = kernels[1] * ops.expand_dims(rows, -1)
         return kernels, bias
 
     def _fold(self, kernels, bias):

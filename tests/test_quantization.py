@@ -284,3 +284,36 @@ def test_dict_inputs_and_outputs_keep_their_structure():
     assert [t.name for t in qat.inputs] == ["p", "q"]
     # Unobserved ranges (-6, 6): a step is 0.047; a few steps bound the difference.
     np.testing.assert_allclose(qat(x), two(x), atol=0.1)
+
+
+def test_models_users_bring_get_one_line_answers():
+    # A Keras op written as an expression (MobileNetV3's x * (1 / 6)) is named, and skipping
+    # it works (it was a Keras "No such layer" error).
+    i = keras.Input((16, 16, 3))
+    x = layers.Activation("relu")(layers.Conv2D(8, 3)(i)) * 0.5
+    ops_model = keras.Model(i, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(UnsupportedLayerError, match=r"'multiply' \(Multiply op, an expression "
+                                                    r"such as x \* c\)"):
+        quantize_model(ops_model)
+    assert quantize_model(ops_model, skip_layers=["multiply"]).count_params() > 0
+    # Rescaling by a scale would leave a float MUL: refused with the advice to skip it.
+    j = keras.Input((8, 8, 3))
+    scaled = keras.Model(j, layers.Dense(2)(layers.Flatten()(layers.Rescaling(1 / 255)(j))))
+    with pytest.raises(UnsupportedLayerError, match=r"'rescaling' \(Rescaling with scale="):
+        quantize_model(scaled)
+
+
+def test_nested_models_skip_by_name_and_may_repeat_layer_names():
+    def block(name, channels):
+        return keras.Sequential([keras.Input((8, 8, channels)),
+                                 layers.Conv2D(8, 3, padding="same", name="conv"),
+                                 layers.ReLU(name="relu")], name=name)
+    i = keras.Input((8, 8, 3))
+    x = block("b2", 8)(block("b1", 3)(i))
+    model = keras.Model(i, layers.Dense(2, name="c1_act")(layers.GlobalAveragePooling2D()(x)))
+    qat = quantize_model(model)  # two "conv" layers are two layers, not one shared one
+    assert sum(isinstance(layer, QuantizeWrapper) for layer in qat.layers) == 3
+    names = [layer.name for layer in qat.layers]
+    assert len(names) == len(set(names))  # a quantizer never takes a user layer's name
+    kept = quantize_model(model, skip_layers=["b1"])  # a nested model's name skips its layers
+    assert sum(isinstance(layer, QuantizeWrapper) for layer in kept.layers) == 2

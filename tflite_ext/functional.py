@@ -112,6 +112,8 @@ class _Collector:
     def collect(self, model, prefix="", bound_inputs=None):
         model, config = as_functional(model)
         tid = lambda h: f"{prefix}{h[0]}:{h[1]}:{h[2]}"  # noqa: E731
+        # Layers and the Keras ops written as expressions (x * 0.5), which are no layers.
+        by_name = {op.name: op for op in model.operations}
 
         def to_ref(history, shape):
             self.shapes.setdefault(tid(history), tuple(shape))
@@ -120,8 +122,8 @@ class _Collector:
         for i, ref in enumerate(_refs(config["input_layers"])):
             if bound_inputs is None:
                 self.input_ids.append(tid(ref))
-                self.nodes.append(Node(f"{prefix}{ref[0]}", model.get_layer(ref[0]), [], {},
-                                       [], [tid(ref)]))
+                self.nodes.append(Node(f"{prefix}{ref[0]}", by_name[ref[0]], [], {}, [],
+                                       [tid(ref)]))
                 self.shapes[tid(ref)] = tuple(model.inputs[i].shape)
             else:
                 self.alias[tid(ref)] = bound_inputs[i]
@@ -129,7 +131,7 @@ class _Collector:
         for lcfg in config["layers"]:
             if lcfg["class_name"] == "InputLayer" or not lcfg.get("inbound_nodes"):
                 continue
-            layer = model.get_layer(lcfg["name"])
+            layer = by_name[lcfg["name"]]
             for k, inbound in enumerate(lcfg["inbound_nodes"]):
                 args = _map_tensors(inbound.get("args", []), to_ref)
                 kwargs = _map_tensors(inbound.get("kwargs", {}), to_ref)
@@ -257,9 +259,11 @@ def unique_names(graph):
 def rebuild(graph, make_layer, then=None, name=None):
     """A new functional model: `make_layer(node) -> (layer, init)` for every node, in order.
 
-    Shared layers (one layer, several nodes) get one new layer. `init(layer)` (or None) runs
-    after the new layer is built by its first call, to set its weights. `make_layer` may also
-    return None (the node is dropped: nothing may use its outputs) or `(layer, init, tid)`
+    Shared layers (one layer, several nodes) get one new layer; Keras ops written as
+    expressions (`x * 0.5`: stateless, no layers) are called as they are. `init(layer)` (or
+    None) runs after the new layer is built by its first call, to set its weights.
+    `make_layer` may also return None (the node is dropped: nothing may use its outputs) or
+    `(layer, init, tid)`
     (the layer is called on tensor `tid` alone instead of the node's arguments; with layer
     None, the node's output is tensor `tid` itself). `then(node, tensor) -> tensor`, if
     given, post-processes every node's first output, model inputs included (QAT puts its
@@ -278,7 +282,8 @@ def rebuild(graph, make_layer, then=None, name=None):
         key = id(node.layer)
         first = key not in made
         if first:
-            made[key] = make_layer(node)
+            made[key] = (make_layer(node) if isinstance(node.layer, keras.layers.Layer)
+                         else (node.layer, None))
         if made[key] is None:
             continue
         layer, init, *only = made[key]

@@ -27,6 +27,7 @@ import dataclasses
 import math
 import weakref
 
+import keras
 import numpy as np
 
 from tflite_ext.errors import UnsupportedLayerError
@@ -153,6 +154,7 @@ class DependencyGraph(FunctionalGraph):
         return ((((self._new_space(width, blocked, origin), width),), 1),)
 
     def _propagate(self):
+        first_call = {}  # id(layer): its first node
         for node in self.nodes:
             if not node.inputs:  # model input
                 node.kind = "input"
@@ -161,6 +163,12 @@ class DependencyGraph(FunctionalGraph):
             handler = handler_for(node.layer)
             if node.layer.name in self.opaque or node.name in self.opaque:
                 handler = BARRIER
+            if handler is None and not isinstance(node.layer, keras.layers.Layer):
+                raise UnsupportedLayerError(
+                    f"The channel graph does not see into the Keras op '{node.name}' "
+                    f"({type(node.layer).__name__}, an expression such as x * 0.5 in the "
+                    f"model): exclude it with opaque=['{node.name}'] or write it as a layer "
+                    "(keras.layers.Multiply, Add, Rescaling...).")
             if handler is None:
                 inner = unwrap(node.layer)
                 raise UnsupportedLayerError(
@@ -174,8 +182,23 @@ class DependencyGraph(FunctionalGraph):
             out = node.outputs[0]
             kind = self._apply(node, kind, in_maps, out)
             node.kind = kind
+            earlier = first_call.setdefault(id(node.layer), node)
+            if earlier is not node and _has_weights(node.layer):
+                self._tie(earlier, node)
         for tid in self.outputs:
             self._block(self.maps.get(tid, ()))
+
+    def _tie(self, a, b):
+        """A layer called twice has one set of weights: its channels at both calls are the
+        same channels (a siamese tower, a shared conv), or none of them is pruned."""
+        for ta, tb in zip(a.inputs + a.outputs[:1], b.inputs + b.outputs[:1]):
+            ma, mb = self.maps.get(ta, ()), self.maps.get(tb, ())
+            if _same_structure(ma, mb):
+                for (sa, _), (sb, _) in _pairs(ma, mb):
+                    self._union(sa, sb)
+            else:
+                self._block(ma)
+                self._block(mb)
 
     def _apply(self, node, kind, in_maps, out):
         first = in_maps[0] if in_maps else ()

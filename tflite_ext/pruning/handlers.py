@@ -315,6 +315,13 @@ class Rescaling(PerChannel):
         scalar = all(np.ndim(cfg.get(k, 0)) == 0 for k in ("scale", "offset"))
         return self.rule if scalar else "barrier"
 
+    def qat(self, layer):
+        # Only x + c becomes an int8 ADD from the fake-quant ranges alone; the MUL of a scale
+        # would keep a float constant. At the model input, leave it in float (skip_layers).
+        if np.any(np.asarray(layer.get_config().get("scale", 1.0)) != 1.0):
+            raise UnsupportedLayerError(f"Rescaling with scale={layer.scale}")
+        return super().qat(layer)
+
 
 class Reshape(PerChannel):
     """Reshape: kept channel-last is pass-through, to 1-D is a flatten, else a barrier."""

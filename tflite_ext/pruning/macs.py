@@ -5,6 +5,8 @@ Example:
     7150080
 """
 from tflite_ext import wrapping
+from tflite_ext.errors import UnsupportedLayerError
+from tflite_ext.functional import FunctionalGraph
 from tflite_ext.pruning.graph import graph_of
 from tflite_ext.pruning.handlers import handler_for
 
@@ -12,9 +14,13 @@ from tflite_ext.pruning.handlers import handler_for
 def count_macs(model):
     """Total MACs of one inference (batch 1) of a functional or Sequential model.
 
-    Conv, transposed conv, depthwise, separable and Dense layers count; the rest are free.
+    Conv, transposed conv, depthwise, separable and Dense layers count; the rest (and layers
+    no handler knows) are free.
     """
-    graph = graph_of(model)
+    try:
+        graph = graph_of(model)  # shared with prune and strip: built once per model
+    except UnsupportedLayerError:  # a layer the channel graph refuses still has its MACs
+        graph = FunctionalGraph(model)
     total = 0
     for node in graph.nodes:
         handler = handler_for(node.layer)

@@ -38,7 +38,8 @@ def _action(node):
     base = wrapping.unwrap(node.layer)
     handler = handler_for(base)
     if handler is None:
-        raise UnsupportedLayerError(type(base).__name__)
+        op = "" if isinstance(base, keras.layers.Layer) else " op, an expression such as x * c"
+        raise UnsupportedLayerError(f"{type(base).__name__}{op}")
     return handler.qat(base)
 
 
@@ -49,7 +50,8 @@ def _fuses(node):
 
 def _plan(graph, actions, skip, fold_batch_norm):
     """{node name: (what, folded BN node name, quantize the output?)}; `what` is "wrap",
-    "copy" or "identity" (a BatchNormalization folded into the layer before it)."""
+    "copy" or "identity" (a BatchNormalization folded into the layer before it). `skip`
+    holds the names of the nodes left in float."""
     consumers = collections.defaultdict(list)
     for node in graph.nodes:
         for tid in node.inputs:
@@ -65,7 +67,7 @@ def _plan(graph, actions, skip, fold_batch_norm):
         layer = node.layer
         if not node.inputs:
             plan[node.name] = ("input", None, True)
-        elif layer.name in skip:
+        elif node.name in skip:
             plan[node.name] = ("copy", None, True)
         elif actions[node.name] in KINDS:
             bn = only_consumer(node)
@@ -74,7 +76,7 @@ def _plan(graph, actions, skip, fold_batch_norm):
             foldable = (fold_batch_norm and bn is not None
                         and isinstance(bn.layer, layers.BatchNormalization)
                         and not isinstance(base, layers.BatchNormalization)
-                        and bn.layer.name not in skip and calls[id(bn.layer)] == 1
+                        and bn.name not in skip and calls[id(bn.layer)] == 1
                         and bn.layer.axis in (-1, len(bn.layer.input.shape) - 1)
                         and act == "linear")
             bn = bn if foldable else None
@@ -126,13 +128,17 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
         raise InputError(f"model is already quantized. Received: model={graph.name}")
     names = [node.layer.name for node in nodes]
     skip = set([skip_layers] if isinstance(skip_layers, str) else skip_layers)
-    missing = sorted(skip - set(names))
+    # A nested model's name skips every layer in it (nested models come out flattened).
+    nested = {part for node in nodes for part in node.name.split("/")[:-1]}
+    missing = sorted(skip - set(names) - nested)
     if missing:
         raise InputError(f"skip_layers names layers that are not in the model (layers: "
                          f"{names}). Received: skip_layers={missing}")
+    skip = {node.name for node in nodes
+            if node.layer.name in skip or skip & set(node.name.split("/")[:-1])}
     actions, bad = {}, []
     for node in nodes:
-        if node.layer.name in skip:
+        if node.name in skip:
             continue
         try:
             actions[node.name] = _action(node)
@@ -144,8 +150,8 @@ def quantize_model(model, skip_layers=(), fold_batch_norm=True, range_decay=0.99
             f"quantize_model cannot quantize {len(bad)} layer(s): {listed}. Leave them in "
             f"float with quantize_model(model, skip_layers={[n for n, _ in bad]}) and convert "
             "with float fallback allowed. Received: model=" + graph.name)
-    calls = collections.Counter(node.layer.name for node in nodes)
-    shared = sorted(name for name, count in calls.items() if count > 1)
+    calls = collections.Counter(id(node.layer) for node in nodes)
+    shared = sorted({node.layer.name for node in nodes if calls[id(node.layer)] > 1})
     if shared:
         raise UnsupportedLayerError(
             f"quantize_model cannot quantize layers called more than once (shared weights). "
@@ -164,6 +170,15 @@ def _copy(layer, name):
 
 def _rebuild(graph, plan, decay):
     names = unique_names(graph)
+    taken = set(names.values())
+
+    def fresh(name):
+        """`name`, or with a suffix if a layer of the model has it already (Xception names
+        its activations "..._act")."""
+        while name in taken:
+            name += "_q"
+        taken.add(name)
+        return name
 
     def make_layer(node):
         what, bn_name, _ = plan[node.name]
@@ -176,7 +191,7 @@ def _rebuild(graph, plan, decay):
         bn = graph.node_by_name[bn_name].layer if bn_name else None
         new_bn = _copy(bn, names[bn_name]) if bn is not None else None
         wrapper = QuantizeWrapper(_copy(layer, names[node.name]), batch_norm=new_bn,
-                                  name=f"quant_{names[node.name]}")
+                                  name=fresh(f"quant_{names[node.name]}"))
 
         def init(new):
             new.layer.set_weights(layer.get_weights())
@@ -190,8 +205,8 @@ def _rebuild(graph, plan, decay):
             return tensor
         if not node.inputs:  # a model input: its range starts at [0, 1]
             return ActivationQuantizer(decay=decay, initial_range=(0.0, 1.0),
-                                       name=f"{node.layer.name}_quant")(tensor)
-        return ActivationQuantizer(decay=decay, name=f"{names[node.name]}_act")(tensor)
+                                       name=fresh(f"{node.layer.name}_quant"))(tensor)
+        return ActivationQuantizer(decay=decay, name=fresh(f"{names[node.name]}_act"))(tensor)
 
     return rebuild(graph, make_layer, then=quantize_output)
 

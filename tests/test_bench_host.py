@@ -1,13 +1,15 @@
-"""tflite_ext.bench.host: real LiteRT timing, XNNPACK switch, accuracy; the CLI `bench`."""
+"""tflite_ext.bench.host: real LiteRT timing (own loop and litert-benchmark), XNNPACK switch,
+accuracy; the CLI `bench`."""
 import json
+import os
 
 import keras
 import numpy as np
 import pytest
 
 from tflite_ext import convert, models, tasks
-from tflite_ext.bench import host, report
-from tflite_ext.errors import InputError, ModelFileError
+from tflite_ext.bench import host, report, variants
+from tflite_ext.errors import BenchmarkFailed, InputError, ModelFileError, RunTimeout
 
 
 def _tiny_cnn():
@@ -109,12 +111,114 @@ def test_cli_bench_json_and_reports(trained, capsys):
     bench.define_flags(fv)
     out = trained["folder"] / "reports"
     fv(["bench", f"--model={trained['int8']}", "--threads=1,2", "--runs=5", "--warmup=1",
-        "--task=digits", "--json", f"--out_dir={out}"])
+        "--task=digits", "--json", f"--out_dir={out}", "--timer=own"])
     assert bench.main(fv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["latency"]) == 2 and printed["samples"] == 540
     assert json.loads((out / "bench.json").read_text()) == printed
     assert "| threads | XNNPACK |" in (out / "bench.md").read_text()
+
+
+def test_litert_benchmark_times_the_model_for_real(trained):
+    r = host.time_litert_benchmark(trained["int8"], runs=5, warmup=1)
+    assert r["timer"] == "litert-benchmark" and r["runs"] == 5 and r["warmup"] == 1
+    assert r["num_threads"] == 1 and r["xnnpack"] and r["accelerators"] == ["CPU"]
+    assert r["resolution_us"] == 10.0 and isinstance(r["fully_accelerated"], bool)
+    # Its numbers are whole 0.01 ms steps, in order.
+    steps = [r[k] / 10.0 for k in ("min_us", "p5_us", "median_us", "p95_us", "max_us")]
+    assert all(abs(v - round(v)) < 1e-9 for v in steps) and steps == sorted(steps)
+    assert r["command"].endswith(f"--model={trained['int8']} --num_runs=5 --warmup_runs=1 "
+                                 "--num_threads=1 --result_json=RESULT.json")
+    if r["mean_from_throughput_us"] is not None:  # finer than, and within, the printed mean
+        assert r["mean_from_throughput_error_us"] < 5.0
+        assert abs(r["mean_from_throughput_us"] - r["mean_us"]) <= 5.0 + \
+            r["mean_from_throughput_error_us"]
+    from_bytes = host.time_litert_benchmark(open(trained["int8"], "rb").read(), runs=2, warmup=0)
+    assert "--model=MODEL.tflite " in from_bytes["command"]
+
+
+def test_thread_sweep_with_both_timers_skips_litert_without_xnnpack(trained):
+    rows = host.thread_sweep(trained["int8"], threads=(1,), xnnpack=(True, False), runs=3,
+                             warmup=0, timers=("own", "litert"))
+    assert [(r["num_threads"], r["xnnpack"]) for r in rows] == [(1, True), (1, False)]
+    assert rows[0]["median_us"] > 0 and rows[0]["litert"]["timer"] == "litert-benchmark"
+    assert rows[1]["litert"] == {"skipped": "litert-benchmark always runs XNNPACK"}
+    only = host.thread_sweep(trained["int8"], (1,), (True,), runs=2, warmup=0, timers=("litert",))
+    assert "median_us" not in only[0] and only[0]["litert"]["runs"] == 2
+    with pytest.raises(InputError, match=r"^timers must be 'own' and/or 'litert'\. "
+                                         r"Received: timers=\('own', 'tflm'\)$"):
+        host.thread_sweep(trained["int8"], timers=("own", "tflm"))
+
+
+def _program(tmp_path, body):
+    path = tmp_path / "fake-litert-benchmark"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_litert_benchmark_bad_inputs(trained, tmp_path, monkeypatch):
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a flatbuffer")
+    with pytest.raises(BenchmarkFailed, match=r"^litert-benchmark failed \(exit 1: RuntimeError: "
+                                              r"Failed to load model from file\)\. Received: "
+                                              r"model=.*junk\.tflite, 16 bytes$"):
+        host.time_litert_benchmark(str(junk), runs=1, warmup=0)
+    with pytest.raises(ModelFileError, match=r"^Model file not found"):
+        host.time_litert_benchmark(str(tmp_path / "missing.tflite"))
+    with pytest.raises(InputError, match=r"^litert-benchmark program not found or not "
+                                         r"executable: .* Received: program='/no/such/tool'$"):
+        host.time_litert_benchmark(trained["int8"], program="/no/such/tool")
+    failing = _program(tmp_path, 'echo "ERROR: [tool.cc:1] boom" >&2; exit 3')
+    with pytest.raises(BenchmarkFailed, match=r"^litert-benchmark failed \(exit 3: boom\)\. "):
+        host.time_litert_benchmark(trained["int8"], program=failing)
+    silent = _program(tmp_path, "exit 0")
+    with pytest.raises(BenchmarkFailed, match=r"^litert-benchmark failed \(exit 0: no output\)"):
+        host.time_litert_benchmark(trained["int8"], program=silent)
+    hung = _program(tmp_path, "sleep 10")
+    with pytest.raises(RunTimeout, match=r"^litert-benchmark did not finish in 0\.5 s"):
+        host.time_litert_benchmark(trained["int8"], program=hung, timeout=0.5)
+    # Neither the console script nor its module: say what to install.
+    monkeypatch.setattr(host.shutil, "which", lambda name: None)
+    monkeypatch.setattr(host.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=r"^litert-benchmark not found: install "
+                                         r"ai-edge-litert>=2\.3 .* Received: program=None$"):
+        host.time_litert_benchmark(trained["int8"])
+
+
+def _bench(argv):
+    from absl import flags
+    from tflite_ext.bench.commands import COMMANDS
+    bench = {c.name: c for c in COMMANDS}["bench"]
+    fv = flags.FlagValues()
+    bench.define_flags(fv)
+    fv(["bench", *argv])
+    return bench.main(fv)
+
+
+def test_cli_bench_both_timers_side_by_side(trained, capsys):
+    # The default timer is both.
+    assert _bench([f"--model={trained['int8']}", "--runs=3", "--warmup=0", "--xnnpack=both"]) == 0
+    text = capsys.readouterr().out
+    assert ("| threads | XNNPACK | median µs (own) | median µs (litert-benchmark) | "
+            "mean µs (own) | mean µs (litert-benchmark) |") in text
+    assert f"CPU: {variants._cpu()}, {os.cpu_count()} logical CPUs" in text
+    assert "n/a (always XNNPACK)" in text and "multiple of 10 µs" in text
+    litert_cell = text.split("\n| 1 | True | ")[1].split(" | ")[1]
+    assert litert_cell == "< 5" or litert_cell.endswith(" ±5")
+    assert _bench([f"--model={trained['int8']}", "--runs=3", "--warmup=0", "--timer=litert",
+                   "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["timers"] == ["litert"] and printed["cpu"] == variants._cpu()
+    assert printed["latency"][0]["litert"]["runs"] == 3 and "median_us" not in printed["latency"][0]
+
+
+def test_cli_bench_timer_errors(trained, tmp_path):
+    with pytest.raises(InputError, match=r"^--timer=litert cannot time --xnnpack=off: "
+                                         r"litert-benchmark always runs XNNPACK"):
+        _bench([f"--model={trained['int8']}", "--timer=litert", "--xnnpack=off"])
+    with pytest.raises(InputError, match=r"^litert-benchmark program not found"):
+        _bench([f"--model={trained['int8']}", f"--litert_benchmark={tmp_path / 'none'}"])
 
 
 def test_cli_bench_requires_model():

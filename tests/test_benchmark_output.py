@@ -1,7 +1,13 @@
-"""The benchmark_model parser against the output variants quoted in references.md."""
+"""The benchmark_model / litert-benchmark parser: the variants of references.md, then real
+outputs quoted from public docs and issues and captured on this machine, also as pasted."""
+import json
+import pathlib
+import re
+
 import pytest
 
-from tflite_ext.bench.benchmark_output import parse
+from tflite_ext.bench.benchmark_output import parse, parse_result_json
+from tflite_ext.errors import InputError
 
 # The modern run quoted in references.md (tensorflow/tensorflow#61946), verbatim.
 MODERN = """\
@@ -157,27 +163,193 @@ def test_failed_delegate_without_error_prefix():
     assert r["delegate_failures"] == ["NNAPI"] and r["failed"]
 
 
-LITERT2 = """\
-INFO: [benchmark_litert_model.h:94] Model initialization: 23744.73 ms
-INFO: [benchmark_litert_model.h:96] Warmup (first): 41.25 ms
-INFO: [benchmark_litert_model.h:98] Warmup (avg): 41.25 ms (1 runs)
-INFO: [benchmark_litert_model.h:100] Inference (avg): 12.5 ms (10 runs)
-INFO: [benchmark_litert_model.h:101] Inference (min): 11.75 ms
-INFO: [benchmark_litert_model.h:102] Inference (max): 14.5 ms
-INFO: [benchmark_litert_model.h:103] Inference (std): 0.82
-INFO: [benchmark_litert_model.h:106] Throughput: 256.3 MB/s
-"""
+# ------------------------------------------------------------------ real outputs, as quoted
+# tests/benchmark_outputs/README.md says where each file comes from.
+FIXTURES = pathlib.Path(__file__).parent / "benchmark_outputs"
 
 
-def test_litert2_format():
-    r = parse(LITERT2)
+def _read(name):
+    return (FIXTURES / name).read_text(encoding="utf-8")
+
+
+def _run(stem):
+    """A captured run: stderr then stdout, as a terminal shows them."""
+    return _read(f"{stem}.stderr.txt") + _read(f"{stem}.stdout.txt")
+
+
+ARM_SME2 = "benchmark_model_litert2_arm_learning_paths_litert_sme_4_benchmark.txt"
+MLCOMMONS = "benchmark_model_litert2_mlcommons_mobile_app_open_issue_1134.txt"
+LITERT_README = "benchmark_model_litert2_litert_tools_readme_output_format.txt"
+PY_README = "litert_benchmark_litert_python_tools_readme_output_format.txt"
+SINE = "litert_benchmark_sine_float_this_machine"
+RESNET8 = "litert_benchmark_resnet8_int8_this_machine"
+NOT_A_MODEL = "litert_benchmark_not_a_model_this_machine"
+
+
+def test_litert2_benchmark_model_with_memory_block_and_profile_arm_learning_path():
+    r = parse(_read(ARM_SME2))
+    assert r["format"] == "litert2" and r["ok"] and not r["errors"]
+    assert r["model_size_mb"] == 3.27774 and r["init_ms"] == 4.478
+    # Its count= lines keep whole microseconds; its summary block rounds to 0.01 ms.
+    assert r["inference"] == {"count": 2112, "first": 463, "curr": 459, "min": 442, "max": 979,
+                              "avg": 464.545, "std": 13, "p5": 460, "median": 462, "p95": 478}
+    assert r["warmup"]["count"] == 1055 and r["warmup"]["median"] == 463
+    assert r["timings_us"] == {"init": 4480.0, "first_inference": 1030.0, "warmup_avg": 470.0,
+                               "inference_avg": 460.0, "inference_min": 440.0,
+                               "inference_max": 980.0, "inference_std": 10.0}
+    assert r["resolution_us"] == 10.0
+    assert r["memory_mb"] == {"kind": "footprint", "init": 8.94, "overall": 11.51, "peak": None}
+    assert r["litert"]["throughput"] == 525.55 and r["litert"]["inference_avg_runs"] == 2112
+    assert r["litert"]["warmup_avg_runs"] == 1055
+    runs = r["op_profiling"]["runs"]
+    assert [len(runs[t]) for t in ("run_order", "top_by_computation_time",
+                                   "summary_by_node_type")] == [5, 5, 5]
+    assert runs["run_order"][3] == {
+        "node_type": "Fully Connected (NC, PF32) GEMM", "first": 0.538, "avg_ms": 0.382,
+        "pct": 92.948, "cdf_pct": 97.018, "mem_kb": 0.0, "times_called": 1,
+        "name": "Delegate/Fully Connected (NC, PF32) GEMM:1"}
+    assert runs["summary_by_node_type"][0] == {
+        "node_type": "Fully Connected (NC, PF32) GEMM", "count": 1, "avg_ms": 0.382,
+        "avg_pct": 93.171, "cdf_pct": 93.171, "mem_kb": 0.0, "times_called": 1}
+    # The profiler's "Timings (microseconds): count=3166" line is not a benchmark run.
+    assert r["inference"]["count"] == 2112
+
+
+def test_litert2_gpu_run_with_signature_mlcommons_issue_1134():
+    r = parse(_read(MLCOMMONS))
     assert r["format"] == "litert2" and r["ok"]
-    assert r["timings_us"] == {"init": pytest.approx(23744730.0),
-                               "first_inference": 41250.0, "warmup_avg": 41250.0,
-                               "inference_avg": 12500.0, "inference_min": 11750.0,
-                               "inference_max": 14500.0, "inference_std": 820.0}
-    assert r["litert"]["inference_avg_runs"] == 10 and r["litert"]["throughput"] == 256.3
-    assert r["litert"]["throughput_unit"] == "MB/s"
+    assert r["litert"]["signature_name"] == "prefill_1024"
+    assert r["timings_us"] == {"init": 23744730.0, "first_inference": 7441040.0,
+                               "warmup_avg": 7441040.0, "inference_avg": 7430200.0,
+                               "inference_min": 7416400.0, "inference_max": 7448860.0,
+                               "inference_std": 9920.0}
+    assert (r["litert"]["warmup_avg_runs"], r["litert"]["inference_avg_runs"]) == (1, 10)
+    assert r["litert"]["throughput"] == 27.46
+    assert r["memory_mb"] == {"kind": "footprint", "init": 6391.74, "overall": 6391.74,
+                              "peak": None}
+
+
+# Both READMEs show the same example run; the Python tool's adds median, p5 and p95.
+DOCUMENTED_US = {"init": 45320.0, "first_inference": 120450.0, "warmup_avg": 98760.0,
+                 "inference_avg": 85230.0, "inference_min": 82100.0, "inference_max": 92450.0,
+                 "inference_std": 3210.0}
+
+
+def test_litert2_documented_format_with_peak_memory_and_first_inference():
+    r = parse(_read(LITERT_README))
+    assert r["format"] == "litert2" and r["ok"]
+    assert r["timings_us"] == DOCUMENTED_US
+    assert r["memory_mb"] == {"kind": "footprint", "init": 25.6, "overall": 32.4, "peak": 35.2}
+
+
+def test_litert_benchmark_documented_format():
+    r = parse(_read(PY_README))
+    assert r["format"] == "litert-benchmark" and r["ok"]
+    assert r["timings_us"] == {**DOCUMENTED_US, "inference_median": 84500.0,
+                               "inference_p5": 82500.0, "inference_p95": 91000.0}
+    assert r["litert"]["fully_accelerated"] is True and r["litert"]["throughput"] == 12.45
+    assert (r["litert"]["warmup_avg_runs"], r["litert"]["inference_avg_runs"]) == (5, 50)
+
+
+RESNET8_US = {"init": 1210.0, "first_inference": 320.0, "warmup_avg": 160.0,
+              "inference_avg": 220.0, "inference_min": 130.0, "inference_max": 4290.0,
+              "inference_median": 130.0, "inference_std": 580.0, "inference_p5": 130.0,
+              "inference_p95": 180.0}
+SINE_US = {"init": 5070.0, "first_inference": 50.0, "warmup_avg": 30.0, "inference_avg": 0.0,
+           "inference_min": 0.0, "inference_max": 10.0, "inference_median": 0.0,
+           "inference_std": 0.0, "inference_p5": 0.0, "inference_p95": 0.0}
+
+
+@pytest.mark.parametrize("stem, expected, fully, runs, throughput", [
+    (RESNET8, RESNET8_US, False, (10, 100), 13.29),
+    (SINE, SINE_US, True, (2, 20), 1.58)])
+def test_litert_benchmark_run_captured_here_text_and_json_agree(stem, expected, fully, runs,
+                                                                 throughput):
+    text = parse(_run(stem))
+    # Its stderr warns (no NPU, no OpenVINO): warnings are not errors.
+    assert text["format"] == "litert-benchmark" and text["ok"] and not text["errors"]
+    assert text["timings_us"] == expected and text["resolution_us"] == 10.0
+    assert text["litert"]["fully_accelerated"] is fully
+    assert (text["litert"]["warmup_avg_runs"], text["litert"]["inference_avg_runs"]) == runs
+    assert text["litert"]["throughput"] == throughput
+    for source in (str(FIXTURES / f"{stem}.json"), _read(f"{stem}.json"),
+                   json.loads(_read(f"{stem}.json"))):
+        data = parse_result_json(source)
+        assert data["format"] == "litert-benchmark-json" and data["ok"]
+        # The file holds exactly what the text says: neither is finer than 0.01 ms.
+        assert data["timings_us"] == text["timings_us"] and data["resolution_us"] == 10.0
+        assert data["litert"]["fully_accelerated"] is fully
+        assert (data["litert"]["warmup_avg_runs"], data["litert"]["inference_avg_runs"]) == runs
+        assert data["litert"]["throughput"] == throughput
+        assert data["litert"]["accelerators"] == ["CPU"] and data["litert"]["num_threads"] == 1
+    assert parse(_read(f"{stem}.json"))["timings_us"] == expected  # parse() reads JSON too
+
+
+def test_sub_resolution_model_reads_zero_captured_here():
+    r = parse(_run(SINE))
+    assert r["timings_us"]["inference_median"] == 0.0 and r["resolution_us"] == 10.0
+
+
+def test_litert_benchmark_failure_captured_here():
+    r = parse(_run(NOT_A_MODEL))
+    assert r["failed"] and not r["ok"] and r["format"] == "unknown"
+    assert r["errors"] == ["Model provided has model identifier 'a fl', should be 'TFL3'",
+                           "RuntimeError: Failed to load model from file"]
+
+
+def _indented(text):
+    return "".join("    " + line for line in text.splitlines(keepends=True))
+
+
+def _crlf(text):
+    return text.replace("\n", "\r\n")
+
+
+def _coloured(text):
+    # As a terminal colours a log: the level word green/red, a reset at each line's end.
+    coloured = re.sub(r"(?m)^(INFO|WARNING|ERROR|VERBOSE)",
+                      lambda m: f"\x1b[1;3{1 if m.group(1) == 'ERROR' else 2}m{m.group(1)}\x1b[0m",
+                      text)
+    return coloured.replace("\n", "\x1b[0m\n")
+
+
+def _ci(text):
+    # A GitHub Actions log: every line after an ISO timestamp.
+    return "".join(f"2026-11-30T10:04:{i % 60:02d}.1234567Z {line}"
+                   for i, line in enumerate(text.splitlines(keepends=True)))
+
+
+PASTED = {"indented": _indented, "crlf": _crlf, "ansi": _coloured, "ci_timestamps": _ci,
+          "all_at_once": lambda t: _crlf(_coloured(_indented(t)))}
+REAL = {"tensorflow_61946": MODERN, "arm_sme2": _read(ARM_SME2), "mlcommons": _read(MLCOMMONS),
+        "litert_readme": _read(LITERT_README), "python_readme": _read(PY_README),
+        "resnet8_here": _run(RESNET8), "sine_here": _run(SINE),
+        "not_a_model_here": _run(NOT_A_MODEL)}
+
+
+@pytest.mark.parametrize("how", PASTED)
+@pytest.mark.parametrize("name", REAL)
+def test_real_outputs_pasted_read_the_same(name, how):
+    assert parse(PASTED[how](REAL[name])) == parse(REAL[name])
+
+
+def test_result_json_bad_input(tmp_path):
+    with pytest.raises(InputError, match=r"^litert-benchmark result file not found\. "
+                                         r"Received: path='.*missing\.json'$"):
+        parse_result_json(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match=r"^litert-benchmark --result_json output must be JSON "
+                                         r"\(.+\)\. Received: .*bad\.json starting '\{not json'$"):
+        parse_result_json(str(bad))
+    with pytest.raises(InputError, match=r"holds a 'latency' object; this one does not\. "
+                                         r"Received: keys=\['model'\]$"):
+        parse_result_json('{"model": "m.tflite"}')
+
+
+def test_no_inference_runs_is_not_ok():
+    r = parse("Inference (avg):      0.00 ms (0 runs)\nNo inference runs were performed.\n")
+    assert not r["ok"]
 
 
 def test_empty_output_is_not_ok():

@@ -5,6 +5,7 @@ Errors are raised as `TfliteExtError` subclasses with one-line messages; the CLI
 
 Example:
     $ tflite-ext bench --model build/digits_int8.tflite --threads 1,2 --xnnpack both --task digits
+    $ tflite-ext bench build/resnet8_int8.tflite --timer both --runs 500
     $ tflite-ext micro --model build/digits_int8.tflite --task digits --c_out build/mcu
     $ tflite-ext android --model m.tflite --binary benchmark_model -s R58M12345 --json
 """
@@ -83,6 +84,16 @@ def _bench_flags(fv):
                       flag_values=fv)
     flags.DEFINE_enum("xnnpack", "on", ["on", "off", "both"], "Run with LiteRT's default "
                       "XNNPACK delegate on, off, or both.", flag_values=fv)
+    flags.DEFINE_enum("timer", "both", ["own", "litert", "both"], "Who times the model: own "
+                      "(this library's loop around Interpreter.invoke, µs precision), litert "
+                      "(the official litert-benchmark of ai-edge-litert, run as a program: "
+                      "CompiledModel, always XNNPACK, 0.01 ms steps), or both side by side "
+                      "(the default: an official second opinion for about 1.5 s more per "
+                      "configuration).",
+                      flag_values=fv)
+    flags.DEFINE_string("litert_benchmark", None, "The litert-benchmark program (default: "
+                        "litert-benchmark on PATH, else python -m "
+                        "ai_edge_litert.tools.benchmark_litert_model).", flag_values=fv)
     flags.DEFINE_integer("runs", 50, "Timed runs per configuration.", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("warmup", 5, "Untimed warm-up runs.", lower_bound=0, flag_values=fv)
@@ -97,16 +108,77 @@ def _ints(values, name):
 
 
 def _bench_main(fv):
-    from tflite_ext.bench import host, report
+    from tflite_ext.bench import host
+    from tflite_ext.bench.variants import _cpu  # the one CPU description, shared with tools/
     model = _require_model(fv)
-    x, y = _eval_arrays(fv, model)
+    timers = {"own": ("own",), "litert": ("litert",), "both": ("own", "litert")}[fv.timer]
     xnnpack = {"on": (True,), "off": (False,), "both": (True, False)}[fv.xnnpack]
-    result = {"model": model, "size_bytes": len(host.model_bytes(model)),
+    if timers == ("litert",) and xnnpack == (False,):
+        raise InputError("--timer=litert cannot time --xnnpack=off: litert-benchmark always "
+                         "runs XNNPACK. Received: --timer=litert --xnnpack=off")
+    if "litert" in timers:  # fail before minutes of own timing, not after
+        host.litert_benchmark_command(fv.litert_benchmark)
+    x, y = _eval_arrays(fv, model)
+    result = {"model": model, "size_bytes": len(host.model_bytes(model)), "cpu": _cpu(),
+              "cpus": os.cpu_count(), "timers": list(timers),
               "latency": host.thread_sweep(model, _ints(fv.threads, "threads"), xnnpack,
-                                           runs=fv.runs, warmup=fv.warmup, x=x)}
+                                           runs=fv.runs, warmup=fv.warmup, x=x, timers=timers,
+                                           program=fv.litert_benchmark)}
     if y is not None:
         result.update(host.evaluate(model, x, y))
-    return _emit(fv, "bench", result, report.host_markdown(result))
+    return _emit(fv, "bench", result, _bench_markdown(result))
+
+
+def _litert_cell(row, key):
+    """A litert-benchmark figure with its rounding: '140 ±5', '< 5', or the finer mean."""
+    from tflite_ext.bench.host import LITERT_RESOLUTION_US
+    lit = row.get("litert") or {}
+    if "skipped" in lit:
+        return "n/a (always XNNPACK)"
+    if key == "mean_us" and lit.get("mean_from_throughput_us") is not None:
+        # Rounded up to 0.01 µs, so the bound printed is never tighter than the real one.
+        error = max(lit["mean_from_throughput_error_us"], 0.01)
+        return f"{lit['mean_from_throughput_us']:,.2f} ±{error:.2f}"
+    value, half = lit.get(key), lit.get("resolution_us", LITERT_RESOLUTION_US) / 2
+    if value is None:
+        return ""
+    return f"< {half:g}" if value < half else f"{value:,.0f} ±{half:g}"
+
+
+def _bench_markdown(result):
+    """The host report: model, CPU, accuracy, then one row per configuration and timer."""
+    from tflite_ext.bench import report
+    own = "own" in result["timers"]
+    litert = "litert" in result["timers"]
+    columns = [("num_threads", "threads"), ("xnnpack", "XNNPACK")]
+    if own:
+        columns += [("median_us", "median µs (own)")]
+    if litert:
+        columns += [("litert_median", "median µs (litert-benchmark)")]
+    if own:
+        columns += [("mean_us", "mean µs (own)")]
+    if litert:
+        columns += [("litert_mean", "mean µs (litert-benchmark)")]
+    if own:
+        columns += [("min_us", "min µs (own)"), ("p90_us", "p90 µs (own)"),
+                    ("max_us", "max µs (own)")]
+    columns += [("runs", "runs")]
+    rows = [{**row, "runs": row.get("runs", (row.get("litert") or {}).get("runs")),
+             "litert_median": _litert_cell(row, "median_us"),
+             "litert_mean": _litert_cell(row, "mean_us")} for row in result["latency"]]
+    lines = [f"# Host benchmark (LiteRT): {result['model']}", "",
+             f"Model size: {result['size_bytes']:,} bytes", "",
+             f"CPU: {result['cpu']}, {result['cpus']} logical CPUs", ""]
+    if result.get("accuracy") is not None:
+        lines += [f"Accuracy: {result['accuracy']:.4f} on {result['samples']} samples", ""]
+    lines.append(report.markdown_table(rows, columns))
+    if litert:
+        lines += ["litert-benchmark prints and writes milliseconds with two decimals, so its "
+                  "median is a multiple of 10 µs (±5 µs; under 5 µs it reads 0.00 ms). Its mean "
+                  "is recovered finer from its throughput line (input MiB / mean s, two "
+                  "decimals). It times CompiledModel.run_by_name with random inputs; own times "
+                  "Interpreter.invoke alone.", ""]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- micro

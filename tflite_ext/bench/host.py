@@ -1,19 +1,32 @@
 """Host benchmarks through LiteRT (`ai_edge_litert`): latency, thread sweep, XNNPACK, accuracy.
 
+Two timers: `time_model`, our own loop (µs precision, `Interpreter.invoke` alone), and
+`time_litert_benchmark`, the official `litert-benchmark` of ai-edge-litert 2.3 run as a program
+(its CompiledModel loop, always with XNNPACK, times rounded to 0.01 ms).
+
 Example:
     >>> from tflite_ext.bench import host
     >>> host.time_model("build/digits_int8.tflite", runs=100)["median_us"]
     142.0
+    >>> host.time_litert_benchmark("build/resnet8_int8.tflite", runs=100)["median_us"]
+    140.0
     >>> host.evaluate("build/digits_int8.tflite", split.x_test, split.y_test)["accuracy"]
     0.9963
 """
+import importlib.util
 import itertools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
 from ai_edge_litert import interpreter as litert
 
-from tflite_ext.errors import InputError, ModelFileError
+from tflite_ext.errors import BenchmarkFailed, InputError, ModelFileError, RunTimeout
 from tflite_ext.files import read_model_bytes
 
 
@@ -139,10 +152,167 @@ def time_model(model, *, runs=50, warmup=5, num_threads=1, xnnpack=True, x=None)
             "xnnpack": bool(xnnpack)}
 
 
-def thread_sweep(model, threads=(1, 2, 4), xnnpack=(True, False), *, runs=50, warmup=5, x=None):
-    """`time_model` for every (threads, xnnpack) pair; returns a list of result dicts."""
-    return [time_model(model, runs=runs, warmup=warmup, num_threads=t, xnnpack=xn, x=x)
-            for t, xn in itertools.product(threads, xnnpack)]
+def thread_sweep(model, threads=(1, 2, 4), xnnpack=(True, False), *, runs=50, warmup=5, x=None,
+                 timers=("own",), program=None):
+    """Times every (threads, xnnpack) pair with each of `timers`; returns a list of row dicts.
+
+    Args:
+        timers: "own" (`time_model`: its keys go straight into the row) and/or "litert"
+            (`time_litert_benchmark`, under the row's "litert" key). litert-benchmark always
+            runs XNNPACK, so an XNNPACK-off row gets {"skipped": why} there instead.
+        program: the litert-benchmark to run (see `litert_benchmark_command`).
+
+    Example:
+        >>> rows = host.thread_sweep("m.tflite", (1,), (True,), timers=("own", "litert"))
+        >>> rows[0]["median_us"], rows[0]["litert"]["median_us"]
+        (134.4, 140.0)
+    """
+    unknown = sorted(set(timers) - {"own", "litert"})
+    if unknown or not timers:
+        raise InputError(f"timers must be 'own' and/or 'litert'. Received: timers={timers!r}")
+    rows = []
+    for t, xn in itertools.product(threads, xnnpack):
+        row = {"num_threads": int(t), "xnnpack": bool(xn)}
+        if "own" in timers:
+            row.update(time_model(model, runs=runs, warmup=warmup, num_threads=t, xnnpack=xn, x=x))
+        if "litert" in timers:
+            row["litert"] = (time_litert_benchmark(model, runs=runs, warmup=warmup, num_threads=t,
+                                                   program=program) if xn else
+                             {"skipped": "litert-benchmark always runs XNNPACK"})
+        rows.append(row)
+    return rows
+
+
+# litert-benchmark prints and writes milliseconds rounded to two decimals.
+LITERT_RESOLUTION_US = 10.0
+_LITERT_MODULE = "ai_edge_litert.tools.benchmark_litert_model"
+
+
+def litert_benchmark_command(program=None):
+    """The argv prefix that runs litert-benchmark.
+
+    Args:
+        program: a path or name of the program; default: `litert-benchmark` on PATH, else the
+            module it runs (`python -m ai_edge_litert.tools.benchmark_litert_model`), which is
+            there whenever ai-edge-litert >= 2.3 is, PATH or not.
+
+    Example:
+        >>> host.litert_benchmark_command()
+        ['/usr/local/bin/litert-benchmark']
+    """
+    if program:
+        found = shutil.which(program)
+        if not found:
+            raise InputError(f"litert-benchmark program not found or not executable: give the "
+                             f"path of ai-edge-litert's litert-benchmark. Received: "
+                             f"program={program!r}")
+        return [found]
+    found = shutil.which("litert-benchmark")
+    if found:
+        return [found]
+    if importlib.util.find_spec(_LITERT_MODULE) is not None:
+        return [sys.executable, "-m", _LITERT_MODULE]
+    raise InputError("litert-benchmark not found: install ai-edge-litert>=2.3 (pip install "
+                     "'ai-edge-litert>=2.3'), pass its path, or time with the own timer only. "
+                     "Received: program=None")
+
+
+def time_litert_benchmark(model, *, runs=50, warmup=5, num_threads=1, program=None,
+                          timeout=600):
+    """Times a model with the official `litert-benchmark` (ai-edge-litert), as a program.
+
+    Its numbers are milliseconds rounded to two decimals, in the printed text and the JSON
+    alike, so each time is a multiple of 10 µs (`resolution_us`) and a model under 5 µs reads
+    0.0. Its throughput line (input MB / mean seconds, also two decimals) pins the mean much
+    finer, so `mean_from_throughput_us` gives the mean recovered from it, with the bound
+    `mean_from_throughput_error_us` (None where that is no finer than `mean_us`).
+
+    Args:
+        model: .tflite bytes or path.
+        runs, warmup: `--num_runs` and `--warmup_runs`.
+        num_threads: `--num_threads`.
+        program: the litert-benchmark to run (see `litert_benchmark_command`).
+        timeout: seconds before the run counts as hung.
+
+    Returns:
+        dict with median_us, mean_us, min_us, max_us, p5_us, p95_us, std_us, init_us, runs,
+        warmup, num_threads, xnnpack (always True), resolution_us, mean_from_throughput_us,
+        mean_from_throughput_error_us, accelerators, fully_accelerated, timer, command.
+
+    Example:
+        >>> r = host.time_litert_benchmark("build/resnet8_int8.tflite", runs=200)
+        >>> r["median_us"], r["resolution_us"], round(r["mean_from_throughput_us"], 1)
+        (140.0, 10.0, 139.4)
+    """
+    from tflite_ext.bench import benchmark_output
+
+    if int(runs) < 1 or int(warmup) < 0 or int(num_threads) < 1:
+        raise InputError(f"runs and num_threads must be >= 1 and warmup >= 0. Received: "
+                         f"runs={runs}, warmup={warmup}, num_threads={num_threads}")
+    data = model_bytes(model)
+    given = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    command = litert_benchmark_command(program)
+    with tempfile.TemporaryDirectory(prefix="tflite_ext-litert-") as folder:
+        path = given or os.path.join(folder, "model.tflite")
+        if not given:  # the tool reads a file: bytes go to one in the run's own folder
+            with open(path, "wb") as f:
+                f.write(data)
+        json_path = os.path.join(folder, "result.json")
+        argv = command + [f"--model={path}", f"--num_runs={int(runs)}",
+                          f"--warmup_runs={int(warmup)}", f"--num_threads={int(num_threads)}",
+                          f"--result_json={json_path}"]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            raise RunTimeout(f"litert-benchmark did not finish in {timeout} s; raise the timeout "
+                             f"or lower --runs. Received: runs={runs}") from None
+        text = done.stderr + done.stdout
+        parsed = (benchmark_output.parse_result_json(json_path) if os.path.isfile(json_path)
+                  else benchmark_output.parse(text))
+    if done.returncode != 0 or not parsed["ok"]:
+        why = benchmark_output.parse(text)["errors"] or [ln for ln in text.splitlines()
+                                                         if ln.strip()][-1:] or ["no output"]
+        raise BenchmarkFailed(f"litert-benchmark failed (exit {done.returncode}: {why[-1]}). "
+                              f"Received: model={given or 'bytes'}, {len(data)} bytes")
+    # The command as one could type it again: the temporary files it named are gone.
+    shown = command + [f"--model={given or 'MODEL.tflite'}", *argv[len(command) + 1:-1],
+                       "--result_json=RESULT.json"]
+    return _litert_timing(parsed, data, runs, warmup, num_threads, shown)
+
+
+def _litert_timing(parsed, data, runs, warmup, num_threads, argv):
+    t = parsed["timings_us"]
+    result = {"timer": "litert-benchmark",
+              **{f"{k}_us": t.get(f"inference_{k}") for k in ("median", "min", "max", "p5",
+                                                              "p95", "std")},
+              "mean_us": t["inference_avg"], "init_us": t.get("init"), "runs": int(runs),
+              "warmup": int(warmup), "num_threads": int(num_threads), "xnnpack": True,
+              "resolution_us": parsed["resolution_us"] or LITERT_RESOLUTION_US,
+              "accelerators": parsed["litert"].get("accelerators"),
+              "fully_accelerated": parsed["litert"].get("fully_accelerated"),
+              "command": shlex.join(argv)}
+    result.update(_mean_from_throughput(parsed, data, result))
+    return result
+
+
+def _mean_from_throughput(parsed, data, timing):
+    """The mean the throughput line implies: input MB / (MB/s), bounded by its rounding."""
+    throughput = parsed["litert"].get("throughput")
+    none = {"mean_from_throughput_us": None, "mean_from_throughput_error_us": None}
+    if not throughput or throughput <= 0.005:
+        return none
+    # litert-benchmark counts prod(shape) * itemsize over the signature's inputs, in MiB.
+    mib = sum(int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize
+              for d in describe(data)["inputs"]) / 2**20
+    mean = mib / throughput * 1e6
+    error = max(mib / (throughput - 0.005) * 1e6 - mean, mean - mib / (throughput + 0.005) * 1e6)
+    half_step = timing["resolution_us"] / 2
+    # Only where it is finer than the printed mean, and only if it agrees with it (if it did
+    # not, the tool counted other input bytes than we do).
+    if error >= half_step or abs(mean - timing["mean_us"]) > half_step + error:
+        return none
+    return {"mean_from_throughput_us": mean, "mean_from_throughput_error_us": error}
 
 
 def predict(model, x, num_threads=1):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tflite_ext import convert, models, tasks
-from tflite_ext.bench import host, report, variants
+from tflite_ext.bench import host, report
 from tflite_ext.errors import BenchmarkFailed, InputError, ModelFileError, RunTimeout
 
 
@@ -202,14 +202,14 @@ def test_cli_bench_both_timers_side_by_side(trained, capsys):
     text = capsys.readouterr().out
     assert ("| threads | XNNPACK | median µs (own) | median µs (litert-benchmark) | "
             "mean µs (own) | mean µs (litert-benchmark) |") in text
-    assert f"CPU: {variants._cpu()}, {os.cpu_count()} logical CPUs" in text
+    assert f"CPU: {host.describe_cpu()}, {os.cpu_count()} logical CPUs" in text
     assert "n/a (always XNNPACK)" in text and "multiple of 10 µs" in text
     litert_cell = text.split("\n| 1 | True | ")[1].split(" | ")[1]
     assert litert_cell == "< 5" or litert_cell.endswith(" ±5")
     assert _bench([f"--model={trained['int8']}", "--runs=3", "--warmup=0", "--timer=litert",
                    "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["timers"] == ["litert"] and printed["cpu"] == variants._cpu()
+    assert printed["timers"] == ["litert"] and printed["cpu"] == host.describe_cpu()
     assert printed["latency"][0]["litert"]["runs"] == 3 and "median_us" not in printed["latency"][0]
 
 

@@ -47,7 +47,7 @@ def main(argv):
     import keras
 
     from tflite_ext import models
-    from tflite_ext.bench import variants
+    from tflite_ext.bench import host
     from tflite_ext.pruning import graph
 
     make = {"mobilenet_v2": lambda: keras.applications.MobileNetV2(weights=None),
@@ -68,7 +68,7 @@ def main(argv):
         build_seconds.append(0.0)
         runs.append(_flow(make))
     graph.DependencyGraph.__init__ = real_init
-    print(f"{FLAGS.model}, {FLAGS.repeats} runs, CPU: {variants.environment()['cpu']}")
+    print(f"{FLAGS.model}, {FLAGS.repeats} runs, CPU: {host.describe_cpu()}")
     print("| step | median s |\n|---|---|")
     for step in runs[0]:
         print(f"| {step} | {statistics.median(r[step] for r in runs):.3f} |")

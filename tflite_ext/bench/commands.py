@@ -108,8 +108,7 @@ def _ints(values, name):
 
 
 def _bench_main(fv):
-    from tflite_ext.bench import host
-    from tflite_ext.bench.variants import _cpu  # the one CPU description, shared with tools/
+    from tflite_ext.bench import host, report
     model = _require_model(fv)
     timers = {"own": ("own",), "litert": ("litert",), "both": ("own", "litert")}[fv.timer]
     xnnpack = {"on": (True,), "off": (False,), "both": (True, False)}[fv.xnnpack]
@@ -119,66 +118,14 @@ def _bench_main(fv):
     if "litert" in timers:  # fail before minutes of own timing, not after
         host.litert_benchmark_command(fv.litert_benchmark)
     x, y = _eval_arrays(fv, model)
-    result = {"model": model, "size_bytes": len(host.model_bytes(model)), "cpu": _cpu(),
-              "cpus": os.cpu_count(), "timers": list(timers),
+    result = {"model": model, "size_bytes": len(host.model_bytes(model)),
+              "cpu": host.describe_cpu(), "cpus": os.cpu_count(), "timers": list(timers),
               "latency": host.thread_sweep(model, _ints(fv.threads, "threads"), xnnpack,
                                            runs=fv.runs, warmup=fv.warmup, x=x, timers=timers,
                                            program=fv.litert_benchmark)}
     if y is not None:
         result.update(host.evaluate(model, x, y))
-    return _emit(fv, "bench", result, _bench_markdown(result))
-
-
-def _litert_cell(row, key):
-    """A litert-benchmark figure with its rounding: '140 ±5', '< 5', or the finer mean."""
-    from tflite_ext.bench.host import LITERT_RESOLUTION_US
-    lit = row.get("litert") or {}
-    if "skipped" in lit:
-        return "n/a (always XNNPACK)"
-    if key == "mean_us" and lit.get("mean_from_throughput_us") is not None:
-        # Rounded up to 0.01 µs, so the bound printed is never tighter than the real one.
-        error = max(lit["mean_from_throughput_error_us"], 0.01)
-        return f"{lit['mean_from_throughput_us']:,.2f} ±{error:.2f}"
-    value, half = lit.get(key), lit.get("resolution_us", LITERT_RESOLUTION_US) / 2
-    if value is None:
-        return ""
-    return f"< {half:g}" if value < half else f"{value:,.0f} ±{half:g}"
-
-
-def _bench_markdown(result):
-    """The host report: model, CPU, accuracy, then one row per configuration and timer."""
-    from tflite_ext.bench import report
-    own = "own" in result["timers"]
-    litert = "litert" in result["timers"]
-    columns = [("num_threads", "threads"), ("xnnpack", "XNNPACK")]
-    if own:
-        columns += [("median_us", "median µs (own)")]
-    if litert:
-        columns += [("litert_median", "median µs (litert-benchmark)")]
-    if own:
-        columns += [("mean_us", "mean µs (own)")]
-    if litert:
-        columns += [("litert_mean", "mean µs (litert-benchmark)")]
-    if own:
-        columns += [("min_us", "min µs (own)"), ("p90_us", "p90 µs (own)"),
-                    ("max_us", "max µs (own)")]
-    columns += [("runs", "runs")]
-    rows = [{**row, "runs": row.get("runs", (row.get("litert") or {}).get("runs")),
-             "litert_median": _litert_cell(row, "median_us"),
-             "litert_mean": _litert_cell(row, "mean_us")} for row in result["latency"]]
-    lines = [f"# Host benchmark (LiteRT): {result['model']}", "",
-             f"Model size: {result['size_bytes']:,} bytes", "",
-             f"CPU: {result['cpu']}, {result['cpus']} logical CPUs", ""]
-    if result.get("accuracy") is not None:
-        lines += [f"Accuracy: {result['accuracy']:.4f} on {result['samples']} samples", ""]
-    lines.append(report.markdown_table(rows, columns))
-    if litert:
-        lines += ["litert-benchmark prints and writes milliseconds with two decimals, so its "
-                  "median is a multiple of 10 µs (±5 µs; under 5 µs it reads 0.00 ms). Its mean "
-                  "is recovered finer from its throughput line (input MiB / mean s, two "
-                  "decimals). It times CompiledModel.run_by_name with random inputs; own times "
-                  "Interpreter.invoke alone.", ""]
-    return "\n".join(lines)
+    return _emit(fv, "bench", result, report.host_markdown(result))
 
 
 # ----------------------------------------------------------------------------- micro

@@ -16,6 +16,7 @@ Example:
 import importlib.util
 import itertools
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -386,3 +387,19 @@ def describe(model):
     return {"inputs": [_one(d) for d in interp.get_input_details()],
             "outputs": [_one(d) for d in interp.get_output_details()],
             "size_bytes": len(data)}
+
+
+def describe_cpu():
+    """The CPU model and the vector extensions that LiteRT's int8 kernels speed up with."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+
+    def field(key):
+        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+
+    extensions = [e for e in ("avx2", "avx512f", "amx_int8") if e in field("flags").split()]
+    name = field("model name") or platform.machine()
+    return f"{name} ({', '.join(extensions)})" if extensions else name

@@ -74,20 +74,56 @@ def text_table(rows, columns):
                      for r in table)
 
 
-_LATENCY_COLUMNS = [("num_threads", "threads"), ("xnnpack", "XNNPACK"), ("min_us", "min µs"),
-                    ("median_us", "median µs"), ("p90_us", "p90 µs"), ("max_us", "max µs"),
-                    ("runs", "runs")]
+
+
+def _litert_cell(row, key):
+    """A litert-benchmark figure with its rounding: '140 ±5', '< 5', or the finer mean."""
+    from tflite_ext.bench.host import LITERT_RESOLUTION_US  # host imports the runtime
+    lit = row.get("litert") or {}
+    if "skipped" in lit:
+        return "n/a (always XNNPACK)"
+    if key == "mean_us" and lit.get("mean_from_throughput_us") is not None:
+        # Rounded up to 0.01 µs, so the bound printed is never tighter than the real one.
+        error = max(lit["mean_from_throughput_error_us"], 0.01)
+        return f"{lit['mean_from_throughput_us']:,.2f} ±{error:.2f}"
+    value, half = lit.get(key), lit.get("resolution_us", LITERT_RESOLUTION_US) / 2
+    if value is None:
+        return ""
+    return f"< {half:g}" if value < half else f"{value:,.0f} ±{half:g}"
 
 
 def host_markdown(result):
-    """Markdown for `{"model", "size_bytes", "latency": [time_model dicts], "accuracy"?}`."""
-    lines = [f"# Host benchmark (LiteRT): {result.get('model', '')}", ""]
-    if "size_bytes" in result:
-        lines += [f"Model size: {result['size_bytes']:,} bytes", ""]
+    """The host report: model, CPU, accuracy, then one row per configuration and timer."""
+    own = "own" in result["timers"]
+    litert = "litert" in result["timers"]
+    columns = [("num_threads", "threads"), ("xnnpack", "XNNPACK")]
+    if own:
+        columns += [("median_us", "median µs (own)")]
+    if litert:
+        columns += [("litert_median", "median µs (litert-benchmark)")]
+    if own:
+        columns += [("mean_us", "mean µs (own)")]
+    if litert:
+        columns += [("litert_mean", "mean µs (litert-benchmark)")]
+    if own:
+        columns += [("min_us", "min µs (own)"), ("p90_us", "p90 µs (own)"),
+                    ("max_us", "max µs (own)")]
+    columns += [("runs", "runs")]
+    rows = [{**row, "runs": row.get("runs", (row.get("litert") or {}).get("runs")),
+             "litert_median": _litert_cell(row, "median_us"),
+             "litert_mean": _litert_cell(row, "mean_us")} for row in result["latency"]]
+    lines = [f"# Host benchmark (LiteRT): {result['model']}", "",
+             f"Model size: {result['size_bytes']:,} bytes", "",
+             f"CPU: {result['cpu']}, {result['cpus']} logical CPUs", ""]
     if result.get("accuracy") is not None:
-        lines += [(f"Accuracy: {result['accuracy']:.4f} on {result.get('samples', '?')} "
-                   "samples"), ""]
-    lines.append(markdown_table(result.get("latency", []), _LATENCY_COLUMNS))
+        lines += [f"Accuracy: {result['accuracy']:.4f} on {result['samples']} samples", ""]
+    lines.append(markdown_table(rows, columns))
+    if litert:
+        lines += ["litert-benchmark prints and writes milliseconds with two decimals, so its "
+                  "median is a multiple of 10 µs (±5 µs; under 5 µs it reads 0.00 ms). Its mean "
+                  "is recovered finer from its throughput line (input MiB / mean s, two "
+                  "decimals). It times CompiledModel.run_by_name with random inputs; own times "
+                  "Interpreter.invoke alone.", ""]
     return "\n".join(lines)
 
 

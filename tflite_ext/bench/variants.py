@@ -174,22 +174,6 @@ def measure(flatbuffers, x, y, *, keras_models=None, runs=200, warmup=10, timing
     return results
 
 
-def _cpu():
-    """The CPU model and the vector extensions that LiteRT's int8 kernels speed up with."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:  # not Linux
-        return platform.processor() or platform.machine()
-
-    def field(key):
-        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
-
-    extensions = [e for e in ("avx2", "avx512f", "amx_int8") if e in field("flags").split()]
-    name = field("model name") or platform.machine()
-    return f"{name} ({', '.join(extensions)})" if extensions else name
-
-
 def environment():
     """Versions and the machine a run measured on (latencies depend on the CPU)."""
     import tensorflow as tf
@@ -197,5 +181,5 @@ def environment():
     from tflite_ext import __version__
 
     return {"tflite_ext": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu(),
-            "cpus": os.cpu_count()}
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpu": host.describe_cpu(), "cpus": os.cpu_count()}

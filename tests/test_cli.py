@@ -5,11 +5,14 @@ import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
 from conftest import assert_no_partial_files
-from tflite_ext import cli
+from test_convert import Sin, input_scales, qat_softmax_model, two_input_model
+from tflite_ext import cli, inspect
+from tflite_ext.quantization import quantize_model
 
 
 def run(capsys, *argv):
@@ -72,6 +75,7 @@ def _write(path, data):
     ("not npy", "Cannot read representative data as .npy/.npz"),
     ("missing data", "Representative data file not found"),
     ("no data", "needs representative_data"),
+    ("npz with two arrays", r"keys \['x', 'y'\] do not match the model's inputs"),
     ("unwritable output", "Cannot create output folder"),
 ])
 def test_convert_bad_input_exits_2_with_one_line_and_no_file(capsys, model_files, tmp_path,
@@ -86,6 +90,9 @@ def test_convert_bad_input_exits_2_with_one_line_and_no_file(capsys, model_files
         data = str(tmp_path / "d.npy")
     elif case == "missing model":
         model = str(tmp_path / "missing.keras")
+    elif case == "npz with two arrays":
+        np.savez(tmp_path / "d.npz", x=x, y=x)
+        data = str(tmp_path / "d.npz")
     elif case == "not npy":
         data = _write(tmp_path / "d.npy", b"1,2,3\n")
     elif case == "missing data":
@@ -124,3 +131,45 @@ def test_inspect_truncated_file(capsys, tmp_path, tiny_int8):
     path = _write(tmp_path / "cut.tflite", tiny_int8.flatbuffer[:1500])
     code, _, err = run(capsys, "inspect", path)
     assert code == 2 and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+def _convert_cli(capsys, model, tmp_path, *flags):
+    output = tmp_path / "m.tflite"
+    code, out, err = run(capsys, "convert", str(model), "-o", str(output), *flags)
+    return code, out, err, output
+
+
+def test_convert_qat_softmax_keras_file_without_data(capsys, tmp_path):
+    qat_softmax_model().save(tmp_path / "qat.keras")
+    code, out, err, output = _convert_cli(capsys, tmp_path / "qat.keras", tmp_path)
+    assert code == 0, err
+    assert "full integer: yes" in out and "mode=int8, io=int8)" in out
+    assert inspect.summary(str(output))["op_counts"]["SOFTMAX"] == 1
+
+
+def test_convert_prints_the_io_types_the_file_has(capsys, tmp_path):
+    # A float op after the QAT model's last range: the converter cannot give that output int8.
+    qat = quantize_model(keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)]))
+    keras.Model(qat.inputs, Sin()(qat.outputs[0])).save(tmp_path / "qat_sin.keras")
+    code, out, err, output = _convert_cli(capsys, tmp_path / "qat_sin.keras", tmp_path,
+                                          "--allow_float", "SIN")
+    assert code == 0, err
+    info = inspect.summary(str(output))
+    assert [t["dtype"] for t in info["inputs"] + info["outputs"]] == ["int8", "float32"]
+    assert out.strip().splitlines()[-1] == (f"wrote {output} ({os.path.getsize(output):,} "
+                                            f"bytes, mode=int8, inputs=int8 outputs=float32)")
+
+
+def test_convert_npz_matches_arrays_to_inputs_by_name(capsys, tmp_path):
+    two_input_model(b_shape=(2, 2, 1)).save(tmp_path / "two.keras")
+    rng = np.random.default_rng(0)
+    xa, xb = rng.random((30, 4), "float32"), 10 * rng.random((30, 2, 2, 1), "float32")
+    np.savez(tmp_path / "ab.npz", b=xb, a=xa)
+    code, out, err, output = _convert_cli(capsys, tmp_path / "two.keras", tmp_path,
+                                          "--data", str(tmp_path / "ab.npz"))
+    assert code == 0, err
+    scales = input_scales(inspect.summary(str(output)))
+    assert scales["a"] == pytest.approx(xa.max() / 255, rel=1e-2)
+    assert scales["b"] == pytest.approx(xb.max() / 255, rel=1e-2)

@@ -59,8 +59,9 @@ def _demo_main(fv, args):
 
 def _convert_flags(fv):
     flags.DEFINE_string("data", None, "Representative dataset for calibration: a .npy file "
-                        "(N, *input_shape) or a .npz with one array per input. Not needed for "
-                        "quantization-aware models or float modes.", flag_values=fv)
+                        "(N, *input_shape) or a .npz with one array per input, keyed by input "
+                        "name. Not needed for quantization-aware models or float modes.",
+                        flag_values=fv)
     flags.DEFINE_string("output", None, "Where to write the .tflite (default: the model path "
                         "with a .tflite suffix).", short_name="o", flag_values=fv)
     flags.DEFINE_enum("mode", "int8", ["int8", "int16x8", "float16", "dynamic", "float32"],
@@ -97,8 +98,17 @@ def _convert_main(fv, args):
     else:
         print(inspect.render(result.report))
         print(f"wrote {output} ({len(result.flatbuffer):,} bytes, mode={fv.mode}, "
-              f"io={result.report['io_dtype']})")
+              f"{_io_types(result.report)})")
     return 0
+
+
+def _io_types(report):
+    """The I/O types the flatbuffer has (the converter keeps a float output float when it
+    cannot quantize it, whatever --io asked for): "io=int8", or "inputs=int8 outputs=float32"."""
+    inputs, outputs = ([t["dtype"] for t in report[k]] for k in ("inputs", "outputs"))
+    if len(set(inputs + outputs)) == 1:
+        return f"io={inputs[0]}"
+    return f"inputs={','.join(inputs)} outputs={','.join(outputs)}"
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -56,11 +56,15 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
     """Converts a Keras 3 model (object, `.keras` file or SavedModel folder) to TFLite.
 
     Args:
-        model: a `keras.Model`, a path to a `.keras` file, or a SavedModel directory.
+        model: a `keras.Model` (functional, Sequential, or subclassed and called once), a
+            path to a `.keras` file, or a SavedModel directory.
         representative_data: calibration inputs for post-training quantization: a numpy array
-            (N, *input_shape), a list of arrays for several inputs, a `tf.data.Dataset`, a
-            generator or a callable returning one, or a `.npy`/`.npz` path. Not needed for a
-            quantization-aware (fake-quant) model or for float16/dynamic/float32 modes.
+            (N, *input_shape); for several inputs a list of arrays in `model.inputs` order or
+            a dict {input name: array} (the `keras.Input` names; "input_0", "input_1", ... for
+            a subclassed model); a `tf.data.Dataset`, a generator or a callable returning one;
+            or a `.npy`/`.npz` path (a `.npz`'s arrays are matched to the inputs by name). Not
+            needed for a quantization-aware (fake-quant) model or for float16/dynamic/float32
+            modes.
         mode: "int8" (full integer), "int16x8" (int16 activations, int8 weights), "float16",
             "dynamic" (int8 weights, float activations) or "float32".
         io_dtype: model input/output type; "int8" (default), "uint8" or "float32" for int8
@@ -99,8 +103,8 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
     leaks = inspect.float_leaks(report, allowed) if mode in _INTEGER_MODES else []
     report.update(mode=mode, io_dtype=io_dtype, allowed_float=list(allow_float),
                   float_leaks=leaks)
-    if leaks and representative_data is None:
-        raise _needs_calibration(mode)
+    if leaks and representative_data is None and not _has_integer_activations(report):
+        raise _needs_calibration(mode)  # nothing was quantized: no ranges to quantize with
     if leaks:
         culprits = sorted({op["op"] for op in report["operators"] if op["float_tensors"]
                            and op["op"] not in _BRIDGE_OPS and op["op"] not in allowed})
@@ -122,21 +126,24 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
         converter.target_spec.supported_types = [tf.float16]
     if mode in _INTEGER_MODES:
         fallback = [tf.lite.OpsSet.TFLITE_BUILTINS] if allow_float else []
-        # Without representative data (a quantization-aware model) the op set stays default:
-        # TF's front end would demand a representative dataset for TFLITE_BUILTINS_INT8 although
-        # the fake-quant ops carry every range; the check after conversion refuses any float.
-        if mode == "int8" and representative_data is not None:
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *fallback]
-        else:
+        if mode == "int16x8":
             converter.target_spec.supported_ops = [
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
                 *fallback]
+        elif representative_data is not None:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, *fallback]
+        else:
+            # A quantization-aware model: its fake-quant ops carry every range. TFLITE_BUILTINS_INT8
+            # would be refused before the converter looks at the graph (TF checks the options for
+            # its metrics without it and demands a representative dataset), and the int16x8 op
+            # set breaks int8 softmax; the default op set quantizes what the fake-quant ops say,
+            # and the check after conversion refuses any float it left.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.inference_input_type = getattr(tf, io_dtype)
         converter.inference_output_type = getattr(tf, io_dtype)
         if representative_data is not None:
             samples = _calibration_samples(representative_data, input_specs, num_samples)
-            converter.representative_dataset = lambda: ([s] if not isinstance(s, list) else s
-                                                        for s in samples)
+            converter.representative_dataset = lambda: iter(samples)
 
     with _captured_stderr() as log, warnings.catch_warnings():
         # The converter's Python warnings (e.g. "Statistics for quantized inputs were expected")
@@ -150,6 +157,13 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
                 raise _needs_calibration(mode) from None
             raise ConversionError(_conversion_message(e, log(), mode)) from None
     return flatbuffer
+
+
+def _has_integer_activations(report):
+    # Quantized tensors that are not constants: the converter did quantize activations (with
+    # ranges from a quantization-aware model) rather than only weights.
+    return any(t["dtype"] in ("int8", "int16") and t["quantization"] and not t["const_bytes"]
+               for t in report["tensors"])
 
 
 def _needs_calibration(mode):
@@ -198,20 +212,53 @@ def _make_converter(model, batch_size, workdir):
     if not isinstance(model, keras.Model):
         raise InputError(f"Expected a keras.Model or a model path. Received: "
                          f"{type(model).__name__}")
-    if not model.inputs:
-        raise InputError(f"Model {model.name!r} has no defined inputs: build it on a "
-                         f"keras.Input (functional or Sequential with an input shape).")
-    specs = [tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype, name=t.name.split(":")[0])
-             for t in model.inputs]
+    specs, signature = _input_specs(model, batch_size)
     # Through a SavedModel written by Keras' own ExportArchive with an inference-mode endpoint:
     # the converter freezes Keras 3 variables reliably only from there.
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
-                         [specs[0] if len(specs) == 1 else specs])
-    with _captured_stderr():
-        archive.write_out(workdir, verbose=False)
+    try:
+        archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
+                             [signature])
+        with _captured_stderr():
+            archive.write_out(workdir, verbose=False)
+    except Exception as e:  # tracing runs the model's own call code
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"Keras cannot trace model {model.name!r} on inputs of shape "
+                         f"{[tuple(s.shape) for s in specs]} ({type(e).__name__}: {first}). "
+                         f"Received: model={model.name}") from None
     return tf.lite.TFLiteConverter.from_saved_model(workdir), specs
+
+
+def _input_specs(model, batch_size):
+    """(one TensorSpec per input, named as the converted model's signature names it; the
+    signature the model is called with)."""
+    import keras
+    import tensorflow as tf
+
+    tensors = getattr(model, "inputs", None)  # a subclassed or unbuilt model has none
+    if tensors:
+        if isinstance(model, keras.Sequential):  # its InputLayer is only in a functional view
+            model = keras.Model(model.inputs, model.outputs)
+        # Users know an input by its keras.Input name; in memory the tensor itself has a
+        # generated one ("keras_tensor_3").
+        names = {id(layer.output): layer.name for layer in model.layers
+                 if isinstance(layer, keras.layers.InputLayer)}
+        specs = [tf.TensorSpec([batch_size, *t.shape[1:]], t.dtype, name=names.get(id(t), t.name))
+                 for t in tensors]
+        return specs, specs[0] if len(specs) == 1 else specs
+    # A subclassed model: the input shape(s) Keras recorded when it was first called.
+    shape = (model.get_build_config() or {}).get("input_shape")
+    if shape is None:
+        raise InputError(f"Model {model.name!r} was never called, so its input shape is "
+                         f"unknown: call it once on a batch, model(x), or build it on a "
+                         f"keras.Input, before converting. Received: model={model.name}")
+    several = bool(shape) and isinstance(shape[0], (list, tuple))
+    shapes = shape if several else [shape]
+    specs = [tf.TensorSpec([batch_size, *s[1:]], model.input_dtype,
+                           name=f"input_{k}" if several else "input")
+             for k, s in enumerate(shapes)]
+    return specs, specs if several else specs[0]
 
 
 def _saved_model_converter(path, batch_size):
@@ -231,15 +278,17 @@ def _saved_model_converter(path, batch_size):
 
 
 def _calibration_samples(data, specs, limit):
-    """Checks representative data against the model inputs; returns a list of batch-1 samples."""
-    arrays = _as_input_arrays(data, specs, limit)
+    """Checks representative data against the model inputs; returns batch-1 samples, each a
+    dict {input name: array}: the converter matches those to its inputs by name, whatever
+    order it gives them (not the model's)."""
     out = []
-    for array, spec in zip(arrays, specs):
+    for array, spec in zip(_as_input_arrays(data, specs, limit), specs):
         array = np.asarray(array)
-        expected = tuple(spec.shape[1:])
+        expected = tuple(spec.shape[1:])  # None where the model takes any size
         if array.ndim == len(expected):  # one sample given without a batch axis
             array = array[None]
-        if tuple(array.shape[1:]) != expected:
+        if array.ndim != len(expected) + 1 or any(
+                e is not None and a != e for a, e in zip(array.shape[1:], expected)):
             raise InputError(f"representative_data shape {tuple(array.shape)} does not match "
                              f"model input {spec.name!r} shape "
                              f"(N, {', '.join(map(str, expected))}).")
@@ -255,13 +304,16 @@ def _calibration_samples(data, specs, limit):
                              f"finite inputs.")
         out.append(array[:limit].astype(spec.dtype.as_numpy_dtype))
     n = min(a.shape[0] for a in out)
-    return [[a[i:i + 1] for a in out] if len(out) > 1 else out[0][i:i + 1] for i in range(n)]
+    return [{spec.name: a[i:i + 1] for spec, a in zip(specs, out)} for i in range(n)]
 
 
 def _as_input_arrays(data, specs, limit):
-    """Normalizes arrays, paths, datasets and generators to one array per model input."""
+    """Normalizes arrays, dicts, paths, datasets and generators to one array per model input,
+    in `specs` order."""
     if isinstance(data, (str, os.PathLike)):
         data = load_array_file(data)
+    if isinstance(data, dict):
+        return _by_name(data, specs)
     if isinstance(data, np.ndarray):
         _check_count(1, len(specs))
         return [data]
@@ -272,19 +324,23 @@ def _as_input_arrays(data, specs, limit):
     if callable(data):
         data = data()
     # Anything else is iterated: a tf.data.Dataset, a generator, a list of samples. An element
-    # is x, [x] (TFLite's representative_dataset convention), (x, y), or one array per input.
+    # is x, [x] (TFLite's representative_dataset convention), (x, y), one array per input, or
+    # a dict {input name: array}; x may itself be a list or dict of inputs.
     try:
         elements = iter(data)
     except TypeError:
-        raise InputError(f"representative_data must be an array, a list of arrays, a "
+        raise InputError(f"representative_data must be an array, a list or dict of arrays, a "
                          f"tf.data.Dataset, a generator or a .npy/.npz path. Received: "
                          f"{type(data).__name__}") from None
     samples = []
     for element in elements:
         if len(samples) >= limit:
             break
+        if isinstance(element, (list, tuple)) and element \
+                and isinstance(element[0], (dict, list, tuple)):
+            element = element[0]  # (x, y) with several inputs in x
         if isinstance(element, dict):
-            element = [element[k] for k in sorted(element)]
+            element = _by_name(element, specs)
         if not isinstance(element, (list, tuple)):
             element = [element]
         parts = [np.asarray(e) for e in element]
@@ -292,8 +348,27 @@ def _as_input_arrays(data, specs, limit):
     if not samples:
         raise InputError("representative_data yielded no samples.")
     _check_count(len(samples[0]), len(specs))
-    return [np.concatenate([s[k] if s[k].ndim == len(specs[k].shape) else s[k][None]
-                            for s in samples]) for k in range(len(specs))]
+    arrays = []
+    for k, spec in enumerate(specs):
+        parts = [s[k] if s[k].ndim == len(spec.shape) else s[k][None] for s in samples]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise InputError(f"representative_data samples for input {spec.name!r} differ in "
+                             f"shape; calibrate with samples of one shape. Received: shapes "
+                             f"{sorted({p.shape for p in parts})[:3]}")
+        arrays.append(np.concatenate(parts))
+    return arrays
+
+
+def _by_name(arrays, specs):
+    """One array per input from {input name: array}; a single array serves a single input."""
+    keys, names = sorted(arrays), [spec.name for spec in specs]
+    if len(keys) == 1 and len(names) == 1:
+        return [arrays[keys[0]]]
+    if set(keys) != set(names):
+        raise InputError(f"representative_data keys {keys} do not match the model's inputs "
+                         f"{names}: give one array per input, keyed by its name. "
+                         f"Received: keys={keys}")
+    return [arrays[name] for name in names]
 
 
 def _check_count(given, expected):
@@ -303,19 +378,19 @@ def _check_count(given, expected):
 
 
 def load_array_file(path):
-    """Loads calibration data from `.npy`, or `.npz` (all arrays, in name order)."""
+    """Loads calibration data: the array of a `.npy`, or {name: array} of a `.npz`."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"Representative data file not found. Received: {path!r}")
     try:
         loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {k: loaded[k] for k in loaded.files}
+        return loaded
     except Exception as e:
         raise InputError(f"Cannot read representative data as .npy/.npz ({type(e).__name__}). "
                          f"Received: {path!r}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        arrays = [loaded[k] for k in sorted(loaded.files)]
-        return arrays[0] if len(arrays) == 1 else arrays
-    return loaded
 
 
 @contextlib.contextmanager
@@ -331,6 +406,13 @@ def _captured_stderr():
             os.close(saved)
 
 
+def op_errors(text):
+    """The "'tfl.x' op <reason>" sentences of a converter error, without the MLIR locations
+    (`loc(callsite(fused[...]))`) in front of them; each once, in order."""
+    found = re.findall(r"'(tfl?\.\w+)' op ([^\n]+)", text)
+    return list(dict.fromkeys(f"'{op}' op {reason.strip()[:200]}" for op, reason in found))
+
+
 def _conversion_message(error, log, mode):
     """The most telling line of a converter failure, as one line."""
     text = f"{error}\n{log}"
@@ -338,12 +420,19 @@ def _conversion_message(error, log, mode):
     if ops:
         return (f"The TFLite converter has no builtin kernel for TF op(s) {', '.join(ops)}; "
                 f"mode={mode} cannot convert them. Replace these ops in the model.")
-    quant = sorted(set(re.findall(r"'tfl\.(\w+)' op .*?(?:quantiz|int8)", text, re.I)))
+    reasons = op_errors(text)
+    quant = [r for r in reasons if r.startswith("'tfl.") and re.search("quantiz|int8", r, re.I)]
     if quant and mode in _INTEGER_MODES:
+        names = sorted({r.split("'")[1][len("tfl."):] for r in quant})
         return (f"mode={mode} cannot be full integer: no integer kernel for op(s) "
-                f"{', '.join(quant)}. Pass allow_float=[...] to keep them in float.")
+                f"{', '.join(names)} ({quant[0]}). Pass allow_float=[...] to keep them in "
+                f"float.")
+    if reasons:
+        return "TFLite conversion failed: " + "; ".join(reasons)
     for line in text.splitlines():
         if "error:" in line.lower() or "Error" in line.split(":")[0]:
+            if "loc(" in line:  # the message follows the MLIR location, noise to a user
+                line = line.rsplit("): ", 1)[-1]
             return "TFLite conversion failed: " + line.strip()[:300]
     first = str(error).strip().splitlines()
     return f"TFLite conversion failed: {first[0][:300] if first else type(error).__name__}"

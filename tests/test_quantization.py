@@ -9,7 +9,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 from keras import layers
 
-from tflite_ext import inspect
+from tflite_ext import convert, inspect
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.quantization import (ActivationQuantizer, FreezeQuantization, QuantizeWrapper,
                                      quantize_model)
@@ -241,10 +241,10 @@ def test_float_model_is_not_modified(qat_digits, digits):
 def test_unsupported_layer_lists_layers_and_skip_argument():
     i = keras.Input((8, 4))
     x = layers.LayerNormalization(name="norm")(i)
-    x = layers.Dense(4, activation="gelu", name="fc")(x)
+    x = layers.Dense(4, activation="elu", name="fc")(x)  # int8 ELU does not exist in TFLite
     model = keras.Model(i, layers.Dense(2, name="out")(x))
     message = (r"^quantize_model cannot quantize 2 layer\(s\): 'norm' \(LayerNormalization\), "
-               r"'fc' \(Dense with activation=gelu\)\. Leave them in float with "
+               r"'fc' \(Dense with activation=elu\)\. Leave them in float with "
                r"quantize_model\(model, skip_layers=\['norm', 'fc'\]\)")
     with pytest.raises(UnsupportedLayerError, match=message) as info:
         quantize_model(model)
@@ -317,3 +317,44 @@ def test_nested_models_skip_by_name_and_may_repeat_layer_names():
     assert len(names) == len(set(names))  # a quantizer never takes a user layer's name
     kept = quantize_model(model, skip_layers=["b1"])  # a nested model's name skips its layers
     assert sum(isinstance(layer, QuantizeWrapper) for layer in kept.layers) == 2
+
+
+_CONV = dict(filters=8, kernel_size=3, padding="same")
+
+
+@pytest.mark.parametrize("name, build", [
+    ("sigmoid head", lambda x: layers.Dense(1, activation="sigmoid")(x)),
+    ("Activation(sigmoid)", lambda x: layers.Activation("sigmoid")(layers.Dense(3)(x))),
+    ("tanh", lambda x: layers.Dense(3, activation="tanh")(x)),
+    ("swish", lambda x: layers.Dense(3)(layers.Activation("swish")(layers.Dense(8)(x)))),
+    ("hard_swish", lambda x: layers.Dense(3)(layers.Activation("hard_swish")(x))),
+    ("gelu", lambda x: layers.Dense(3)(layers.Dense(8, activation="gelu")(x))),
+    ("LeakyReLU", lambda x: layers.Dense(3)(layers.LeakyReLU(0.1)(layers.Dense(8)(x)))),
+    ("PReLU", lambda x: layers.Dense(3)(layers.PReLU()(layers.Dense(8)(x)))),
+])
+def test_qat_activations_convert_to_full_int8(name, build):
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 3))
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(**_CONV, activation="relu")(i))
+    qat = quantize_model(keras.Model(i, build(x)))
+    x_ = np.random.default_rng(0).random((32, 8, 8, 3)).astype("float32")
+    qat(x_, training=True)  # the ranges see the data once
+    result = convert.to_tflite(qat)
+    assert result.report["full_integer"], name
+    step = Interpreter(model_content=result.flatbuffer).get_output_details()[0]["quantization"][0]
+    got = tflite_logits(result.flatbuffer, x_)
+    # Every op of the .tflite computes what the QAT model computes, to a few output steps.
+    assert np.max(np.abs(got - keras.ops.convert_to_numpy(qat(x_)))) <= 3 * step
+
+
+def test_squeeze_excitation_and_permute_take_qat():
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 3))
+    x = layers.Conv2D(**_CONV, activation="relu")(i)
+    s = layers.Dense(8, activation="sigmoid")(layers.GlobalAveragePooling2D()(x))
+    x = layers.Permute((2, 1, 3))(layers.Multiply()([x, layers.Reshape((1, 1, 8))(s)]))
+    qat = quantize_model(keras.Model(i, layers.Dense(3)(layers.GlobalAveragePooling2D()(x))))
+    qat(np.random.default_rng(0).random((32, 8, 8, 3)).astype("float32"), training=True)
+    report = convert.to_tflite(qat).report
+    assert report["full_integer"]
+    assert {"MUL", "LOGISTIC", "TRANSPOSE"} <= set(report["op_counts"])

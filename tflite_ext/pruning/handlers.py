@@ -33,10 +33,14 @@ import numpy as np
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.wrapping import unwrap
 
-# Activations a weighted layer may carry into QAT: TFLite fuses relu/relu6, softmax is its own
-# int8 op with a fixed output scale.
-QAT_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+# Activations QAT treats (inside a conv/Dense or as an Activation layer), each converted to a
+# full-int8 op and checked: TFLite fuses relu/relu6 into the op before; softmax, sigmoid and
+# tanh are int8 ops with a fixed output scale (no range of their own); the rest get a range.
+# Keras 3 names swish "silu" and hard_swish "hard_silu".
 FUSABLE_ACTIVATIONS = ("relu", "relu6")
+FIXED_SCALE_ACTIVATIONS = ("softmax", "sigmoid", "tanh")
+QAT_ACTIVATIONS = ("linear", *FUSABLE_ACTIVATIONS, *FIXED_SCALE_ACTIVATIONS, "silu", "swish",
+                   "hard_silu", "hard_swish", "gelu")
 
 
 def activation_name(layer):
@@ -281,7 +285,8 @@ class Relu(PerChannel):
 
 
 class Activation(PerChannel):
-    """Activation(name): softmax mixes channels; relu/relu6 fuse in TFLite."""
+    """Activation(name): softmax mixes channels; relu/relu6 fuse in TFLite; see
+    QAT_ACTIVATIONS for the ones QAT treats."""
 
     def check(self, layer, rank):
         return "barrier" if activation_name(layer) in ("softmax", "log_softmax") else self.rule
@@ -290,7 +295,7 @@ class Activation(PerChannel):
         name = activation_name(layer)
         if name not in QAT_ACTIVATIONS:
             raise UnsupportedLayerError(f"Activation({name})")
-        return "none" if name in ("linear", "softmax") else "output"
+        return "none" if name in ("linear", *FIXED_SCALE_ACTIVATIONS) else "output"
 
     def fuses(self, layer):
         return activation_name(layer) in FUSABLE_ACTIVATIONS
@@ -372,19 +377,23 @@ _table(PerChannel(qat="output"), L.GlobalAveragePooling1D, L.GlobalAveragePoolin
 _table(PerChannel(qat="none"), L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D,
        L.AveragePooling2D, L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.ZeroPadding1D,
        L.ZeroPadding2D, L.Cropping1D, L.Cropping2D, L.Dropout, L.Identity)
-_table(PASS_THROUGH, L.LeakyReLU, L.ELU, L.PReLU, L.SpatialDropout1D, L.SpatialDropout2D,
+# int8 LEAKY_RELU and PRELU make new values: a range each.
+_table(PerChannel(qat="output"), L.LeakyReLU, L.PReLU)
+_table(PASS_THROUGH, L.ELU, L.SpatialDropout1D, L.SpatialDropout2D,
        L.SpatialDropout3D, L.GaussianDropout, L.GaussianNoise, L.AlphaDropout,
        L.ActivityRegularization, L.MaxPooling3D, L.AveragePooling3D, L.GlobalAveragePooling3D,
        L.GlobalMaxPooling3D, L.ZeroPadding3D, L.Cropping3D, L.UpSampling1D, L.UpSampling3D)
 _table(_Rule("merge", qat="fused_output"), L.Add)
-_table(_Rule("merge"), L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average)
+_table(_Rule("merge", qat="output"), L.Multiply)  # squeeze-excitation: an int8 MUL
+_table(_Rule("merge"), L.Subtract, L.Maximum, L.Minimum, L.Average)
 _table(_Rule("concat", qat="output"), L.Concatenate)
 _table(_Rule("flatten", qat="none"), L.Flatten)
 _table(Reshape(qat="none"), L.Reshape)
 # int8 SOFTMAX has a fixed output scale: no range of its own.
 _table(_Rule("barrier", qat="none"), L.Softmax)
+_table(_Rule("barrier", qat="none"), L.Permute)  # an int8 TRANSPOSE keeps the scale
 _table(BARRIER, L.InputLayer, L.LayerNormalization, L.GroupNormalization, L.UnitNormalization,
-       L.Normalization, L.Permute, L.Embedding, L.RepeatVector, L.MultiHeadAttention,
+       L.Normalization, L.Embedding, L.RepeatVector, L.MultiHeadAttention,
        L.Attention, L.Dot)
 del L
 

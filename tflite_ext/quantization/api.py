@@ -28,7 +28,7 @@ from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.functional import FunctionalGraph, clone_layer, rebuild, unique_names
 from tflite_ext.onednn import warn_if_training_crashes
-from tflite_ext.pruning.handlers import activation_name, handler_for
+from tflite_ext.pruning.handlers import FIXED_SCALE_ACTIVATIONS, activation_name, handler_for
 from tflite_ext.quantization.quantizers import ActivationQuantizer
 from tflite_ext.quantization.wrapper import KINDS, QuantizeWrapper
 
@@ -83,7 +83,8 @@ def _plan(graph, actions, skip, fold_batch_norm):
             if bn is not None:
                 folded.add(bn.name)
             fuse = act == "linear" and _fuses(only_consumer(bn or node))
-            plan[node.name] = ("wrap", bn.name if bn else None, not fuse and act != "softmax")
+            fixed = act in FIXED_SCALE_ACTIVATIONS  # the int8 op sets its own output scale
+            plan[node.name] = ("wrap", bn.name if bn else None, not fuse and not fixed)
         elif actions[node.name] == "fused_output":
             plan[node.name] = ("copy", None, not _fuses(only_consumer(node)))
         else:

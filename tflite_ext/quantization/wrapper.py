@@ -27,7 +27,7 @@ from keras import ops
 
 from tflite_ext import wrapping
 from tflite_ext.errors import InputError, UnsupportedLayerError
-from tflite_ext.pruning.handlers import activation_name, handler_for
+from tflite_ext.pruning.handlers import FUSABLE_ACTIVATIONS, activation_name, handler_for
 from tflite_ext.pruning.wrapper import PruneWrapper
 from tflite_ext.quantization.quantizers import ActivationQuantizer, quantize_weight
 
@@ -87,8 +87,11 @@ class QuantizeWrapper(wrapping.Wrapper):
         if self.kind == "separable":  # TFLite splits it: the depthwise output needs a range
             self.mid_quantizer = ActivationQuantizer(name=f"{self.name}_depthwise_act")
         self.logits_quantizer = None
-        if self.kind != "affine" and activation_name(wrapping.unwrap(layer)) == "softmax":
-            # int8 SOFTMAX has a fixed output scale, but its input (the logits) needs a range.
+        if self.kind != "affine" and activation_name(wrapping.unwrap(layer)) not in (
+                "linear", *FUSABLE_ACTIVATIONS):
+            # An activation TFLite does not fuse is an int8 op of its own (SOFTMAX, LOGISTIC,
+            # TANH, HARD_SWISH...): its input needs a range; its output gets one after it
+            # unless the op fixes it (quantize_model's plan).
             self.logits_quantizer = ActivationQuantizer(name=f"{self.name}_logits_act")
 
     def build(self, input_shape):

@@ -79,9 +79,11 @@ def test_op_tflm_lacks_is_listed_before_running(tmp_path):
     model = keras.Model(inputs, TopK()(keras.layers.Dense(10)(inputs)))
     path = convert.to_tflite(model, mode="float32").save(str(tmp_path / "topk.tflite"))
     assert micro.unsupported_ops(path) == ["TOPK_V2"]
-    with pytest.raises(InputError, match=r"^TFLite Micro has no kernel for 1 op\(s\) in the "
-                                         r"model: TOPK_V2\. .*Received: ops=\['FULLY_CONNECTED', "
-                                         r"'TOPK_V2'\]$"):
+    with pytest.raises(InputError, match=r"^micro needs a full-integer model with kernels in "
+                                         r"TFLite Micro: TFLM has no kernel for TOPK_V2: replace "
+                                         r"that layer, or measure the model with LiteRT \(bench "
+                                         r"host\); the model computes in float: .*Received: "
+                                         r"ops=\['FULLY_CONNECTED', 'TOPK_V2'\]$"):
         micro.analyze(path)
 
 
@@ -89,9 +91,46 @@ def test_float_model_is_refused():
     sine = os.path.join(os.path.dirname(tflite_micro.__file__), "python", "tflite_micro",
                         "sine_float.tflite")
     assert micro.unsupported_ops(sine) == []
-    with pytest.raises(InputError, match=r"^micro expects a full-integer model .*"
-                                         r"Received: float ops=FULLY_CONNECTED$"):
+    with pytest.raises(InputError) as error:
         micro.analyze(sine)
+    assert str(error.value) == (
+        "micro needs a full-integer model with kernels in TFLite Micro: the model computes in "
+        "float: convert it with tflite_ext.convert.to_tflite(model, representative_data) "
+        "(mode='int8', the default). Received: ops=['FULLY_CONNECTED']")
+
+
+class Floor(keras.layers.Layer):
+    """No int8 kernel in TFLite (TFLM has a float one): stays float through allow_float."""
+
+    def call(self, x):
+        return keras.ops.floor(x)
+
+
+def test_int8_model_with_float_parts_is_refused_naming_each(tmp_path):
+    # Converted with mode='int8': the message must not say "convert with mode='int8'", but
+    # name the float op and the float I/O, each with its fix.
+    split = tasks.digits()
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same")(Floor(name="floor")(x))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x)))
+    result = convert.to_tflite(model, split.x_train[:50], mode="int8", allow_float=["FLOOR"],
+                               io_dtype="float32")
+    info = result.report
+    [floor] = [op for op in info["operators"] if op["op"] == "FLOOR"]
+    assert micro.unsupported_ops(result.flatbuffer) == []
+    with pytest.raises(InputError) as error:
+        micro.check_model(result.flatbuffer)
+    assert str(error.value) == (
+        "micro needs a full-integer model with kernels in TFLite Micro: "
+        f"input '{info['inputs'][0]['name']}' is float32: convert with io_dtype='int8' (the "
+        f"default); output '{info['outputs'][0]['name']}' is float32: convert with "
+        f"io_dtype='int8' (the default); FLOOR#{floor['index']} "
+        f"('{info['tensors'][floor['outputs'][0]]['name']}') stays float (the converter had no "
+        "int8 kernel for it and allow_float let it stay): replace that layer with one that has "
+        "an int8 kernel, then convert without 'FLOOR' in allow_float. Received: ops=['CONV_2D', "
+        "'DEQUANTIZE', 'FLOOR', 'FULLY_CONNECTED', 'QUANTIZE', 'RESHAPE']")
+    assert "mode='int8'" not in str(error.value)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")

@@ -1,5 +1,6 @@
 """inspect.summary on real flatbuffers: the demo-style int8 model, a float model, sine_float,
-a tf.while_loop (WHILE with cond/body subgraphs) and a Conv3D."""
+a tf.while_loop (WHILE with cond/body subgraphs), a Conv3D, and the int8 models its warnings
+are about (a standalone RELU, float I/O, a float op inside an int8 graph)."""
 import json
 import os
 
@@ -8,8 +9,9 @@ import pytest
 import tensorflow as tf
 import tflite_micro
 
-from tflite_ext import convert, inspect
+from tflite_ext import cli, convert, inspect
 from tflite_ext.errors import ModelFileError
+from tflite_ext.quantization import quantize_model
 
 SINE = os.path.join(os.path.dirname(tflite_micro.__file__), "python", "tflite_micro",
                     "sine_float.tflite")
@@ -33,6 +35,10 @@ def test_int8_model_is_full_integer_with_exact_macs_and_bytes(tiny_int8):
     assert ("int32", 16) in sizes and ("int32", 40) in sizes
     assert info["const_bytes"] == sum(t["const_bytes"] for t in info["tensors"])
     assert info["size_bytes"] == len(tiny_int8.flatbuffer)
+    # int8 I/O, the ReLU fused into the conv: nothing to warn about.
+    assert info["warnings"] == []
+    assert [op["fused_activation"] for op in info["operators"]] == ["RELU", "NONE", None, "NONE"]
+    assert "warnings: none" in inspect.render(info)
 
 
 def test_per_channel_quantization_is_reported(tiny_int8):
@@ -51,6 +57,7 @@ def test_float_model_lists_every_float_op(trained_tiny):
         "CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D", "RESHAPE"]
     assert info["macs"] == 8 * 8 * 4 * 9 + 10 * 64
     assert "full integer: no" in inspect.render(info)
+    assert info["warnings"] == []  # a float model: no int8 runtime to slow down
 
 
 def test_sine_float_from_tflite_micro_package():
@@ -149,3 +156,106 @@ def test_truncation_inside_weight_data_is_caught(tiny_int8):
     data = tiny_int8.flatbuffer
     with pytest.raises(ModelFileError, match="runs past|points outside|Truncated"):
         inspect.summary(data[: len(data) - 64])
+
+
+class Floor(keras.layers.Layer):
+    """No int8 kernel in TFLite: an int8 conversion keeps it float only through allow_float."""
+
+    def call(self, x):
+        return keras.ops.floor(x)
+
+
+def _conv_model(*middle):
+    """Conv(8) -> middle layers -> Flatten -> Dense(10) on 8x8x1."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    for layer in middle:
+        x = layer(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="fc")(keras.layers.Flatten()(x)))
+
+
+@pytest.mark.parametrize("second, op, advice", [
+    (keras.layers.ReLU, "RELU", "it repeats the RELU that CONV_2D#0 already applies: remove the "
+                                "extra activation layer"),
+    (lambda name: keras.layers.ReLU(6.0, name=name), "RELU6",
+     "it follows the RELU that CONV_2D#0 already applies: give that layer the one activation "
+     "both amount to, and remove this one"),
+])
+def test_standalone_int8_relu_is_warned_with_its_cause(tmp_path, capsys, second, op, advice):
+    # QAT puts a range between the two ReLUs: the first fuses into the conv, the second stays
+    # an op of its own, which XNNPACK leaves out of its int8 partition.
+    qat = quantize_model(_conv_model(keras.layers.ReLU(name="relu_a"), second(name="relu_b")))
+    result = convert.to_tflite(qat)
+    info = inspect.summary(result.flatbuffer)
+    assert [(o["op"], o["fused_activation"]) for o in info["operators"]] == [
+        ("CONV_2D", "RELU"), (op, None), ("RESHAPE", None), ("FULLY_CONNECTED", "NONE")]
+    [warning] = info["warnings"]
+    assert warning.startswith(f"{op}#1 ('")
+    assert "relu_b" in warning.split("'")[1]  # the output tensor names the Keras layer
+    assert warning.endswith(f"'): standalone int8 {op}, which splits the XNNPACK int8 "
+                            f"partition; {advice}")
+    assert f"  warning: {warning}" in inspect.render(info).splitlines()
+    path = result.save(str(tmp_path / "relu.tflite"))
+    assert cli.main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "warnings: 1\n" in out and f"  warning: {warning}\n" in out
+    assert cli.main(["inspect", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warning]
+
+
+def test_relu_whose_input_has_another_reader(digits):
+    inputs = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    x = keras.layers.Concatenate()([keras.layers.ReLU()(conv), conv])
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x)))
+    [warning] = inspect.summary(convert.to_tflite(model, digits.x_train[:50]).flatbuffer)[
+        "warnings"]
+    assert warning.startswith("RELU#1 (") and warning.endswith(
+        "standalone int8 RELU, which splits the XNNPACK int8 partition; CONV_2D#0's output is "
+        "also read by CONCATENATION#2, so the converter cannot fuse it: feed them the activated "
+        "tensor if the model allows")
+
+
+def test_float_io_around_int8_is_warned_as_io(digits):
+    result = convert.to_tflite(_conv_model(keras.layers.ReLU()), digits.x_train[:50],
+                               io_dtype="float32")
+    info = inspect.summary(result.flatbuffer)
+    assert [op["op"] for op in info["operators"]] == [
+        "QUANTIZE", "CONV_2D", "RESHAPE", "FULLY_CONNECTED", "DEQUANTIZE"]
+    x, y = info["inputs"][0], info["outputs"][0]
+    quantized_x = info["tensors"][info["operators"][0]["outputs"][0]]["quantization"]
+    int8_y = info["tensors"][info["operators"][-1]["inputs"][0]]["quantization"]
+    assert quantized_x["scale"][0] == pytest.approx(1 / 255) and \
+        quantized_x["zero_point"][0] == -128  # the digits pixels span [0, 1]
+    zero = int8_y["zero_point"][0]
+    assert info["warnings"] == [
+        f"input '{x['name']}' is float32 and QUANTIZE#0 turns it into int8 on every call: "
+        f"convert with io_dtype='int8' and feed int8 (scale=0.00392157, zero_point=-128)",
+        f"output '{y['name']}' is float32, made from int8 by DEQUANTIZE#4 on every call: convert "
+        f"with io_dtype='int8' and dequantize on the host ((q {'-' if zero >= 0 else '+'} "
+        f"{abs(zero)}) * {int8_y['scale'][0]:.6g})"]
+
+
+@pytest.mark.parametrize("io_dtype", ["int8", "float32"])
+def test_float_op_inside_int8_graph_is_warned(digits, io_dtype):
+    model = _conv_model(keras.layers.ReLU(), Floor(name="floor"),
+                        keras.layers.Conv2D(4, 3, padding="same"))
+    result = convert.to_tflite(model, digits.x_train[:50], allow_float=["FLOOR"],
+                               io_dtype=io_dtype)
+    info = inspect.summary(result.flatbuffer)
+    ops = [op["op"] for op in info["operators"]]
+    first = 1 if io_dtype == "float32" else 0  # a QUANTIZE of the float input comes first
+    assert ops[first:first + 5] == ["CONV_2D", "DEQUANTIZE", "FLOOR", "QUANTIZE", "CONV_2D"]
+    floor = info["operators"][first + 2]
+    floor_out = info["tensors"][floor["outputs"][0]]["name"]
+    assert "floor" in floor_out
+    island = (f"DEQUANTIZE#{first + 1} ... QUANTIZE#{first + 3} inside the graph: "
+              f"FLOOR#{first + 2} ('{floor_out}') runs in float between them (int8 to float and "
+              f"back on every call): replace the layer(s) behind FLOOR with ones that have int8 "
+              f"kernels")
+    if io_dtype == "int8":
+        assert info["warnings"] == [island]
+    else:  # the I/O bridges are named as I/O, not as float islands inside the graph
+        assert len(info["warnings"]) == 3 and info["warnings"][2] == island
+        assert info["warnings"][0].startswith(f"input '{info['inputs'][0]['name']}' is float32")
+        assert info["warnings"][1].startswith(f"output '{info['outputs'][0]['name']}' is float32")

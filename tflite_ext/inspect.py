@@ -8,6 +8,8 @@ Example:
     >>> info = inspect.summary("build/demo/model.tflite")
     >>> info["full_integer"], info["op_counts"]["CONV_2D"], info["macs"]
     (True, 3, 5046272)
+    >>> info["warnings"]       # what slows an int8 runtime, one line each
+    ["RELU#1 ('model/relu_b/Relu'): a standalone int8 RELU ...: remove the extra activation"]
     >>> print(inspect.render(info))
 """
 import collections
@@ -22,6 +24,10 @@ from tflite_ext.files import read_model_bytes
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 FLOAT_TYPES = frozenset({"float32", "float16", "float64", "bfloat16"})
+_ACTIVATION_NAMES = {v: k for k, v in vars(schema.ActivationFunctionType).items()
+                     if not k.startswith("_")}
+_ACTIVATIONS = ("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1")
+_INT8 = ("int8", "uint8")
 _ITEM_BYTES = {"float32": 4, "float16": 2, "float64": 8, "bfloat16": 2, "int32": 4, "int64": 8,
                "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1, "uint32": 4,
                "uint64": 8, "complex64": 8, "complex128": 16}
@@ -86,7 +92,9 @@ def summary(model):
     """Describes a `.tflite` model given as a path or as bytes.
 
     Returns a dict: size_bytes, subgraphs, op_counts, operators, tensors, inputs, outputs,
-    const_bytes, macs, full_integer, float_tensors, float_ops. Operators and tensors of every
+    const_bytes, macs, full_integer, float_tensors, float_ops, warnings (one line each, naming
+    the op or tensor and what to do: standalone int8 activations, QUANTIZE/DEQUANTIZE inside
+    the graph, float I/O around an int8 graph). Operators and tensors of every
     subgraph are listed (control-flow bodies included), each with its "subgraph" and its
     "index" within it; inputs/outputs are those of subgraph 0, the entry point. A loop body's
     ops and MACs count once (the trip count is only known at run time). Raises
@@ -129,10 +137,12 @@ def _summarize(data):
 
     # Control flow (WHILE, IF, CALL_ONCE) runs other subgraphs: walk them all, or float ops
     # inside a loop body would pass for full integer. Indices are local to their subgraph.
-    tensors, operators = [], []
+    tensors, operators, boundaries = [], [], {}
     for s in range(m.SubgraphsLength()):
         g = m.Subgraphs(s)
         local = [_tensor(g.Tensors(t), t, s, buffer_bytes) for t in range(g.TensorsLength())]
+        boundaries[s] = {int(i) for i in (g.InputsAsNumpy() if g.InputsLength() else [])} | \
+            {int(i) for i in (g.OutputsAsNumpy() if g.OutputsLength() else [])}
         for o in range(g.OperatorsLength()):
             op = g.Operators(o)
             name = op_names[op.OpcodeIndex()]
@@ -141,6 +151,7 @@ def _summarize(data):
             floats = [local[i]["name"] for i in ins + outs if local[i]["dtype"] in FLOAT_TYPES]
             operators.append({"subgraph": s, "index": o, "op": name, "inputs": ins,
                               "outputs": outs, "macs": int(_macs(name, op, local)),
+                              "fused_activation": _fused_activation(op),
                               "float_tensors": floats})
         tensors += local
 
@@ -162,19 +173,23 @@ def _summarize(data):
                      if t["dtype"] in FLOAT_TYPES]
     # Subgraphs may share a constant buffer; the file holds it once.
     const = {t["buffer"]: t["const_bytes"] for t in tensors if t["const_bytes"]}
+    inputs, outputs = (io(main.InputsAsNumpy() if main.InputsLength() else []),
+                       io(main.OutputsAsNumpy() if main.OutputsLength() else []))
     return {
         "size_bytes": len(data),
         "subgraphs": m.SubgraphsLength(),
         "op_counts": dict(collections.Counter(op["op"] for op in operators)),
         "operators": operators,
         "tensors": tensors,
-        "inputs": io(main.InputsAsNumpy() if main.InputsLength() else []),
-        "outputs": io(main.OutputsAsNumpy() if main.OutputsLength() else []),
+        "inputs": inputs,
+        "outputs": outputs,
         "const_bytes": int(sum(const.values())),
         "macs": int(sum(op["macs"] for op in operators)),
         "full_integer": not float_tensors and not float_ops,
         "float_tensors": float_tensors,
         "float_ops": float_ops,
+        "warnings": _float_io(operators, main_tensors, inputs, outputs)
+        + _standalone_activations(operators, tensors) + _bridges(operators, tensors, boundaries),
     }
 
 
@@ -192,6 +207,154 @@ def _tensor(tensor, index, subgraph, buffer_bytes):
         "const_bytes": int(const),
         "quantization": _quantization(tensor),
     }
+
+
+def _fused_activation(op):
+    """The activation an op applies to its own output ("RELU", "NONE"), or None when its
+    options have no such field (RESHAPE, MEAN, ...)."""
+    options = schema.BuiltinOptionsCreator(op.BuiltinOptionsType(), op.BuiltinOptions())
+    code = getattr(options, "fusedActivationFunction", None)
+    return None if code is None else _ACTIVATION_NAMES.get(code, f"ACTIVATION_{code}")
+
+
+def _graph(operators, tensors, subgraph):
+    """(ops, tensors by index, producer of each tensor, readers of each tensor) of a subgraph."""
+    ops = [op for op in operators if op["subgraph"] == subgraph]
+    local = {t["index"]: t for t in tensors if t["subgraph"] == subgraph}
+    producer = {i: op for op in ops for i in op["outputs"]}
+    readers = collections.defaultdict(list)
+    for op in ops:
+        for i in op["inputs"]:
+            readers[i].append(op)
+    return ops, local, producer, readers
+
+
+def _float_io(operators, tensors, inputs, outputs):
+    """Float model inputs/outputs that only (de)quantize into an int8 graph: io_dtype='int8'
+    removes a conversion per call, and MCUs and NPUs need integer I/O anyway."""
+    _, local, producer, readers = _graph(operators, tensors, 0)
+    found = []
+    for t in inputs:
+        ops = readers[t["index"]]
+        if t["dtype"] in FLOAT_TYPES and ops and all(
+                op["op"] == "QUANTIZE" and local[op["outputs"][0]]["dtype"] in _INT8 for op in ops):
+            q = local[ops[0]["outputs"][0]]["quantization"]
+            found.append(f"input '{t['name']}' is {t['dtype']} and "
+                         f"{', '.join(map(_op_label, ops))} turns it into "
+                         f"{local[ops[0]['outputs'][0]]['dtype']} on every call: convert with "
+                         f"io_dtype='int8' and feed int8 (scale={q['scale'][0]:.6g}, "
+                         f"zero_point={q['zero_point'][0]})")
+    for t in outputs:
+        op = producer.get(t["index"])
+        if t["dtype"] in FLOAT_TYPES and op and op["op"] == "DEQUANTIZE" \
+                and local[op["inputs"][0]]["dtype"] in _INT8:
+            q = local[op["inputs"][0]]["quantization"]
+            zero = q["zero_point"][0]
+            found.append(f"output '{t['name']}' is {t['dtype']}, made from int8 by "
+                         f"{_op_label(op)} on every call: convert with io_dtype='int8' and "
+                         f"dequantize on the host ((q {'-' if zero >= 0 else '+'} {abs(zero)}) "
+                         f"* {q['scale'][0]:.6g})")
+    return found
+
+
+def _standalone_activations(operators, tensors):
+    """int8 RELU-family ops left as ops of their own. XNNPACK does not delegate them (an int8
+    RELU or RELU6 leaves two delegate partitions where the fused model has one), so each one
+    splits the int8 partition: 88 µs against 29 µs on a pruned QAT ResNet-8."""
+    found = []
+    for s in sorted({op["subgraph"] for op in operators}):
+        ops, local, producer, readers = _graph(operators, tensors, s)
+        for op in ops:
+            if op["op"] not in _ACTIVATIONS or not op["inputs"] \
+                    or local[op["inputs"][0]]["dtype"] not in _INT8:
+                continue
+            source = producer.get(op["inputs"][0])
+            others = [o for o in readers[op["inputs"][0]] if o is not op]
+            if source is None:
+                why = ("it reads a graph input: apply it in whatever makes that input, or drop "
+                       "it")
+            elif source["op"] in _ACTIVATIONS or source["fused_activation"] not in (None, "NONE"):
+                applied = source["op"] if source["op"] in _ACTIVATIONS else \
+                    source["fused_activation"]
+                # RELU after any clamp at 0 changes nothing; RELU6 after RELU is one RELU6.
+                redundant = op["op"] == applied or (
+                    op["op"] == "RELU" and applied in ("RELU6", "RELU_0_TO_1"))
+                why = (f"it repeats the {applied} that {_op_label(source)} already applies: "
+                       f"remove the extra activation layer" if redundant else
+                       f"it follows the {applied} that {_op_label(source)} already applies: "
+                       f"give that layer the one activation both amount to, and remove this one")
+            elif others:
+                why = (f"{_op_label(source)}'s output is also read by "
+                       f"{', '.join(map(_op_label, others))}, so the converter cannot fuse it: "
+                       f"feed them the activated tensor if the model allows")
+            elif source["fused_activation"] == "NONE":
+                why = (f"the converter did not fuse it into {_op_label(source)}: put the "
+                       f"activation right after that layer (e.g. its activation= argument)")
+            else:
+                why = (f"{_op_label(source)} cannot fuse an activation: apply it in the layer "
+                       f"before {_op_label(source)} (its activation= argument) if the model "
+                       f"allows")
+            found.append(f"{_where(_op_label(op), s)} ('{local[op['outputs'][0]]['name']}'): "
+                         f"standalone int8 {op['op']}, which splits the XNNPACK int8 partition; "
+                         f"{why}")
+    return found
+
+
+def _bridges(operators, tensors, boundaries):
+    """DEQUANTIZE/QUANTIZE inside a graph (not at its I/O): each float island between them
+    costs two conversions and a float kernel per call (XNNPACK keeps it in its partition, so
+    this is the cost; an integer-only target cannot run it at all)."""
+    found = []
+    for s in sorted({op["subgraph"] for op in operators}):
+        ops, local, producer, readers = _graph(operators, tensors, s)
+        closed = set()  # indices of the QUANTIZE ops that end an island already reported
+        for op in ops:
+            source = local[op["inputs"][0]] if op["inputs"] else None
+            # A DEQUANTIZE making a float graph output is float I/O (see _float_io); one
+            # reading an int8 graph input starts a float island like any other.
+            if op["op"] != "DEQUANTIZE" or source is None or source["const_bytes"] \
+                    or source["dtype"] in FLOAT_TYPES or set(op["outputs"]) & boundaries[s]:
+                continue
+            floats, ends = _island(op, local, readers)
+            closed.update(q["index"] for q in ends)
+            span = _where(" ... ".join(_op_label(o) for o in [op, *ends]), s)
+            if not floats:
+                found.append(f"{span} inside the graph: '{source['name']}' goes to float and "
+                             f"straight back to int8 for nothing: give the layers on either side "
+                             f"one quantization range")
+                continue
+            named = ", ".join(f"{_op_label(o)} ('{local[o['outputs'][0]]['name']}')"
+                              if o["outputs"] else _op_label(o) for o in floats)
+            found.append(f"{span} inside the graph: {named} "
+                         f"{'runs' if len(floats) == 1 else 'run'} in float "
+                         f"{'between them' if ends else 'up to the output'} (int8 to float and "
+                         f"back on every call): replace the layer(s) behind "
+                         f"{', '.join(sorted({o['op'] for o in floats}))} with ones that have "
+                         f"int8 kernels")
+        for op in ops:
+            source = local[op["inputs"][0]] if op["inputs"] else None
+            if op["op"] != "QUANTIZE" or op["index"] in closed or source is None \
+                    or source["dtype"] not in FLOAT_TYPES or source["const_bytes"] \
+                    or source["index"] in boundaries[s]:
+                continue
+            before = producer.get(source["index"])
+            found.append(f"{_where(_op_label(op), s)} inside the graph quantizes float "
+                         f"'{source['name']}'{' from ' + _op_label(before) if before else ''}: "
+                         f"replace the float layer(s) before it with ones that have int8 kernels")
+    return found
+
+
+def _island(dequantize, local, readers):
+    """(float ops, QUANTIZE ops ending it) of the float island a DEQUANTIZE starts."""
+    floats, ends, todo = [], [], list(dequantize["outputs"])
+    while todo:
+        for reader in readers[todo.pop()]:
+            if reader["op"] == "QUANTIZE":
+                ends += [reader] if reader not in ends else []
+            elif reader not in floats:
+                floats.append(reader)
+                todo += [i for i in reader["outputs"] if local[i]["dtype"] in FLOAT_TYPES]
+    return sorted(floats, key=lambda o: o["index"]), sorted(ends, key=lambda o: o["index"])
 
 
 def _op_label(op):
@@ -253,4 +416,7 @@ def render(info, top=12):
                   f"({', '.join(op['float_tensors'])})"
                   for op in info["operators"] if op["float_tensors"]]
         lines += [f"  float tensor: {n}" for n in info["float_tensors"]]
+    warnings = info.get("warnings", [])
+    lines.append(f"warnings: {len(warnings) or 'none'}")
+    lines += [f"  warning: {w}" for w in warnings]
     return "\n".join(lines)

@@ -229,21 +229,50 @@ def minimum_arena(model, n_inputs=1, report_total=None):
 def check_model(model):
     """Raises a one-line error if TFLM cannot run the model or it is not full-integer.
 
+    The message names each problem and its fix, e.g. "micro needs a full-integer model with
+    kernels in TFLite Micro: FLOOR#2 ('model/floor/Floor') stays float: ...; input 'x' is
+    float32: convert with io_dtype='int8' (the default). Received: ops=[...]".
     Returns the `inspect.summary` of the model.
     """
     data = host.model_bytes(model)
     info = inspect.summary(data)
-    missing = unsupported_ops(data)
-    if missing:
-        raise InputError(f"TFLite Micro has no kernel for {len(missing)} op(s) in the model: "
-                         f"{', '.join(missing)}. Replace those layers or use LiteRT. "
-                         f"Received: ops={sorted(info['op_counts'])}")
+    problems = [f"TFLM has no kernel for {op}: replace that layer, or measure the model with "
+                f"LiteRT (bench host)" for op in unsupported_ops(data)]
     if not info["full_integer"]:
-        floats = sorted({op.split("#")[0] for op in info["float_ops"]}) or info["float_tensors"][:5]
-        raise InputError("micro expects a full-integer model (int8 weights, activations and "
-                         "I/O); convert with tflite_ext.convert.to_tflite(mode='int8'). "
-                         f"Received: float ops={', '.join(map(str, floats))}")
+        problems += _float_problems(info)
+    if problems:
+        raise InputError("micro needs a full-integer model with kernels in TFLite Micro: "
+                         f"{'; '.join(problems)}. Received: ops={sorted(info['op_counts'])}")
     return info
+
+
+def _float_problems(info):
+    """What keeps an inspected model from being full integer, each with its fix."""
+    integer = any(t["dtype"] in ("int8", "uint8", "int16") and not t["const_bytes"]
+                  and t["quantization"] for t in info["tensors"])
+    if not integer:  # a float (or float16 / dynamic-range) model: it was never converted to int8
+        return ["the model computes in float: convert it with "
+                "tflite_ext.convert.to_tflite(model, representative_data) (mode='int8', the "
+                "default)"]
+    problems = [f"{kind} '{t['name']}' is {t['dtype']}: convert with io_dtype='int8' (the "
+                f"default)" for kind in ("input", "output") for t in info[f"{kind}s"]
+                if t["dtype"] in inspect.FLOAT_TYPES]
+    by_type = {}
+    for op in info["operators"]:
+        # QUANTIZE/DEQUANTIZE only bridge to the float I/O or float ops named here.
+        if op["float_tensors"] and op["op"] not in ("QUANTIZE", "DEQUANTIZE"):
+            by_type.setdefault(op["op"], []).append(op)
+    for kind, ops in sorted(by_type.items()):
+        labels = ", ".join(f"{op['op']}#{op['index']}"
+                           + (f" in subgraph {op['subgraph']}" if op["subgraph"] else "")
+                           + (f" ('{op['float_tensors'][-1]}')" if op["float_tensors"] else "")
+                           for op in ops)
+        # to_tflite(mode='int8') refuses a float op unless allow_float names it.
+        problems.append(f"{labels} stays float (the converter had no int8 kernel for it and "
+                        f"allow_float let it stay): replace that layer with one that has an int8 "
+                        f"kernel, then convert without {kind!r} in allow_float")
+    return problems or [f"float tensors {', '.join(info['float_tensors'][:5])}: convert with "
+                        f"io_dtype='int8' and nothing in allow_float"]
 
 
 def _quantized_samples(detail, x, count):

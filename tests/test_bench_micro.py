@@ -179,3 +179,28 @@ def test_micro_markdown_report(analysis, tmp_path):
     json_path, md_path = report.write_report(str(tmp_path), "micro", analysis, text)
     assert json.loads(open(json_path).read())["arena_bytes"] == analysis["arena_bytes"]
     assert open(md_path).read() == text
+
+
+def test_softmax_with_a_tiny_input_scale_is_refused_before_tflm_aborts():
+    # An untrained classifier's logits are all ~0: the int8 SOFTMAX input scale falls under
+    # 2^-26 and TFLM's kernel aborts the whole process (seen on Keras' MobileNet).
+    import numpy as np
+    from keras import layers
+
+    def softmax_model(factor):
+        keras.utils.set_random_seed(0)
+        i = keras.Input((8, 8, 3))
+        dense = layers.Dense(10)
+        x = layers.GlobalAveragePooling2D()(layers.Conv2D(8, 3, padding="same")(i))
+        model = keras.Model(i, layers.Softmax()(dense(x)))
+        kernel, bias = dense.get_weights()
+        dense.set_weights([kernel * factor, bias])
+        x = np.random.default_rng(0).random((16, 8, 8, 3)).astype("float32")
+        return convert.to_tflite(model, x).flatbuffer
+
+    with pytest.raises(InputError, match=r"SOFTMAX#\d+ .* has input scale [0-9.e-]+, below the "
+                                         r"2\^-26 TFLM's kernel needs \(it aborts\)"):
+        micro.check_model(softmax_model(1e-7))
+    fine = softmax_model(1e-5)  # a small but workable scale: checked, and TFLM runs it
+    micro.check_model(fine)
+    assert micro.allocation_report(fine)["total"] > 0

@@ -12,6 +12,7 @@ Example:
     >>> copy = rebuild(g, lambda node: (clone_layer(node.layer), None))
 """
 import dataclasses
+import os
 
 import keras
 
@@ -33,6 +34,11 @@ class Node:
 
 def as_functional(model, what="The model"):
     """(functional model, its config); Sequential becomes functional; one-line errors else."""
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            f"{what} must be a keras.Model, not a path: load a .keras or .h5 file with "
+            "keras.saving.load_model (a SavedModel has no Keras graph to walk; "
+            f"convert.to_tflite takes it as it is). Received: model={str(model)!r}")
     if isinstance(model, keras.Sequential):
         if not model.built or not getattr(model, "inputs", None):
             raise InputError(

@@ -240,10 +240,33 @@ def check_model(model):
                 f"LiteRT (bench host)" for op in unsupported_ops(data)]
     if not info["full_integer"]:
         problems += _float_problems(info)
+    problems += _softmax_problems(info)
     if problems:
         raise InputError("micro needs a full-integer model with kernels in TFLite Micro: "
                          f"{'; '.join(problems)}. Received: ops={sorted(info['op_counts'])}")
     return info
+
+
+# TFLM's int8 SOFTMAX turns input_scale * 2^26 into a fixed-point multiplier that must be
+# > 1, and aborts the process otherwise (a check in its Prepare, no error returned).
+_SOFTMAX_MIN_INPUT_SCALE = 2.0 ** -26
+
+
+def _softmax_problems(info):
+    """SOFTMAX ops whose input scale TFLM's kernel cannot take (it would abort, not fail)."""
+    tensors = {(t["subgraph"], t["index"]): t for t in info["tensors"]}
+    problems = []
+    for op in info["operators"]:
+        if op["op"] != "SOFTMAX":
+            continue
+        t = tensors[(op["subgraph"], op["inputs"][0])]
+        scale = (t["quantization"] or {}).get("scale") or [1.0]
+        if t["dtype"] == "int8" and scale[0] <= _SOFTMAX_MIN_INPUT_SCALE:
+            problems.append(
+                f"SOFTMAX#{op['index']} ('{t['name']}') has input scale {scale[0]:.2g}, below "
+                f"the 2^-26 TFLM's kernel needs (it aborts): the logits were all near zero "
+                "when calibrated (an untrained model?); calibrate on real data")
+    return problems
 
 
 def _float_problems(info):

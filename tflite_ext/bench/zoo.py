@@ -85,24 +85,50 @@ def _decisions(y):
     return y[:, 0] > 0.5 if y.shape[1] == 1 else y.argmax(axis=1)  # a sigmoid: its threshold
 
 
-def _lite_first_output(flatbuffer, model, x):
-    """LiteRT's first output for float samples `x`, inputs matched to the model's by name."""
+def _lite_runs(flatbuffer, model, x):
+    """(interpreter, output details sorted by name, one `run(i)` per sample): LiteRT on
+    float samples `x`, each array fed to the input named after it (the converter keeps
+    its inputs in an order of its own)."""
     from tflite_ext.bench import host
 
     interp = host.load_interpreter(flatbuffer)
-    details = interp.get_input_details()
-    names = [t.name for t in model.inputs]
+    try:
+        names = [t.name for t in model.inputs]
+    except AttributeError:  # a subclassed model: one input
+        names = ["input"]
     arrays = x if isinstance(x, dict) else dict(zip(names, x if isinstance(x, list) else [x]))
-    out = sorted(interp.get_output_details(), key=lambda d: d["name"])[0]
-    found = []
-    for i in range(len(next(iter(arrays.values())))):
-        for detail in details:
-            name = next(n for n in arrays if n in detail["name"]) if len(arrays) > 1 \
-                else next(iter(arrays))
+
+    def run(i):
+        for detail in interp.get_input_details():
+            # The converter names an input "serving_default_<name>:0".
+            own = detail["name"].split(":")[0].removeprefix("serving_default_")
+            name = own if own in arrays else next(iter(arrays))
             interp.set_tensor(detail["index"], host.quantize(arrays[name][i:i + 1], detail))
         interp.invoke()
-        found.append(host.dequantize(interp.get_tensor(out["index"]), out)[0])
+    outputs = sorted(interp.get_output_details(), key=lambda d: d["name"])
+    return interp, outputs, run, len(next(iter(arrays.values())))
+
+
+def _lite_first_output(flatbuffer, model, x):
+    """LiteRT's first output (dequantized) for float samples `x`."""
+    from tflite_ext.bench import host
+
+    interp, outputs, run, count = _lite_runs(flatbuffer, model, x)
+    found = []
+    for i in range(count):
+        run(i)
+        found.append(host.dequantize(interp.get_tensor(outputs[0]["index"]), outputs[0])[0])
     return np.stack(found)
+
+
+def _int8_outputs(flatbuffer, model, x):
+    """LiteRT's raw integer outputs, every output of every sample, as a list to compare."""
+    interp, outputs, run, count = _lite_runs(flatbuffer, model, x)
+    found = []
+    for i in range(count):
+        run(i)
+        found += [interp.get_tensor(d["index"]).tolist() for d in outputs]
+    return found
 
 
 def _one_line(error):
@@ -153,7 +179,19 @@ def check(model, x=None, samples=8, stages=tuple(STAGES)):
         qp = quantization.quantize_model(pruning.prune(model, 0.5))
         PruningPlan(qp).apply(0.5)
         qp(x, training=True)  # ranges observed once
-        return _exact(pruning.strip(qp), qp, x)
+        small = pruning.strip(qp)
+        try:
+            return _exact(small, qp, x)
+        except _Failed:
+            # Fewer channels sum in another order: float rounding can flip a fake-quant
+            # step deep in a big model. What strip promises is the int8 model: the same
+            # integers, minus the zero channels. Integer sums do not depend on the order.
+            diff = _max_diff(small, qp, x)
+            same = (_int8_outputs(convert.to_tflite(small).flatbuffer, qp, x)
+                    == _int8_outputs(convert.to_tflite(qp).flatbuffer, qp, x))
+            if not same:
+                raise
+            return f"✅ int8 identical (Keras {diff:.1e}: float rounding)"
 
     def qat():
         if "qat" not in made:
@@ -168,10 +206,13 @@ def check(model, x=None, samples=8, stages=tuple(STAGES)):
 
     def tflm():
         flatbuffer = ptq().flatbuffer
+        micro.check_model(flatbuffer)  # what TFLM cannot run, named (it may abort, not fail)
         arena = micro.allocation_report(flatbuffer, len(ptq().report["inputs"]))["total"]
         return f"✅ arena {arena:,} B"
 
     def agreement():  # a figure, not a pass mark: untrained models have fragile top-1
+        if keras_model is None:
+            return "n/a (no Keras model)"
         lite = _decisions(_lite_first_output(ptq().flatbuffer, keras_model, x))
         return f"{np.mean(lite == _decisions(_first(keras_model(x)))):.2f}"
 
@@ -248,7 +289,7 @@ def _odd_activations():
     return keras.Model(i, L.Dense(4)(L.GlobalAveragePooling2D()(x)))
 
 
-class _Subclassed(keras.Model):
+class SubclassedNet(keras.Model):
     def __init__(self):
         super().__init__()
         self.conv, self.pool, self.out = L.Conv2D(8, 3), L.GlobalAveragePooling2D(), L.Dense(4)
@@ -259,7 +300,7 @@ class _Subclassed(keras.Model):
 
 def _subclassed():
     """A subclassed model has no `inputs`: the row brings its samples."""
-    model = _Subclassed()
+    model = SubclassedNet()
     x = np.random.default_rng(0).random((8, 16, 16, 3)).astype("float32")
     model(x)
     return model, x

@@ -344,6 +344,8 @@ def graph_of(model, opaque=()):
     `prune`, the pruning plan, `count_macs` and `strip` all ask here, so a model's graph is
     built once per model (a pruned or stripped model is a new model with a graph of its own).
     """
+    if not isinstance(model, keras.Model):  # not cached: the walk says what is wrong with it
+        return DependencyGraph(model, opaque)
     key = (tuple(map(id, model.layers)), frozenset(opaque), handlers.generation())
     cached = _GRAPHS.get(model)
     if cached is None or cached[0] != key:

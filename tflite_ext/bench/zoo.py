@@ -266,9 +266,9 @@ def _two_inputs():
 
 def _preprocessing():
     i = keras.Input((16, 16, 3))
-    norm = L.Normalization()
+    norm = L.Normalization(name="normalization")
     norm.adapt(np.random.default_rng(0).random((16, 16, 16, 3)).astype("float32"))
-    x = L.Conv2D(16, 3, activation="relu")(norm(L.Rescaling(1 / 255.0)(i)))
+    x = L.Conv2D(16, 3, activation="relu")(norm(L.Rescaling(1 / 255.0, name="rescaling")(i)))
     return keras.Model(i, L.Dense(4)(L.GlobalAveragePooling2D()(x)))
 
 

@@ -198,10 +198,10 @@ class FunctionalGraph:
         self.node_by_name = {n.name: n for n in self.nodes}
 
     def consumers(self):
-        """{tensor id: [nodes that read it]}."""
+        """{tensor id: [a node for each time a node reads it]} (x * x reads x twice)."""
         found = {}
         for node in self.nodes:
-            for tid in dict.fromkeys(node.inputs):
+            for tid in node.inputs:
                 found.setdefault(tid, []).append(node)
         return found
 

@@ -52,10 +52,7 @@ def _plan(graph, actions, skip, fold_batch_norm):
     """{node name: (what, folded BN node name, quantize the output?)}; `what` is "wrap",
     "copy" or "identity" (a BatchNormalization folded into the layer before it). `skip`
     holds the names of the nodes left in float."""
-    consumers = collections.defaultdict(list)
-    for node in graph.nodes:
-        for tid in node.inputs:
-            consumers[tid].append(node)
+    consumers = graph.consumers()
     calls = collections.Counter(id(node.layer) for node in graph.nodes)
 
     def only_consumer(node):

@@ -13,6 +13,7 @@ Example:
 """
 import dataclasses
 import os
+import re
 
 import keras
 
@@ -236,6 +237,23 @@ def _topological(nodes):
 
 
 # ----------------------------------------------------------------------------- rebuild
+
+
+def layer_matcher(layers):
+    """A predicate over layers from names, regexes, layer types or a callable: what `prune`,
+    `factorize` and the other transforms take as `layers=`."""
+    if layers is None:
+        return lambda layer: True
+    if callable(layers) and not isinstance(layers, type):
+        return layers
+    items = layers if isinstance(layers, (list, tuple, set)) else [layers]
+    types = tuple(i for i in items if isinstance(i, type))
+    patterns = [re.compile(i) for i in items if isinstance(i, str)]
+    if len(types) + len(patterns) != len(items):
+        raise InputError("layers must be names, regexes, layer classes or a callable. "
+                         f"Received: layers={layers!r}")
+    return lambda layer: isinstance(layer, types) or any(
+        p.fullmatch(layer.name) for p in patterns)
 
 
 def clone_layer(layer, config=None):

@@ -3,6 +3,7 @@
 Example:
     >>> from tflite_ext import models
     >>> model = models.digits_cnn()           # the peer-comparison CNN, 8x8x1 -> 10 logits
+    >>> mlp = models.dense_digits()           # Dense 512-512 on the digits (factorization)
     >>> resnet = models.resnet8()             # MLPerf Tiny image classification, 32x32x3
     >>> kws = models.ds_cnn()                 # MLPerf Tiny keyword spotting, 49x10x1
 """
@@ -25,6 +26,17 @@ def digits_cnn(input_shape=(8, 8, 1), num_classes=10):
     x = layers.Dense(256, activation="relu", name="fc1")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+def dense_digits(input_shape=(8, 8, 1), num_classes=10, width=512):
+    """Flatten, Dense 512 ReLU, Dense 512 ReLU, Dense (logits): the dense-heavy model that low-rank
+    factorization targets (301,066 parameters on the digits)."""
+    inputs = keras.Input(input_shape, name="image")
+    x = layers.Flatten(name="flatten")(inputs)
+    x = layers.Dense(width, activation="relu", name="fc1")(x)
+    x = layers.Dense(width, activation="relu", name="fc2")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="dense_digits")
 
 
 def _conv_bn(x, filters, kernel, strides, name, relu=True):

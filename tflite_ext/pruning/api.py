@@ -9,7 +9,7 @@ import re
 
 from tflite_ext import wrapping
 from tflite_ext.errors import InputError
-from tflite_ext.functional import clone_layer, rebuild, unique_names
+from tflite_ext.functional import clone_layer, layer_matcher, rebuild, unique_names
 from tflite_ext.onednn import warn_if_training_crashes
 from tflite_ext.pruning import importance as importance_lib
 from tflite_ext.pruning.graph import graph_of
@@ -17,22 +17,6 @@ from tflite_ext.pruning.plan import group_members, group_overrides
 from tflite_ext.pruning.removal import check_removable
 from tflite_ext.pruning.schedules import ConstantSparsity, PruningSchedule, check_sparsity
 from tflite_ext.pruning.wrapper import GRANULARITIES, PruneWrapper, prunable
-
-
-def _matcher(layers):
-    """A predicate over layers from names, regexes, layer types or a callable."""
-    if layers is None:
-        return lambda layer: True
-    if callable(layers) and not isinstance(layers, type):
-        return layers
-    items = layers if isinstance(layers, (list, tuple, set)) else [layers]
-    types = tuple(i for i in items if isinstance(i, type))
-    patterns = [re.compile(i) for i in items if isinstance(i, str)]
-    if len(types) + len(patterns) != len(items):
-        raise InputError("layers must be names, regexes, layer classes or a callable. "
-                         f"Received: layers={layers!r}")
-    return lambda layer: isinstance(layer, types) or any(
-        p.fullmatch(layer.name) for p in patterns)
 
 
 def _check_group_sparsity(group_sparsity):
@@ -111,7 +95,7 @@ def prune(model, sparsity=0.5, *, layers=None, importance="l2", scope="local", m
     _check_arguments(schedule, overrides, scope, granularity, min_channels, round_to)
     graph = graph_of(model, opaque)
     _check_unwrapped(graph, model)
-    wrap, consumers, groups = _layers_to_wrap(graph, _matcher(layers), granularity, layers)
+    wrap, consumers, groups = _layers_to_wrap(graph, layer_matcher(layers), granularity, layers)
     policy = {"importance": imp.name, "scope": scope, "min_channels": min_channels,
               "round_to": round_to}
     names = unique_names(graph)

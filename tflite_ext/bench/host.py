@@ -344,7 +344,7 @@ def evaluate(model, x, y, num_threads=1):
     return {"accuracy": float(np.mean(predictions == y)), "samples": int(len(y))}
 
 
-def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1):
+def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack=True):
     """Median per-sample latency (µs) of several variants timed round-robin in one process.
 
     Interleaving spreads clock-speed drift and background load evenly over the variants, so
@@ -353,6 +353,8 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1):
     Args:
         models: {name: .tflite bytes or path}.
         x: optional float samples cycled through (quantized per model); random otherwise.
+        xnnpack: False times LiteRT's reference kernels (no delegate): closer to a
+            microcontroller, where cost follows MACs.
 
     Returns:
         {name: median_us}.
@@ -360,7 +362,7 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1):
     if not models:
         raise InputError("Need at least one model to time. Received: models={}")
     names = list(models)
-    interps = {n: load_interpreter(models[n], num_threads) for n in names}
+    interps = {n: load_interpreter(models[n], num_threads, xnnpack) for n in names}
     samples = {n: _prepared_inputs(interps[n], x) for n in names}
     index = {n: interps[n].get_input_details()[0]["index"] for n in names}
     for n in names:

@@ -19,7 +19,7 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
     variants = {v["name"]: v for v in report["variants"]}
     assert list(variants) == ["float32", "int8_ptq", "int8_qat", "int8_pruned",
-                              "int8_pruned_qat"]
+                              "int8_pruned_qat", "int8_pruned_factorized_qat"]
     final = inspect.summary(out / "model.tflite")
     assert final["full_integer"], final["float_ops"]
     assert report["model_tflite"] == list(variants)[-1]
@@ -37,7 +37,10 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     pruned = variants["int8_pruned_qat"]
     assert pruned["full_integer"] and pruned["bytes"] < int8["bytes"] / 8
     assert pruned["macs"] < int8["macs"] / 8
-    assert report["model_tflite"] == "int8_pruned_qat"
+    factorized = variants["int8_pruned_factorized_qat"]
+    assert factorized["full_integer"] and factorized["macs"] < pruned["macs"]
+    assert factorized["bytes"] < pruned["bytes"]
+    assert report["model_tflite"] == "int8_pruned_factorized_qat"
     for plot in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     worst = report["quantization_error"]["worst"]
@@ -51,5 +54,6 @@ def test_stage_plan_adds_dependencies_and_rejects_unknown():
     assert demo.plan(["ptq"]) == ["train", "ptq", "evaluate", "report"]
     assert demo.plan(["qat"]) == ["train", "qat", "evaluate", "report"]
     assert demo.plan(["prune_qat"]) == ["train", "prune", "prune_qat", "evaluate", "report"]
+    assert demo.plan(["factorize"]) == ["train", "prune", "factorize", "evaluate", "report"]
     with pytest.raises(InputError, match="Unknown demo stage.*nope"):
         demo.plan(["nope"])

@@ -20,13 +20,15 @@ from tflite_ext.errors import InputError
 from tflite_ext.files import atomic_write, ensure_writable_dir
 
 # Budgets from references.md (the tfmot figures were measured with these).
-EPOCHS = {"train": 30, "prune": 15, "qat": 5}
+EPOCHS = {"train": 30, "prune": 15, "qat": 5, "factorize": 5}
 # BatchNorm moving statistics need ~15 epochs to settle before test accuracy means anything.
-QUICK_EPOCHS = {"train": 15, "prune": 4, "qat": 2}
+QUICK_EPOCHS = {"train": 15, "prune": 4, "qat": 2, "factorize": 2}
 PRUNE_SPARSITY = 0.75  # tools/bench_pruning.py: 0.8 costs 1.1 points, 0.75 costs 0.4
 PRUNE_LEARNING_RATE = 5e-4
 DISTILL_TEMPERATURE, DISTILL_ALPHA = 4.0, 0.5  # alpha weighs the labels, 1 - alpha the teacher
 QAT_LEARNING_RATE = 3e-5  # tools/bench_qat.py: 1e-4 lost one test image on one seed
+FACTORIZE_MACS = 0.7  # of the stripped model's MACs, by spatial SVD / SVD, ranks x8
+FACTORIZE_LEARNING_RATE = 3e-4
 CALIBRATION_SAMPLES = 300
 
 
@@ -153,6 +155,23 @@ def stage_qat(ctx):
                     flatbuffer, qat))
 
 
+def stage_factorize(ctx):
+    """Low-rank factorization of the stripped model (SVD, spatial SVD), then QAT and int8."""
+    from tflite_ext import factorization
+
+    chosen = factorization.plan(ctx.stripped, mac_budget=FACTORIZE_MACS, round_to=8,
+                                layers=lambda layer: layer.name != "logits")
+    small = factorization.factorize(ctx.stripped, rank=chosen.ranks, verbose=False)
+    ctx.log(f"  factorize: ranks {chosen.ranks}; {small.count_params():,} parameters, "
+            f"{chosen.model_macs[1]:,} MACs")
+    fit(ctx, small, "factorize", ctx.epochs("factorize"), FACTORIZE_LEARNING_RATE)
+    qat, flatbuffer = quantization_aware(ctx, small, "factorize_qat")
+    ctx.add(Variant("int8_pruned_factorized_qat",
+                    f"the stripped model factorized to {FACTORIZE_MACS:.0%} of its MACs (ranks "
+                    f"x8), {ctx.epochs('factorize')} epochs at {FACTORIZE_LEARNING_RATE:g} and "
+                    "QAT, taught by the float model, int8", flatbuffer, qat))
+
+
 def stage_evaluate(ctx):
     """Measures every variant alike: accuracy, bytes, gzip bytes, MACs, LiteRT latency."""
     measured = variants.measure(
@@ -192,6 +211,7 @@ STAGES = {  # name: (function, stages it needs); run in this order
     "qat": (stage_qat, ("train",)),
     "prune": (stage_prune, ("train",)),
     "prune_qat": (stage_prune_qat, ("prune",)),
+    "factorize": (stage_factorize, ("prune",)),
     "evaluate": (stage_evaluate, ("train",)),
     "report": (stage_report, ()),
 }

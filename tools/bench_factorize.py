@@ -219,7 +219,7 @@ def part_b():
         ratio = full["macs"] / svd["macs"]
         drop = full["tflite_accuracy"] - svd["tflite_accuracy"]
         print(f"  seed {seed} targets: MACs {ratio:.2f}x >= 4x {'PASS' if ratio >= 4 else 'FAIL'}; "
-              f"int8 accuracy {drop * 100:+.2f} point lost <= 1 "
+              f"int8 accuracy lost {drop * 100:.2f} point <= 1 "
               f"{'PASS' if drop <= 0.01 + 1e-9 else 'FAIL'}")
 
 

@@ -24,6 +24,7 @@ setup(
         "flatbuffers",
         "scikit-learn",
         "matplotlib",
+        "ethos-u-vela",  # Arm's Ethos-U compiler: the ethos-u targets of compress
     ],
     extras_require={
         # The peer we compare against; only tools/tfmot_peer.py imports it, in its own process.

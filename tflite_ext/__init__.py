@@ -13,9 +13,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("bench", "convert", "demo", "distillation", "errors", "factorization", "files",
-               "functional", "inspect", "models", "pruning", "quantization", "tasks",
-               "wrapping")
+_SUBMODULES = ("bench", "compress", "convert", "demo", "distillation", "errors",
+               "factorization", "files", "functional", "inspect", "models", "pruning",
+               "quantization", "tasks", "wrapping")
 
 
 def __getattr__(name):

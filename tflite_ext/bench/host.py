@@ -40,15 +40,17 @@ def model_bytes(model):
     return read_model_bytes(model)
 
 
-def load_interpreter(model, num_threads=1, xnnpack=True):
+def load_interpreter(model, num_threads=1, xnnpack=True, reference=False):
     """Returns an allocated LiteRT interpreter for bytes or a path.
 
     `xnnpack=False` selects the builtin op resolver without default delegates, which is how
-    LiteRT turns XNNPACK off.
+    LiteRT turns XNNPACK off; `reference=True` selects LiteRT's reference kernels (plain loops,
+    no SIMD: a host cost that follows MACs the way a microcontroller's does).
     """
     if int(num_threads) < 1:
         raise InputError(f"num_threads must be >= 1. Received: num_threads={num_threads}")
-    resolver = (litert.OpResolverType.AUTO if xnnpack
+    resolver = (litert.OpResolverType.BUILTIN_REF if reference
+                else litert.OpResolverType.AUTO if xnnpack
                 else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     data = model_bytes(model)
     try:
@@ -344,7 +346,8 @@ def evaluate(model, x, y, num_threads=1):
     return {"accuracy": float(np.mean(predictions == y)), "samples": int(len(y))}
 
 
-def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack=True):
+def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack=True,
+                     reference=False):
     """Median per-sample latency (µs) of several variants timed round-robin in one process.
 
     Interleaving spreads clock-speed drift and background load evenly over the variants, so
@@ -353,8 +356,8 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack
     Args:
         models: {name: .tflite bytes or path}.
         x: optional float samples cycled through (quantized per model); random otherwise.
-        xnnpack: False times LiteRT's reference kernels (no delegate): closer to a
-            microcontroller, where cost follows MACs.
+        xnnpack, reference: the kernels timed (`load_interpreter`); `reference=True` gives
+            LiteRT's reference kernels, closer to a microcontroller, where cost follows MACs.
 
     Returns:
         {name: median_us}.
@@ -362,7 +365,7 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack
     if not models:
         raise InputError("Need at least one model to time. Received: models={}")
     names = list(models)
-    interps = {n: load_interpreter(models[n], num_threads, xnnpack) for n in names}
+    interps = {n: load_interpreter(models[n], num_threads, xnnpack, reference) for n in names}
     samples = {n: _prepared_inputs(interps[n], x) for n in names}
     index = {n: interps[n].get_input_details()[0]["index"] for n in names}
     for n in names:

@@ -1,0 +1,125 @@
+"""Compress to a budget: budgets parse, targets measure with the real tools, the search meets
+a budget it can meet, resumes from its cache, and says what it reached when it cannot."""
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from tflite_ext import compress as compress_module, convert, pruning
+from tflite_ext.compress import Budget, BudgetError, get_target
+from tflite_ext.compress import search
+from tflite_ext.compress.cache import Cache
+from tflite_ext.errors import InputError
+
+
+def test_budget_parses_units_and_refuses_bad_ones():
+    b = Budget.parse(flash="64KB", arena="32KiB", latency="5ms", macs="1.5M")
+    assert (b.flash_bytes, b.arena_bytes, b.latency_us, b.macs) == (65536, 32768, 5000.0,
+                                                                     1_500_000)
+    assert Budget.parse(latency="250us").latency_us == 250.0
+    assert Budget.parse(flash=20000).flash_bytes == 20000
+    assert Budget(latency_us=100).misses({"latency_us": 120.0}) == ["latency 120.0 µs > 100.0 µs"]
+    assert Budget(macs=10).misses({"macs": 5}) == []
+    for kwargs, text in [(dict(flash="12XB"), "flash='12XB'"), (dict(latency="-1ms"), "-1ms"),
+                         (dict(latency="0ms"), "latency must be > 0"), (dict(), "Received: none"),
+                         (dict(arena=True), "arena=True")]:
+        with pytest.raises(InputError) as info:
+            Budget.parse(**kwargs)
+        assert text in str(info.value) and "\n" not in str(info.value)
+
+
+def test_targets_by_name():
+    assert get_target("host").name == "host:1" and get_target("host:2").threads == 2
+    assert get_target("reference").reference
+    with pytest.raises(InputError, match="Unknown target 'tpu'"):
+        get_target("tpu")
+    with pytest.raises(InputError, match="ethos-u55-128"):
+        get_target("ethos-u99-1")
+    with pytest.raises(InputError, match="binary"):
+        get_target("android")
+
+
+@pytest.fixture(scope="module")
+def tiny(digits):
+    """A small CNN with two prunable groups, trained briefly."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="tiny")
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=32, verbose=0)
+    return model
+
+
+def test_ethos_u_estimate_is_vela(tiny, digits):
+    fb = convert.to_tflite(tiny, digits.x_train[:50]).flatbuffer
+    cost = get_target("ethos-u55-128").measure({"m": fb})["m"]
+    assert cost["latency_us"] > 0 and cost["arena_bytes"] > 0 and cost["flash_bytes"] > 0
+    assert cost["npu_ops"] >= 3 and cost["cpu_ops"] == 0
+
+
+def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
+    train, val = (digits.x_train, digits.y_train), (digits.x_test, digits.y_test)
+    macs = pruning.count_macs(tiny)
+    budget = Budget(macs=int(0.6 * macs))
+    result = compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path),
+                             epochs=1, settings=(0.5,), log=None)
+    assert result.measured["macs"] <= budget.macs
+    assert result.measured["macs"] == pruning.count_macs(result.model)
+    for name in ("model.keras", "model.tflite", "plan.json", "report.json", "report.md",
+                 "accuracy_vs_size.png", "accuracy_vs_latency.png", "cache.jsonl"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["prune"]["group_sparsity"][".*"] == 0.0
+    # the plan reproduces the architecture: prune with it, apply, strip
+    again = search.one_shot(tiny, {k: v for k, v in plan["prune"]["group_sparsity"].items()
+                                   if k != ".*"}, round_to=plan["prune"]["round_to"])
+    assert [w.shape for w in again.weights] == [w.shape for w in result.model.weights]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["candidates"]) == 2 and report["rounds"][0]["misses"] == []
+    lines = (tmp_path / "cache.jsonl").read_text().count("\n")
+    compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path), epochs=1,
+                    settings=(0.5,), log=None)
+    assert (tmp_path / "cache.jsonl").read_text().count("\n") == lines  # nothing re-measured
+
+
+def test_a_budget_nothing_meets_says_what_was_reached(tiny, digits, tmp_path):
+    with pytest.raises(BudgetError) as info:
+        compress_module(tiny, (digits.x_train, digits.y_train), (digits.x_test, digits.y_test),
+                        Budget(macs=1000), target="host", out_dir=str(tmp_path), epochs=1,
+                        settings=(0.5,), log=None)
+    message = str(info.value)
+    assert "\n" not in message and "MACs <= 1,000" in message and "reaches about" in message
+    assert os.path.join(str(tmp_path), "accuracy_vs_latency.png") in message
+
+
+def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):
+    train = (digits.x_train, digits.y_train)
+    cases = [
+        (dict(val_data=(digits.x_test[:, :4], digits.y_test)), "input shape (8, 8, 1)"),
+        (dict(val_data=(digits.x_test, digits.y_test[:5])), "as many labels"),
+        (dict(val_data="nope.npz"), "does not exist"),
+        (dict(budget=Budget(arena_bytes=1000)), "does not measure arena_bytes"),
+        (dict(max_accuracy_drop=-1), "max_accuracy_drop=-1"),
+    ]
+    for override, text in cases:
+        kwargs = dict(val_data=(digits.x_test, digits.y_test), budget=Budget(macs=1000),
+                      target="host", out_dir=str(tmp_path), log=None)
+        kwargs.update(override)
+        with pytest.raises(InputError) as info:
+            compress_module(tiny, train, **kwargs)
+        assert text in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_cache_survives_a_cut_last_line(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = Cache(str(path))
+    cache.put("a", 1)
+    with open(path, "a") as f:
+        f.write('{"key": "b", "val')   # a run killed mid-write
+    assert Cache(str(path)).get("a") == 1 and "b" not in Cache(str(path))
+    assert np.isclose(Cache(str(path)).get_or_make("c", lambda: 0.5), 0.5)

@@ -181,8 +181,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
     base, candidates = search.measure_candidates(model, train, val, target, cache,
                                                  settings=settings, layers=layers,
                                                  round_to=round_to, log=log)
-    base_fb = search.int8(model, train[0])
-    base_accuracy = _int8_accuracy(base_fb, *val)
+    base_accuracy = _int8_accuracy(base.tflite, *val)
     if log:
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
@@ -200,7 +199,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             log(f"round {round_index + 1}: plan {plan.key}; predicted "
                 + ", ".join(f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
                 + f", one-shot loss {plan.predicted_drop * 100:.2f} point")
-        small, fb, measured, acc = _build(model, plan, train, val, target, out_dir,
+        small, fb, measured, acc = _build(model, plan, train, val, target, out_dir, base,
                                           epochs=epochs, learning_rate=learning_rate, qat=qat,
                                           round_to=round_to, layers=layers, log=log)
         misses = budget.misses(measured)
@@ -240,8 +239,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
     return Result(small, fb, plan_json, measured, acc, base_accuracy, report)
 
 
-def _build(model, plan, train, val, target, out_dir, *, epochs, learning_rate, qat, round_to,
-           layers, log):
+def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_rate, qat,
+           round_to, layers, log):
     """Fine-tunes (or reloads from out_dir/runs/) one plan; converts; measures on target."""
     runs = os.path.join(out_dir, "runs")
     os.makedirs(runs, exist_ok=True)
@@ -259,8 +258,18 @@ def _build(model, plan, train, val, target, out_dir, *, epochs, learning_rate, q
     from tflite_ext import convert
 
     fb = convert.to_tflite(small, None if qat else train[0][:300]).flatbuffer
-    measured = dict(target.measure({"final": fb})["final"], macs=pruning.count_macs(small))
+    measured = dict(measure_beside(target, fb, base), macs=pruning.count_macs(small))
     return small, fb, measured, _int8_accuracy(fb, *val)
+
+
+def measure_beside(target, flatbuffer, base):
+    """`flatbuffer`'s cost on `target`, its latency timed beside the base model's and scaled to
+    the base's first measurement: host load changes between measurements, the ratio holds."""
+    both = target.measure({"final": flatbuffer, "base": base.tflite})
+    cost = dict(both["final"])
+    if "latency_us" in cost and both["base"].get("latency_us"):
+        cost["latency_us"] *= base.cost["latency_us"] / both["base"]["latency_us"]
+    return cost
 
 
 def _miss_message(budget, base, candidates, tried, max_drop, out_dir):

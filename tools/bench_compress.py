@@ -1,0 +1,118 @@
+r"""`compress` against the hand recipe, on each target: issue 15's figures.
+
+ResNet-8 on the digits at 32x32x3, per target (--targets): the unpruned int8 model is measured
+there; the budget is latency <= --latency_fraction x that; `compress` searches on a
+validation split of the training images (--val_fraction) with --epochs distilled fine-tune
+epochs; the hand recipe of tools/compare.py (first block removed, stem kept, 16x16 stage at
+half, 8x8 stage at 3/4; channel multiples of 16) gets the same fine-tune and is measured on the
+same target. Accuracy is int8 on the test split. The search time is compared with one prune +
+fine-tune run (the hand recipe's).
+
+Usage:
+    python tools/bench_compress.py        # targets host, reference, ethos-u55-128
+    python tools/bench_compress.py --targets micro --latency_fraction 0.5
+"""
+import os
+import time
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # oneDNN aborts on ResNet-8's 1x1 stride 2
+
+from tflite_ext import compress, models, tasks  # noqa: E402
+from tflite_ext.bench import host, variants  # noqa: E402
+from tflite_ext.compress import Budget, api, search  # noqa: E402
+from tflite_ext.compress.cache import Cache  # noqa: E402
+
+flags.DEFINE_list("targets", ["host", "reference", "ethos-u55-128"], "Targets to compress for.")
+flags.DEFINE_float("latency_fraction", 0.4, "Budget: latency <= this x the unpruned int8 model.")
+flags.DEFINE_float("max_drop", 1.0, "Accuracy points the result may lose.")
+flags.DEFINE_integer("epochs", 15, "Fine-tune epochs of every plan (and the hand recipe).",
+                     lower_bound=1)
+flags.DEFINE_integer("float_epochs", 30, "Float training epochs (Adam 1e-3).", lower_bound=1)
+flags.DEFINE_float("val_fraction", 0.2, "Validation split of the training images.")
+flags.DEFINE_integer("seed", 0, "Seed of the float model and the split.")
+flags.DEFINE_string("out_dir", "build/bench_compress", "Outputs and the shared cache.")
+FLAGS = flags.FLAGS
+
+HAND = {"s1a_.*": 1.0, "stem_.*": 0.0, "s2.*": 0.5, "s3.*": 0.25}  # tools/compare.py
+
+
+def log(message):
+    print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])}")
+    full = tasks.digits(32, 3)
+    data = tasks.validation_split(full, FLAGS.val_fraction, FLAGS.seed)
+    out = os.path.join(FLAGS.out_dir, f"resnet8_seed{FLAGS.seed}")
+    model = variants.train_or_load(
+        os.path.join(out, "float.keras"), lambda: models.resnet8(data.input_shape, 10), data,
+        seed=FLAGS.seed, epochs=FLAGS.float_epochs, learning_rate=1e-3, label="  float", log=log)
+    train, val, test = ((data.x_train, data.y_train), (data.x_test, data.y_test),
+                        (full.x_test, full.y_test))
+    base_fb = search.int8(model, data.x_train)
+    base_test = api._int8_accuracy(base_fb, *test)
+    rows = []
+    for name in FLAGS.targets:
+        target = compress.get_target(name)
+        base_cost = target.measure({"base": base_fb})["base"]
+        budget = Budget(latency_us=FLAGS.latency_fraction * base_cost["latency_us"])
+        log(f"{name}: unpruned int8 {base_cost['latency_us']:,.1f} µs; budget {budget}")
+        began = time.perf_counter()
+        try:
+            result = compress(model, train, val, budget, target=target,
+                              max_accuracy_drop=FLAGS.max_drop, epochs=FLAGS.epochs,
+                              out_dir=out, log=log)
+            auto = dict(latency_us=result.measured["latency_us"], macs=result.measured["macs"],
+                        test=api._int8_accuracy(result.flatbuffer, *test),
+                        plan=result.plan["prune"]["group_sparsity"], met=True)
+        except compress.BudgetError as e:
+            log(f"{name}: {e}")
+            auto = dict(latency_us=float("nan"), macs=0, test=float("nan"), plan=str(e),
+                        met=False)
+        searched = time.perf_counter() - began
+        began = time.perf_counter()
+        plan = search.Plan(HAND, 0.0, {})
+        base = search.Candidate("base", None, 0.0, 0.0, base_cost, base_fb)
+        small, fb, measured, _ = api._build(model, plan, train, val, target, out, base,
+                                            epochs=FLAGS.epochs, learning_rate=5e-4, qat=False,
+                                            round_to=16, layers=None, log=log)
+        one_run = time.perf_counter() - began  # ~0 when the hand model was built before
+        hand = dict(latency_us=measured["latency_us"], macs=measured["macs"],
+                    test=api._int8_accuracy(fb, *test))
+        rows.append((name, base_cost, budget, auto, hand, searched, one_run))
+    cache = Cache(os.path.join(out, "cache.jsonl"))
+    print(f"\nResNet-8 on the digits 32x32x3, seed {FLAGS.seed}; {host.describe_cpu()}; "
+          f"search on {FLAGS.val_fraction:.0%} of the training images, {FLAGS.epochs} "
+          f"fine-tune epochs per plan; int8 accuracy on the test split (unpruned "
+          f"{base_test:.4f}); {len(cache.values)} cached measurements")
+    print("| target | unpruned µs | budget µs | compress µs | compress test acc | compress plan "
+          "| hand µs | hand test acc | search s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, base_cost, budget, auto, hand, searched, _ in rows:
+        print(f"| {name} | {base_cost['latency_us']:,.1f} | {budget.latency_us:,.1f} | "
+              f"{auto['latency_us']:,.1f} ({base_cost['latency_us'] / auto['latency_us']:.2f}x) "
+              f"| {auto['test']:.4f} | {auto['plan']} | {hand['latency_us']:,.1f} "
+              f"({base_cost['latency_us'] / hand['latency_us']:.2f}x) | {hand['test']:.4f} | "
+              f"{searched:.0f} |")
+    one_run = max(r[6] for r in rows)
+    for name, _, budget, auto, hand, searched, _ in rows:
+        ok_budget = auto["met"] and auto["latency_us"] <= budget.latency_us
+        ok_acc = auto["met"] and auto["test"] >= base_test - FLAGS.max_drop / 100
+        ok_hand = auto["met"] and (auto["latency_us"] <= hand["latency_us"]
+                                   or auto["test"] > hand["test"])
+        print(f"  {name}: budget {'PASS' if ok_budget else 'FAIL'}; test accuracy >= unpruned "
+              f"- {FLAGS.max_drop} point {'PASS' if ok_acc else 'FAIL'}; at least as fast as "
+              f"the hand recipe (or more accurate) {'PASS' if ok_hand else 'FAIL'}; search "
+              f"{searched:.0f} s = {searched / max(one_run, 1):.1f}x one prune + fine-tune run "
+              f"({one_run:.0f} s)")
+
+
+START = time.perf_counter()
+
+if __name__ == "__main__":
+    app.run(main)

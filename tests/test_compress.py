@@ -123,3 +123,25 @@ def test_cache_survives_a_cut_last_line(tmp_path):
         f.write('{"key": "b", "val')   # a run killed mid-write
     assert Cache(str(path)).get("a") == 1 and "b" not in Cache(str(path))
     assert np.isclose(Cache(str(path)).get_or_make("c", lambda: 0.5), 0.5)
+
+
+def test_command_line(tiny, digits, tmp_path, capsys):
+    from tflite_ext import cli
+
+    tiny.save(tmp_path / "tiny.keras")
+    np.savez(tmp_path / "train.npz", x=digits.x_train, y=digits.y_train)
+    np.savez(tmp_path / "val.npz", x=digits.x_test, y=digits.y_test)
+    common = [str(tmp_path / "tiny.keras"), "--data", str(tmp_path / "train.npz"),
+              "--val", str(tmp_path / "val.npz"), "--out", str(tmp_path / "out")]
+    for extra, text in [(["--flash", "12XB"], "flash='12XB'"),
+                        (["--macs", "1k", "--target", "tpu"], "Unknown target 'tpu'")]:
+        assert cli.main(["compress", *common, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and "\n" not in err, err
+    assert cli.main(["compress", str(tmp_path / "nope.keras"), "--data", "x", "--val", "y"]) == 2
+    assert "MODEL does not exist" in capsys.readouterr().err
+    budget = str(int(0.6 * pruning.count_macs(tiny)))
+    assert cli.main(["compress", *common, "--macs", budget, "--epochs", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured"]["macs"] <= int(budget)
+    assert (tmp_path / "out" / "model.tflite").stat().st_size > 0

@@ -130,6 +130,62 @@ def _inspect_main(fv, args):
 
 # ----------------------------------------------------------------------------- plumbing
 
+# ----------------------------------------------------------------------------- compress
+
+def _compress_flags(fv):
+    flags.DEFINE_string("data", None, "Training data: an .npz with arrays x and y.",
+                        flag_values=fv)
+    flags.DEFINE_string("val", None, "Validation data the search decides on: an .npz with x "
+                        "and y (keep a test split apart to report).", flag_values=fv)
+    flags.DEFINE_string("target", "host", "Where the budget holds: host[:THREADS], reference, "
+                        "micro, ethos-u55-128 (any vela configuration), android[:SERIAL].",
+                        flag_values=fv)
+    flags.DEFINE_string("flash", None, "Flash budget, e.g. 64KB.", flag_values=fv)
+    flags.DEFINE_string("arena", None, "RAM (tensor arena) budget, e.g. 32KB.", flag_values=fv)
+    flags.DEFINE_string("latency", None, "Latency budget on the target, e.g. 5ms or 400us.",
+                        flag_values=fv)
+    flags.DEFINE_string("macs", None, "MAC budget, e.g. 3M.", flag_values=fv)
+    flags.DEFINE_float("max_drop", 1.0, "Accuracy points the result may lose.", flag_values=fv)
+    flags.DEFINE_string("out", "build/compress", "Output folder (and the resumable cache).",
+                        flag_values=fv)
+    flags.DEFINE_integer("epochs", 10, "Fine-tune epochs of each plan.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_boolean("qat", False, "Quantization-aware fine-tune before conversion.",
+                         flag_values=fv)
+    flags.DEFINE_integer("round_to", 8, "Kept channel counts are multiples of this.",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("binary", None, "benchmark_model for the android target.",
+                        flag_values=fv)
+    flags.DEFINE_boolean("json", False, "Print the result as JSON.", flag_values=fv)
+
+
+def _compress_main(fv, args):
+    model_path = _one_positional(args, "MODEL (.keras file)")
+    for name, value in (("MODEL", model_path), ("--data", fv.data), ("--val", fv.val)):
+        if value is None:
+            raise InputError(f"{name} is required")
+        if not os.path.exists(value):  # before TensorFlow is imported: answers in a second
+            raise InputError(f"{name} does not exist. Received: {value!r}")
+    from tflite_ext.compress import Budget, compress
+    from tflite_ext.convert import load_model
+
+    budget = Budget.parse(flash=fv.flash, arena=fv.arena, latency=fv.latency, macs=fv.macs)
+    result = compress(load_model(model_path), fv.data, fv.val, budget, target=fv.target,
+                      max_accuracy_drop=fv.max_drop, out_dir=fv.out, epochs=fv.epochs,
+                      qat=fv.qat, round_to=fv.round_to, binary=fv.binary,
+                      log=_stderr if fv.json else print)
+    summary = {"out": fv.out, "measured": result.measured, "accuracy": result.accuracy,
+               "base_accuracy": result.base_accuracy, "plan": result.plan}
+    if fv.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(f"met {budget} on {fv.target}: " + ", ".join(
+            f"{k} {v:,.1f}" for k, v in result.measured.items() if isinstance(v, (int, float)))
+            + f"; int8 accuracy {result.accuracy:.4f} (unchanged model {result.base_accuracy:.4f})"
+            f"; wrote {fv.out}/model.tflite, model.keras, plan.json, report.md")
+    return 0
+
+
 def _commands():
     commands = [
         Command("demo", "Train the reference digits CNN, compress it, convert to full int8, "
@@ -139,6 +195,9 @@ def _commands():
         Command("inspect", "Describe a .tflite: ops, dtypes, quantization, constant bytes, "
                 "MACs, and whether it is full integer.", _inspect_flags, _inspect_main,
                 "MODEL.tflite"),
+        Command("compress", "Find and build the int8 model that meets a flash/RAM/latency/MAC "
+                "budget, measured on the target.", _compress_flags, _compress_main,
+                "MODEL.keras"),
     ]
     try:
         from tflite_ext.bench.commands import COMMANDS as bench_commands

@@ -101,10 +101,11 @@ def int8(model, x_calibration):
 
 
 def _progress(total, title, log):
+    """A Keras progress bar when logging goes to stdout; else the title line alone."""
     if log is None:
         return None
     log(title)
-    return keras.utils.Progbar(total, unit_name="candidate")
+    return keras.utils.Progbar(total, unit_name="candidate") if log is print else None
 
 
 def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, layers=None,

@@ -61,3 +61,23 @@ class Cache:
 
     def get_or_make(self, key, make):
         return self.values[key] if key in self.values else self.put(key, make())
+
+    def _blob_path(self, name):
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), "tflite",
+                            f"{name}.tflite")
+
+    def put_blob(self, name, data):
+        """Keeps `data` (a candidate's .tflite) beside the cache, so another target reuses it."""
+        if self.path:
+            path = self._blob_path(name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".part", "wb") as f:
+                f.write(data)
+            os.replace(path + ".part", path)
+
+    def get_blob(self, name):
+        """The bytes `put_blob` kept under `name`, or None."""
+        if self.path and os.path.exists(self._blob_path(name)):
+            with open(self._blob_path(name), "rb") as f:
+                return f.read()
+        return None

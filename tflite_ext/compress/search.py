@@ -135,6 +135,7 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, l
             else:
                 fb = int8(small, x_train)
                 flatbuffers[fingerprint(fb)] = fb
+                cache.put_blob(fingerprint(fb), fb)
                 cache.put(key, {"accuracy": accuracy(small, x_val, y_val),
                                 "macs": pruning.count_macs(small), "tflite": fingerprint(fb)})
         if cache.get(key) is not None:
@@ -144,12 +145,14 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, l
     todo = {h: fb for h, fb in flatbuffers.items() if f"cost:{target.key}:{h}" not in cache}
     missing = {m[3]["tflite"] for m in made} - set(flatbuffers) - {
         k.rsplit(":", 1)[1] for k in cache.values if k.startswith(f"cost:{target.key}:")}
-    if missing:  # a resumed run measured the accuracy but not this target: rebuild those
-        for _, pattern, s, info in made:
-            if info["tflite"] in missing:
+    for _, pattern, s, info in made:  # measured before, not on this target
+        if info["tflite"] in missing:
+            fb = cache.get_blob(info["tflite"])
+            if fb is None:
                 small = model if pattern is None else one_shot(
                     model, {pattern: s}, layers=layers, round_to=round_to, x=x_train[:512])
-                todo[info["tflite"]] = int8(small, x_train)
+                fb = int8(small, x_train)
+            todo[info["tflite"]] = fb
     if todo:
         if log:
             log(f"measuring {len(todo)} models on {target.name}")

@@ -188,10 +188,11 @@ def resnet_seed(seed):
     fbs = {k: _int8(m, data) for k, m in keras_models.items()}
     rows = variants.measure(fbs, data.x_test, data.y_test, keras_models=keras_models,
                             runs=FLAGS.timing_runs, timing_x=data.x_test[:50])
-    # Reference kernels take milliseconds: 100 rounds are enough, and fewer were not (25
-    # rounds once gave 8x for a 3.57x MAC ratio while another job ran).
+    # Reference kernels take milliseconds, and on a shared machine the scheduler takes slices
+    # of them (wall-clock medians once gave 8x for a 3.57x MAC ratio while another job ran):
+    # timed in the thread's CPU time.
     reference = host.time_interleaved(fbs, data.x_test[:50], runs=max(FLAGS.timing_runs // 5, 5),
-                                      warmup=2, reference=True)
+                                      warmup=2, reference=True, cpu_time=True)
     for name in rows:
         rows[name]["reference_us"] = reference[name]
     rows["ranks"] = {k: v for k, v in factorization.plan(

@@ -114,11 +114,11 @@ def _prepared_inputs(interp, x):
     return quantize(_check_samples(x, detail), detail)
 
 
-def _invoke_us(interp, index, sample):
+def _invoke_us(interp, index, sample, clock=time.perf_counter_ns):
     interp.set_tensor(index, sample[None])
-    start = time.perf_counter_ns()
+    start = clock()
     interp.invoke()
-    return (time.perf_counter_ns() - start) / 1000.0
+    return (clock() - start) / 1000.0
 
 
 def latency_stats(times_us):
@@ -347,7 +347,7 @@ def evaluate(model, x, y, num_threads=1):
 
 
 def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack=True,
-                     reference=False):
+                     reference=False, cpu_time=False):
     """Median per-sample latency (µs) of several variants timed round-robin in one process.
 
     Interleaving spreads clock-speed drift and background load evenly over the variants, so
@@ -358,12 +358,18 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack
         x: optional float samples cycled through (quantized per model); random otherwise.
         xnnpack, reference: the kernels timed (`load_interpreter`); `reference=True` gives
             LiteRT's reference kernels, closer to a microcontroller, where cost follows MACs.
+        cpu_time: time the calling thread's CPU time instead of the wall clock (1 thread
+            only): what the model computes, not what other processes on the machine take from
+            it. Millisecond-long reference-kernel runs on a busy machine need it.
 
     Returns:
         {name: median_us}.
     """
     if not models:
         raise InputError("Need at least one model to time. Received: models={}")
+    if cpu_time and int(num_threads) != 1:
+        raise InputError(f"cpu_time measures one thread. Received: num_threads={num_threads}")
+    clock = time.thread_time_ns if cpu_time else time.perf_counter_ns
     names = list(models)
     interps = {n: load_interpreter(models[n], num_threads, xnnpack, reference) for n in names}
     samples = {n: _prepared_inputs(interps[n], x) for n in names}
@@ -375,7 +381,8 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack
     for r in range(int(runs)):
         shift = r % len(names)
         for n in names[shift:] + names[:shift]:
-            times[n].append(_invoke_us(interps[n], index[n], samples[n][r % len(samples[n])]))
+            times[n].append(_invoke_us(interps[n], index[n], samples[n][r % len(samples[n])],
+                                       clock))
     return {n: float(np.median(times[n])) for n in names}
 
 

@@ -212,7 +212,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         if log:
             log("  measured: " + ", ".join(f"{k} {v:,.1f}" for k, v in measured.items()
                                             if isinstance(v, (int, float)))
-                + f"; int8 accuracy {acc:.4f} (lost {drop:.2f} point)"
+                + f"; int8 accuracy {acc:.4f} ({'lost' if drop >= 0 else 'gained'} "
+                  f"{abs(drop):.2f} point)"
                 + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
         if not misses and drop <= max_accuracy_drop:
             result = (plan, small, fb, measured, acc)

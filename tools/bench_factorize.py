@@ -14,7 +14,8 @@ r"""Low-rank factorization on the digits: the figures of issue 13, side by side.
     recalibrated), then spatial SVD of the pruned model to 1/--mac_ratio of the float MACs
     (`factorize(mac_budget=...)`), fine-tuned --svd_epochs taught by the float model, BN
     recalibrated. Int8 PTQ of float, pruned and pruned + SVD, latency interleaved with
-    XNNPACK and with LiteRT's reference kernels. Targets: >= 4x fewer MACs than the float
+    XNNPACK (wall clock) and with LiteRT's reference kernels (the thread's CPU time: immune to
+    other processes' load); the int8 files are kept in build/bench_factorize/. Targets: >= 4x fewer MACs than the float
     (unpruned) model, int8 accuracy >= unpruned int8 - 1 point.
 
 Usage:
@@ -186,6 +187,10 @@ def resnet_seed(seed):
     pruning.recalibrate_batch_norm(svd, data.x_train)
     keras_models = {"unpruned": float_model, "pruned": pruned, "pruned+svd": svd}
     fbs = {k: _int8(m, data) for k, m in keras_models.items()}
+    for name, fb in fbs.items():  # kept, so they can be timed again (tflite-ext bench)
+        os.makedirs("build/bench_factorize", exist_ok=True)
+        with open(f"build/bench_factorize/resnet8_seed{seed}_{name}.tflite", "wb") as f:
+            f.write(fb)
     rows = variants.measure(fbs, data.x_test, data.y_test, keras_models=keras_models,
                             runs=FLAGS.timing_runs, timing_x=data.x_test[:50])
     # Reference kernels take milliseconds, and on a shared machine the scheduler takes slices

@@ -15,8 +15,8 @@ r"""Low-rank factorization on the digits: the figures of issue 13, side by side.
     (`factorize(mac_budget=...)`), fine-tuned --svd_epochs taught by the float model, BN
     recalibrated. Int8 PTQ of float, pruned and pruned + SVD, latency interleaved with
     XNNPACK (wall clock) and with LiteRT's reference kernels (the thread's CPU time: immune to
-    other processes' load); the int8 files are kept in build/bench_factorize/. Targets: >= 4x fewer MACs than the float
-    (unpruned) model, int8 accuracy >= unpruned int8 - 1 point.
+    other processes' load); the int8 files are kept in build/bench_factorize/. Targets: >= 4x
+    fewer MACs than the float (unpruned) model, int8 accuracy >= unpruned int8 - 1 point.
 
 Usage:
     python tools/bench_factorize.py                       # (a) and (b), seeds 0-2

@@ -86,6 +86,18 @@ def test_time_interleaved_returns_a_median_per_variant(trained):
     assert set(medians) == {"float32", "int8"} and all(v > 0 for v in medians.values())
 
 
+def test_reference_kernels_in_cpu_time(trained):
+    """The reference kernels are plain loops: far slower than XNNPACK's int8 kernels."""
+    models = {"int8": trained["int8"]}
+    x = trained["split"].x_test[:5]
+    fast = host.time_interleaved(models, x, runs=10, warmup=1, cpu_time=True)["int8"]
+    slow = host.time_interleaved(models, x, runs=10, warmup=1, reference=True,
+                                 cpu_time=True)["int8"]
+    assert slow > 2 * fast > 0
+    with pytest.raises(InputError, match="cpu_time measures one thread"):
+        host.time_interleaved(models, x, runs=1, num_threads=2, cpu_time=True)
+
+
 def test_bad_inputs(trained, tmp_path):
     s = trained["split"]
     with pytest.raises(ModelFileError, match=r"^Model file not found"):

@@ -282,17 +282,22 @@ def test_schedule_changes_the_compiled_loss(named_teacher, digits):
 
 
 def test_schedule_per_step_and_round_trip(named_teacher, digits, tmp_path):
-    distiller = distillation.distill(named_teacher, dense_student(), hints=None)
-    schedule = distillation.DistillationSchedule(alpha=(0.0, 1.0), per="step")
-    distiller.fit(digits.x_train[:96], digits.y_train[:96], epochs=2, batch_size=32, verbose=0,
-                  callbacks=[schedule])
-    assert [a for _, _, a in schedule.history] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    student = pruning.prune(named_cnn(name="student"), 0.5, layers=["conv1"])
+    distiller = distillation.distill(named_teacher, student, hints={"conv1": "conv1"})
+    schedule = distillation.DistillationSchedule(alpha=(0.0, 0.5), temperature=2.0, per="step")
+    x, y = digits.x_train[:96], digits.y_train[:96]
+    distiller.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                  callbacks=[schedule, pruning.PruningCallback()])
+    assert [a for _, _, a in schedule.history] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
     config = keras.saving.serialize_keras_object(schedule)
     again = keras.saving.deserialize_keras_object(config)
-    assert (again.alpha, again.temperature, again.per) == ((0.0, 1.0), None, "step")
+    assert (again.alpha, again.temperature, again.per) == ((0.0, 0.5), 2.0, "step")
     distiller.save(tmp_path / "d.keras")  # the current alpha and T are what is saved
     loaded = keras.saving.load_model(tmp_path / "d.keras")
-    assert loaded.student_loss_weight == 1.0 and float(loaded.temperature) == 4.0
+    assert loaded.student_loss_weight == 0.5 and float(loaded.temperature) == 2.0
+    assert loaded.distillation_losses[1].student_layer_name == "conv1"
+    np.testing.assert_allclose(float(loaded.compute_loss(x=x, y=y, training=False)),
+                               float(distiller.compute_loss(x=x, y=y, training=False)), rtol=1e-5)
 
 
 def test_bad_schedules(named_teacher, digits):

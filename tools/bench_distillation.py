@@ -48,6 +48,8 @@ flags.DEFINE_float("width", 0.125, "Part a: the student's share of the digits CN
 flags.DEFINE_integer("student_epochs", 30, "Part a: student epochs, alone and distilled.",
                      lower_bound=1)
 flags.DEFINE_float("student_lr", 1e-3, "Part a: student Adam rate, alone and distilled.")
+flags.DEFINE_boolean("cosine", False, "Part a: cosine decay of the student rate to 5% (both "
+                     "arms): the last epoch's weights are then less of a lottery.")
 flags.DEFINE_multi_string("settings", ["4:0.5"], "Part a: distillation settings T:alpha "
                           "(repeat the flag); alpha weighs the labels.")
 flags.DEFINE_float("temperature", 4.0, "Part b: distillation temperature.")
@@ -101,7 +103,11 @@ def part_a(seed, teacher, data):
         keras.utils.set_random_seed(seed)  # the same initial weights and batches for each
         student = narrow_cnn(FLAGS.width)
         t, a = setting or (None, None)
-        variants.fit(student, data, epochs=FLAGS.student_epochs, learning_rate=FLAGS.student_lr,
+        lr = FLAGS.student_lr
+        if FLAGS.cosine:
+            steps = -(-len(data.x_train) // BATCH)
+            lr = keras.optimizers.schedules.CosineDecay(lr, FLAGS.student_epochs * steps, 0.05)
+        variants.fit(student, data, epochs=FLAGS.student_epochs, learning_rate=lr,
                      batch_size=BATCH, teacher=teacher if setting else None,
                      **({"temperature": t, "alpha": a} if setting else {}))
         rows[name] = (variants.accuracy(student, data.x_test, data.y_test),
@@ -192,8 +198,8 @@ def main(argv):
         print(f"{line} ({time.time() - start:.0f} s)", flush=True)
     if a_rows:
         summarize(f"(a) student at width {FLAGS.width:g}, {FLAGS.student_epochs} epochs at "
-                  f"{FLAGS.student_lr:g}", ["float acc", "int8 acc", "int8 bytes"], a_rows,
-                  "alone")
+                  f"{FLAGS.student_lr:g}" + (" cosine" if FLAGS.cosine else ""),
+                  ["float acc", "int8 acc", "int8 bytes"], a_rows, "alone")
     if b_rows:
         summarize(f"(b) prune -> strip -> QAT, T={FLAGS.temperature:g} alpha={FLAGS.alpha:g}"
                   + (f", hints {FLAGS.hints} x{FLAGS.hint_weight:g}" if FLAGS.hints else ""),

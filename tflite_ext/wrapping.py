@@ -16,6 +16,12 @@ Example:
     <Conv2D ...>
     >>> find(qp, PruneWrapper) is qp.layer
     True
+
+Under `tf.distribute` (MirroredStrategy, MultiWorkerMirroredStrategy) each replica runs
+`call` on its slice of the global batch, and a non-trainable variable assigned there (a QAT
+range, a folded BN statistic, a pruning activation count) updates that replica's own copy
+only. The wrappers therefore compute such updates from the whole global batch with
+`gather_replicas`, so every copy gets the same value, the one a single device computes.
 """
 import keras
 
@@ -57,3 +63,33 @@ def unwrap(layer):
 def find(layer, cls):
     """The first layer of type `cls` in `layer`'s wrapper stack, or None."""
     return next((inner for inner in layers_of(layer) if isinstance(inner, cls)), None)
+
+
+def _replica_context():
+    """The `tf.distribute` replica context while `call` runs on one of several replicas,
+    else None (one device, cross-replica code, or a backend other than TensorFlow)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def several_replicas():
+    """Whether `call` is running on one of several `tf.distribute` replicas right now."""
+    return _replica_context() is not None
+
+
+def gather_replicas(value):
+    """`value` of every replica stacked on a new first axis (replica order), or `value[None]`
+    on one device: what a wrapper reduces so that all replicas update a variable alike.
+
+    Example:
+        >>> batch_max = ops.max(gather_replicas(ops.max(x)), axis=0)  # over the global batch
+    """
+    value = keras.ops.expand_dims(value, 0)
+    context = _replica_context()
+    return value if context is None else context.all_gather(value, axis=0)

@@ -40,6 +40,7 @@ class PruningCallback(keras.callbacks.Callback):
         self.verbose = verbose
         self._plan = None
         self._step = 0
+        self._reread = False
         self.history = []  # (step, sparsity) of each pruning step
 
     def on_train_begin(self, logs=None):
@@ -47,11 +48,19 @@ class PruningCallback(keras.callbacks.Callback):
         if self._plan is None or self._plan.model is not model:
             self._plan = PruningPlan(model, self.importance)
         self._step = self._plan.step()  # completed steps; wrappers count them in call
+        self._reread = True
 
     def on_train_batch_begin(self, batch, logs=None):
-        # Prune before the first batch too, so step 0 of the schedule is honoured.
-        if batch == 0 and self._step == 0 and not self.history:
-            self._maybe_prune(0)
+        if self._reread:
+            # Read the model's step and masks again at the first batch: a callback listed
+            # after this one may have restored them in its own on_train_begin
+            # (keras.callbacks.BackupAndRestore resuming an interrupted fit).
+            self._reread = False
+            self._step = self._plan.step()
+            self._plan.reload()
+            # Prune before the first batch too, so step 0 of the schedule is honoured.
+            if self._step == 0 and not self.history:
+                self._maybe_prune(0)
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1

@@ -131,7 +131,12 @@ class PruningPlan:
         self.producer_of = {g.id: channel[g.producers[0]] for g in self.groups}
         # {group id: final sparsity} from prune(group_sparsity=...); ramped in apply().
         self.overrides = group_overrides(self.groups, self.policy.get("group_sparsity"))
-        keeps = {g.id: self._current_keep(g) for g in self.groups}  # e.g. a resumed model
+        self.reload()
+
+    def reload(self):
+        """Re-reads what the plan derives from the masks (which branches are removed), after
+        they were restored from a file (e.g. a resumed model)."""
+        keeps = {g.id: self._current_keep(g) for g in self.groups}
         self._removed = removal.removed_branches(self.graph, keeps)
 
     def settle(self):

@@ -95,10 +95,21 @@ class PruneWrapper(wrapping.Wrapper):
         self.pruning_step.assign_add(1)
         if self.track_activations:
             axes = tuple(range(len(inputs.shape) - 1))
-            self.act_abs_sum.assign_add(ops.sum(ops.abs(inputs), axis=axes))
-            self.act_zero_sum.assign_add(
-                ops.sum(ops.cast(ops.equal(inputs, 0), inputs.dtype), axis=axes))
-            self.act_count.assign_add(ops.sum(ops.ones_like(inputs[..., 0])))
+            abs_sum = ops.sum(ops.abs(inputs), axis=axes)
+            zero_sum = ops.sum(ops.cast(ops.equal(inputs, 0), inputs.dtype), axis=axes)
+            count = ops.sum(ops.ones_like(inputs[..., 0]))
+            if wrapping.several_replicas():
+                # Each replica sees a slice of the global batch and adds to its own copy of
+                # the sums: add the whole batch's, so every copy (and the importance read
+                # from it) is what one device accumulates.
+                features = abs_sum.shape[-1]
+                totals = ops.sum(wrapping.gather_replicas(ops.concatenate(
+                    [abs_sum, zero_sum, ops.expand_dims(count, 0)])), axis=0)
+                abs_sum, zero_sum = totals[:features], totals[features:2 * features]
+                count = totals[-1]
+            self.act_abs_sum.assign_add(abs_sum)
+            self.act_zero_sum.assign_add(zero_sum)
+            self.act_count.assign_add(count)
 
     def call(self, inputs, training=None):
         if training:

@@ -16,6 +16,7 @@ Example:
 import keras
 from keras import ops
 
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError
 
 _EPS = 1e-8  # keeps an all-zero channel's range non-empty (the converter needs scale > 0)
@@ -106,6 +107,12 @@ class ActivationQuantizer(keras.layers.Layer):
         # The int8 range must contain 0 so that zero (padding, ReLU) is exact.
         batch_min = ops.minimum(ops.min(values), 0.0)
         batch_max = ops.maximum(ops.max(values), 0.0)
+        if wrapping.several_replicas():
+            # Each replica holds a slice of the global batch and its own copy of the range:
+            # take the global batch's min and max, so every copy moves alike and as on one
+            # device (an empty slice adds 0, which the range holds anyway).
+            bounds = wrapping.gather_replicas(ops.stack([batch_min, batch_max]))
+            batch_min, batch_max = ops.min(bounds[:, 0]), ops.max(bounds[:, 1])
         seen = self.observed > 0.5
         new_min = ops.where(seen, self.decay * self.range_min + (1 - self.decay) * batch_min,
                             batch_min)

@@ -61,6 +61,23 @@ def _scale_depthwise(kernel, scale):
     return ops.reshape(ops.reshape(kernel, (kh, kw, cin * mult)) * scale, (kh, kw, cin, mult))
 
 
+def _global_moments(y, mean, variance):
+    """The global batch's per-channel mean and variance from each replica's (a replica sees
+    a slice of it; an empty slice counts for nothing): what BN sees on one device."""
+    count = ops.sum(ops.ones_like(y[..., 0]))
+    stats = wrapping.gather_replicas(ops.concatenate([ops.expand_dims(count, 0), mean,
+                                                      variance]))
+    channels = mean.shape[-1]
+    n = stats[:, :1]
+    seen = n > 0
+    means = ops.where(seen, stats[:, 1:1 + channels], 0.0)
+    variances = ops.where(seen, stats[:, 1 + channels:], 0.0)
+    total = ops.sum(n)
+    mean = ops.sum(n * means, axis=0) / total
+    variance = ops.sum(n * (variances + ops.square(means - mean)), axis=0) / total
+    return mean, variance
+
+
 @keras.saving.register_keras_serializable(package="tflite_ext")
 class QuantizeWrapper(wrapping.Wrapper):
     """Fake-quantizes a Conv1D/Conv2D/DepthwiseConv2D/SeparableConv2D/Dense layer's weights.
@@ -257,6 +274,8 @@ class QuantizeWrapper(wrapping.Wrapper):
         """Moving mean/variance of the *unfolded* float output, as BN would have computed."""
         y = ops.stop_gradient(self._linear(inputs, kernels, bias, False, quantized=False))
         mean, variance = ops.moments(y, axes=list(range(len(y.shape) - 1)))
+        if wrapping.several_replicas():
+            mean, variance = _global_moments(y, mean, variance)
         bn, keep = self._bn, self.bn_observing > 0.5
         m = bn.momentum
         bn.moving_mean.assign(ops.where(keep, bn.moving_mean * m + mean * (1 - m),

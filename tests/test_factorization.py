@@ -222,3 +222,19 @@ def test_factorized_model_quantizes_converts_and_runs_on_tflm(digits, tmp_path):
     lite = host.load_interpreter(result.flatbuffer)
     assert lite is not None
     assert micro.agreement(result.flatbuffer, x)["top1_agreement"] == 1.0
+
+
+def test_the_float_model_teaches_its_factorized_copy_through_hints(digits):
+    """The second layer of a pair keeps the original name: hints and outputs still find it."""
+    from tflite_ext import distillation
+
+    keras.utils.set_random_seed(5)
+    model = mlp()
+    x, y = digits.x_train[:128].reshape(128, -1), digits.y_train[:128]
+    small = factorization.factorize(model, rank={"fc1": 8, "fc2": 8}, verbose=False)
+    student, history = distillation.fit(model, small, x, y, epochs=2, hints={"fc2": "fc2"},
+                                        learning_rate=1e-3)
+    assert student is small and np.all(np.isfinite(history.history["loss"]))
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    with pytest.raises(InputError, match="fc2_nope"):
+        distillation.distill(model, small, hints={"fc2": "fc2_nope"})

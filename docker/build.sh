@@ -161,7 +161,7 @@ if [ -n "$extra_ca" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
 fi
 
 size_of() { "${PODMAN[@]}" image inspect --format '{{.Size}}' "$1"; }
-human() { awk -v b="$1" 'BEGIN { printf "%.2f GB (%d bytes)", b / 1e9, b }'; }
+human() { awk -v b="$1" 'BEGIN { printf "%.2f GB (%.0f bytes)", b / 1e9, b }'; }
 
 if [ "$BUILD" = 1 ]; then
   base=$(pick_base)

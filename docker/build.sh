@@ -124,6 +124,18 @@ make_local_base() {
     echo "deb $mirror $suite-updates main"
     echo "deb ${mirror%/debian*}/debian-security $suite-security main"
   } | $SUDO tee "$rootfs/etc/apt/sources.list" >/dev/null
+  # Lean, as Debian's own slim images are: no documentation but the copyright files, no
+  # manual pages, no translations, no apt lists; a dpkg rule keeps later installs lean too.
+  # Every path below is inside the root file system: refuse to go on without one.
+  case "$rootfs" in /?*/rootfs-*) ;; *) echo "build.sh: bad rootfs path: '$rootfs'" >&2; exit 1 ;; esac
+  [ -x "$rootfs/usr/bin/python3" ] || { echo "build.sh: $rootfs is not a root file system" >&2; exit 1; }
+  printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
+    'path-exclude /usr/share/locale/*' 'path-include /usr/share/locale/locale.alias' \
+    | $SUDO tee "$rootfs/etc/dpkg/dpkg.cfg.d/tflite-ext-slim" >/dev/null
+  $SUDO find "$rootfs/usr/share/doc" \( \( -type f ! -name copyright \) -o -type l \) -delete
+  $SUDO find "$rootfs/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+  $SUDO find "$rootfs/usr/share/man" "$rootfs/usr/share/info" -mindepth 1 -delete
   $SUDO rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
     "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/*.log
   $SUDO tar -C "$rootfs" --numeric-owner -cf - . | "${PODMAN[@]}" import \

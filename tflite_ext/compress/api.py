@@ -104,9 +104,7 @@ def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, l
     x, y = train
     if not any(plan.choice.values()):
         return model
-    # The schedule ramps to the largest partial sparsity; groups at 1.0 (removed blocks) ramp
-    # along with it by their ratio (prune's group_sparsity) and reach 1.0 at its end.
-    top = max([v for v in plan.choice.values() if v < 1.0] or [0.5])
+    top = search.partial_top(plan.choice)
     steps = epochs * -(-len(x) // 32)
     end = max(1, steps // 2)
     schedule = pruning.PolynomialDecay(0.0, top, 0, end, frequency=max(1, end // 4))
@@ -230,7 +228,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         raise BudgetError(_miss_message(budget, base, candidates, tried, max_accuracy_drop,
                                         out_dir))
     plan, small, fb, measured, acc = result
-    plan_json = {"prune": {"sparsity": max([v for v in plan.choice.values() if v < 1.0] or [0.5]),
+    plan_json = {"prune": {"sparsity": search.partial_top(plan.choice),
                            "group_sparsity": plan.group_sparsity, "round_to": round_to,
                            "layers": None if layers is None else repr(layers)},
                  "fine_tune": {"epochs": epochs, "learning_rate": learning_rate,

@@ -78,10 +78,16 @@ def prunable_groups(model, layers=None):
     return groups
 
 
+def partial_top(group_sparsity):
+    """The sparsity `prune` ramps to for these groups: the largest below 1.0 (a schedule cannot
+    end at 1.0); groups at 1.0, removed blocks, reach it by their ratio to this one."""
+    return max([v for v in group_sparsity.values() if v < 1.0] or [0.5])
+
+
 def one_shot(model, group_sparsity, *, layers=None, round_to=8, x=None):
     """`model` with `group_sparsity` ({pattern: sparsity}) applied at once and stripped; BN
     statistics re-estimated on `x`. Raises InputError if the setting is impossible."""
-    top = max(group_sparsity.values())
+    top = partial_top(group_sparsity)
     pruned = pruning.prune(model, top, layers=layers, round_to=round_to,
                            group_sparsity={**group_sparsity, ".*": 0.0})
     PruningPlan(pruned).apply(top)

@@ -45,6 +45,22 @@ def _matcher(layers):
                              for part in wrapping.layers_of(layer))
 
 
+def _per_layer(value, name, check):
+    """`layer -> value` for an int/bool or a {layer-name regex: value} dict (first match)."""
+    if not isinstance(value, dict):
+        value = check(value)
+        return lambda layer: value
+    if not value:
+        raise InputError(f"{name} must be a value or a non-empty dict {{layer-name regex: "
+                         f"value}}. Received: {name}={value!r}")
+    table = [(re.compile(k), check(v)) for k, v in value.items()]
+
+    def lookup(layer):
+        names = [part.name for part in wrapping.layers_of(layer)]
+        return next((v for p, v in table if any(p.fullmatch(n) for n in names)), None)
+    return lookup
+
+
 def cluster(model, clusters=16, *, per_channel=False, init="kmeans++", layers=None, seed=0):
     """Returns a copy of `model` whose chosen layers share `clusters` values per kernel.
 
@@ -55,8 +71,10 @@ def cluster(model, clusters=16, *, per_channel=False, init="kmeans++", layers=No
         model: a functional or Sequential model, float or QAT (`quantize_model`), possibly
             stripped after pruning. A model with pruning wrappers must be stripped first.
         clusters: values per kernel (per output channel with `per_channel`), 2..128; a
-            pruned zero counts as one of them.
-        per_channel: centroids per output channel rather than per tensor.
+            pruned zero counts as one of them. A dict {layer-name regex: clusters} sets it
+            per layer (first match; a layer no pattern matches is not clustered).
+        per_channel: centroids per output channel rather than per tensor; a dict
+            {layer-name regex: bool} sets it per layer (unmatched: per tensor).
         init: "kmeans++", "linear" or "density".
         layers: names/regexes, layer classes, or a callable choosing the layers (default:
             every Dense/Conv layer).
@@ -67,7 +85,8 @@ def cluster(model, clusters=16, *, per_channel=False, init="kmeans++", layers=No
             tensor or per channel), no layer chosen, or a model already clustered or still
             wrapped for pruning.
     """
-    clusters = centroid_lib.check_clusters(clusters)
+    clusters_of = _per_layer(clusters, "clusters", centroid_lib.check_clusters)
+    channel_of = _per_layer(per_channel, "per_channel", bool)
     centroid_lib.check_init(init)
     graph = FunctionalGraph(model)
     for node in graph.nodes:
@@ -79,12 +98,14 @@ def cluster(model, clusters=16, *, per_channel=False, init="kmeans++", layers=No
                              f"{node.layer.name}")
     match = _matcher(layers)
     chosen = {n.name for n in graph.nodes if n.inputs and isinstance(n.layer, keras.layers.Layer)
-              and clusterable(n.layer) and kernel_names(n.layer) and match(n.layer)}
+              and clusterable(n.layer) and kernel_names(n.layer) and match(n.layer)
+              and clusters_of(n.layer) is not None}
     if not chosen:
         raise InputError(f"layers matched no Dense/Conv layer of the model. Received: "
                          f"layers={layers!r}")
     for name in sorted(chosen):
-        _check_size(graph.node_by_name[name].layer, clusters, per_channel)
+        layer = graph.node_by_name[name].layer
+        _check_size(layer, clusters_of(layer), bool(channel_of(layer)))
     names = unique_names(graph)
 
     def make_layer(node):
@@ -92,8 +113,9 @@ def cluster(model, clusters=16, *, per_channel=False, init="kmeans++", layers=No
         layer = clone_layer(source, {**source.get_config(), "name": names[node.name]})
         if node.name not in chosen:
             return layer, lambda new, src=source: new.set_weights(src.get_weights())
-        wrapper = ClusterWrapper(layer, clusters=clusters, per_channel=per_channel, init=init,
-                                 seed=seed, name=names[node.name])
+        wrapper = ClusterWrapper(layer, clusters=clusters_of(source),
+                                 per_channel=bool(channel_of(source)), init=init, seed=seed,
+                                 name=names[node.name])
 
         def init_wrapper(new, src=source):
             new.layer.set_weights(src.get_weights())

@@ -24,9 +24,9 @@ from ai_edge_litert import schema_py_generated as schema
 from tflite_ext.errors import ConversionError, InputError
 
 MAX_BITS = 7
-# Bytes a DECODE costs besides its data and the two copies of the tensor's name: the operator,
-# the ancillary and decoded tensors' tables, two buffers and alignment (measured: 180-200
-# bytes). A tensor is compressed only when it saves more than that.
+# Bytes a DECODE costs besides its data and the copies of the tensor's name: the operator, the
+# ancillary and decoded tensors' tables, two buffers and alignment (measured: 180-200 bytes).
+# A tensor is compressed only when it saves more than that.
 DECODE_OVERHEAD = 200
 _DCM_BYTES = 16
 _INT8 = schema.TensorType.INT8
@@ -104,8 +104,8 @@ def plan(flatbuffer, max_bits=MAX_BITS):
                 continue
             bits, lut_axis, values, size = min(options, key=lambda o: o[3])
             name = tensor.Name().decode(errors="replace")
-            # The decoded and ancillary tensors repeat the name with a suffix.
-            if array.size - size <= DECODE_OVERHEAD + 2 * len(name):
+            # The encoded, decoded and ancillary tensors carry its (shortened) name.
+            if array.size - size <= DECODE_OVERHEAD + 3 * len(name.split(";")[0]):
                 continue
             chosen.append({"subgraph": s, "tensor": t, "name": name, "shape": shape,
                            "bits": bits, "axis": lut_axis, "values": values,
@@ -139,6 +139,7 @@ def compress(flatbuffer, max_bits=MAX_BITS):
             "(per tensor or per channel) that would shrink: cluster the model first "
             "(tflite_ext.clustering.cluster). Received: max index width "
             f"{max_bits} bits")
+    renamed = _short_names(flatbuffer, chosen)
     builder = compression.SpecBuilder()
     for entry in chosen:
         mode = (compression.spec.PerTensor() if entry["axis"] is None
@@ -148,7 +149,7 @@ def compress(flatbuffer, max_bits=MAX_BITS):
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(log):
         warnings.simplefilter("always")
         try:
-            compressed = bytes(compression.compress(flatbuffer, builder.build()))
+            compressed = bytes(compression.compress(renamed, builder.build()))
         except Exception as e:  # the compressor's own one-line reason
             raise ConversionError(f"TFLite Micro's compressor refused the model: "
                                   f"{str(e).splitlines()[0][:300]}") from None
@@ -161,6 +162,23 @@ def compress(flatbuffer, max_bits=MAX_BITS):
                          f"{len(compressed):,} bytes): cluster it with fewer clusters. "
                          f"Received: {len(chosen)} compressible tensor(s)")
     return compressed, chosen
+
+
+def _short_names(flatbuffer, chosen):
+    """The model with each chosen tensor named by the first of the converter's ';'-joined
+    names (the op that made it). The compressor writes the name three times (encoded,
+    "_ancillary", "_decoded"); TFLM reads none of them, and on the digits CNN the full
+    names cost ~170 bytes a tensor."""
+    import flatbuffers
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flatbuffer, 0))
+    for entry in chosen:
+        short = entry["name"].split(";")[0]
+        model.subgraphs[entry["subgraph"]].tensors[entry["tensor"]].name = short.encode()
+        entry["name"] = short
+    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _tflm(flatbuffer, alt_memory=0):

@@ -31,7 +31,9 @@ from tflite_ext.files import atomic_write, ensure_writable_dir
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _RECORD_ARENA = 16 * 1024 * 1024   # generous arena for the allocation report
-_MISSING_OP = "Didn't find op for"
+# How TFLM says it has no kernel: for a builtin op, and for a custom op (TFLM_DECODE on a
+# runtime without decompression).
+_MISSING_OPS = ("Didn't find op for", "Failed to get registration from op code")
 
 # The child process: tiny on purpose (imports only numpy + tflite_micro, ~0.2 s to start).
 _WORKER = r'''
@@ -150,7 +152,8 @@ def unsupported_ops(model):
         while pending:
             results = _run_worker([p for _, p in pending], _RECORD_ARENA, 0)
             for (name, _), result in zip(pending, results):
-                if _MISSING_OP in result["log"] or _MISSING_OP in (result["error"] or ""):
+                said = result["log"] + (result["error"] or "")
+                if any(marker in said for marker in _MISSING_OPS):
                     missing.append(name)
             # A crash is past the kernel lookup, so that op has a kernel; go on after it.
             pending = pending[len(results):]

@@ -14,7 +14,7 @@ from clustering_models import CLUSTERS, clustered_qat, float_model, lut_result
 from conftest import assert_no_partial_files
 from tflite_ext import clustering, convert, lut, models, pruning
 from tflite_ext.clustering import ClusteringCallback, ClusterWrapper
-from tflite_ext.errors import InputError, UnsupportedLayerError
+from tflite_ext.errors import ConversionError, InputError, UnsupportedLayerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,3 +211,32 @@ def test_tflm_without_decode_kernel_is_one_line():
     with pytest.raises(InputError, match=r"^This TFLite Micro runtime cannot run the compressed "
                                          r"model: no kernel for CUSTOM:TFLM_DECODX"):
         lut.verify(lut_result().flatbuffer, small, clustered_qat()[0].x_test[:5])
+
+
+def test_per_channel_quantized_weights_get_per_channel_tables():
+    # Four shared values and every output column holding -1 and 1: PTQ gives each channel the
+    # same scale, so the int8 tensor has 4 values in all. TFLM decodes one table for such a
+    # per-channel-quantized FULLY_CONNECTED weight wrongly: plan() keeps to its quantized
+    # axis, and verify() catches the wrong decode with real TFLM runs.
+    rng = np.random.default_rng(0)
+    kernel = rng.choice([-1.0, -0.5, 0.5, 1.0], size=(64, 16)).astype("float32")
+    kernel[0], kernel[1] = -1.0, 1.0
+    inputs = keras.Input((64,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(16, name="fc")(inputs))
+    model.get_layer("fc").kernel.assign(kernel)
+    x = rng.normal(size=(50, 64)).astype("float32")
+    int8 = convert.to_tflite(model, x).flatbuffer
+    (weights,) = int8_weights(int8).values()
+    assert len(np.unique(weights)) == 4
+    [entry] = lut.plan(int8)
+    assert (entry["bits"], entry["axis"], entry["values"]) == (2, 0, 4)
+    small, _ = lut.compress(int8)
+    assert lut.verify(int8, small, x)["identical"]
+    from tflite_micro import compression
+
+    spec = compression.SpecBuilder()
+    spec.add_tensor(0, entry["tensor"]).with_lut(2, compression.spec.PerTensor())
+    wrong = bytes(compression.compress(int8, spec.build()))
+    with pytest.raises(ConversionError, match=r"^LUT-compressed model differs from the int8 "
+                                              r"model in TFLM on sample 0, output 0"):
+        lut.verify(int8, wrong, x)

@@ -425,6 +425,8 @@ def main(argv):
         rows.append({"variant": name, "accuracy": metrics.pop("tflite_accuracy"), **metrics,
                      "file": file})
     rows.append(lut_row(lut_result, data, out))
+    if peer is not None:  # tfmot's clustered int8 weights are few-valued too: our LUT stage
+        rows.append(tfmot_lut_row(files["tfmot cluster 16 → strip → int8"], data, out))
     ptq = next(r for r in rows if r["variant"] == "PTQ int8")
     for row in rows:
         row["bytes_vs_ptq"] = ptq["bytes"] / row["bytes"]
@@ -454,18 +456,18 @@ CLUSTER_LABEL = "tflite_ext prune → strip → QAT + cluster → int8"
 LUT_LABEL = "tflite_ext prune → strip → QAT + cluster → int8 LUT (TFLM)"
 
 
-def lut_row(lut_result, data, out):
+def lut_row(lut_result, data, out, label=None):
     """The LUT file's row: bytes, gzip, MACs, its accuracy in TFLM (LiteRT cannot run it, so
     no LiteRT latency), and the bit-identity proof made on the test images."""
     import gzip
 
     from tflite_ext import inspect
 
-    small = lut_result.lut.flatbuffer
-    file = f"{_file_name(LUT_LABEL)}.tflite"
+    small, label = lut_result.lut.flatbuffer, label or LUT_LABEL
+    file = f"{_file_name(label)}.tflite"
     atomic_write(os.path.join(out, file), small)
     info = inspect.summary(small)
-    return {"variant": LUT_LABEL, "accuracy": tflm_accuracy(small, data.x_test, data.y_test),
+    return {"variant": label, "accuracy": tflm_accuracy(small, data.x_test, data.y_test),
             "bytes": len(small), "gzip_bytes": len(gzip.compress(small, 9)),
             "macs": info["macs"], "median_us": None, "full_integer": info["full_integer"],
             "file": file, "test_samples": len(data.x_test),
@@ -474,6 +476,28 @@ def lut_row(lut_result, data, out):
             "bits_per_weight": [round(t["bits_per_weight"], 2) for t in info["compressed"]],
             "huffman_estimate_bytes": sum(t["huffman_estimate_bytes"]
                                           for t in info["compressed"])}
+
+
+TFMOT_LUT_LABEL = "tfmot cluster 16 → int8 → tflite_ext LUT (TFLM)"
+
+
+def tfmot_lut_row(flatbuffer, data, out):
+    """tfmot's clustered int8 file through `tflite_ext.lut` (4-bit), proven on the test set."""
+    from tflite_ext import lut
+
+    small, plan = lut.compress(flatbuffer, 4)
+    proof = lut.verify(flatbuffer, small, data.x_test)
+    row = lut_row(convert_result(flatbuffer, small, plan, proof), data, out, TFMOT_LUT_LABEL)
+    return row
+
+
+def convert_result(flatbuffer, small, plan, proof):
+    """A `ConversionResult` holding an already compressed pair (for `lut_row`)."""
+    from tflite_ext import convert
+
+    report = {"tensors": plan, "bytes_before": len(flatbuffer), "bytes": len(small),
+              "verified": proof}
+    return convert.ConversionResult(flatbuffer, {}, convert.LutResult(small, report))
 
 
 def _file_name(variant):

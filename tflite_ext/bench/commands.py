@@ -56,9 +56,9 @@ def _eval_arrays(fv, model):
             raise InputError(f"--eval_data must be a .npz holding arrays x and y ({e}). "
                              f"Received: {fv.eval_data!r}") from None
     if fv.task == "digits":
-        from tflite_ext import tasks
-        from tflite_ext.bench import host
-        shape = host.describe(model)["inputs"][0]["shape"]
+        from tflite_ext import inspect, tasks
+        # Read from the flatbuffer, not LiteRT: a TFLM LUT model has ops LiteRT cannot load.
+        shape = inspect.summary(model)["inputs"][0]["shape"]
         if len(shape) != 4:
             raise InputError(f"--task digits needs an image model (N, H, W, C). "
                              f"Received: input shape={shape}")

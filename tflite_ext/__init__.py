@@ -14,7 +14,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 _SUBMODULES = ("bench", "clustering", "convert", "demo", "distillation", "errors", "files",
-               "functional", "inspect", "models", "pruning", "quantization", "tasks", "wrapping")
+               "functional", "inspect", "lut", "models", "pruning", "quantization", "tasks",
+               "wrapping")
 
 
 def __getattr__(name):

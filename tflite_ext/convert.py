@@ -186,8 +186,12 @@ def _lut_copy(flatbuffer, max_bits, data):
     compressed, chosen = lut_lib.compress(flatbuffer, max_bits)
     if isinstance(data, (str, os.PathLike)):
         data = load_array_file(data)
-    if isinstance(data, dict):
-        data = [data[k] for k in sorted(data)]
+    if isinstance(data, dict):  # TFLM numbers its inputs; names cannot be matched there
+        if len(data) != 1:
+            raise InputError("lut_data for a model with several inputs must be a list of "
+                             "arrays in the model's input order. Received: a dict with keys "
+                             f"{sorted(data)}")
+        data = next(iter(data.values()))
     proof = lut_lib.verify(flatbuffer, compressed, data)
     report = {"tensors": chosen, "bytes_before": len(flatbuffer), "bytes": len(compressed),
               "verified": proof,

@@ -469,7 +469,8 @@ def lut_row(lut_result, data, out, label=None):
     info = inspect.summary(small)
     return {"variant": label, "accuracy": tflm_accuracy(small, data.x_test, data.y_test),
             "bytes": len(small), "gzip_bytes": len(gzip.compress(small, 9)),
-            "macs": info["macs"], "median_us": None, "full_integer": info["full_integer"],
+            "macs": info["macs"], "median_us": None, "runtime": "TFLM",
+            "full_integer": info["full_integer"],
             "file": file, "test_samples": len(data.x_test),
             "identical_samples": lut_result.lut.report["verified"]["samples"],
             "lut_tensors": lut_result.lut.report["tensors"],

@@ -204,3 +204,28 @@ def test_softmax_with_a_tiny_input_scale_is_refused_before_tflm_aborts():
     fine = softmax_model(1e-5)  # a small but workable scale: checked, and TFLM runs it
     micro.check_model(fine)
     assert micro.allocation_report(fine)["total"] > 0
+
+
+def test_lut_model_arena_decode_buffers_and_decode_cost(tmp_path):
+    from clustering_models import clustered_qat, lut_result
+
+    result, x = lut_result(), clustered_qat()[0].x_test[:20]
+    path = result.save(str(tmp_path / "small.tflite"))
+    small = str(tmp_path / "small.lut.tflite")
+    r = micro.analyze(small, x, runs=5, reference=path)
+    assert micro.arena_works(small, r["arena_bytes"])
+    assert not micro.arena_works(small, r["arena_bytes"] - 1)
+    c = r["compression"]
+    assert (c["tensors"], c["decode_ops"], c["weights"]) == (2, 2, 1152 + 2560)
+    assert c["decode_buffer_bytes"] == 2560 and c["decoded_bytes"] == 1152 + 2560
+    assert c["stored_bytes"] == 368 + 984 and c["alt_suggestion"] == 2560
+    # With the decode buffer outside the arena, the arena needs less.
+    assert c["arena_bytes_with_alt"] < r["arena_bytes"]
+    assert micro.arena_works(small, c["arena_bytes_with_alt"], alt=2560)
+    ref = c["reference"]
+    assert ref["identical"] is True and ref["size_bytes"] == os.path.getsize(path)
+    assert ref["flash_saved_bytes"] == os.path.getsize(path) - os.path.getsize(small) > 0
+    assert ref["arena_bytes"] < r["arena_bytes"]   # the decode buffers live in the arena
+    assert "agreement" not in r                     # LiteRT cannot run TFLM_DECODE
+    with pytest.raises(InputError, match=r"^reference compares a LUT-compressed model"):
+        micro.analyze(path, x, reference=path)

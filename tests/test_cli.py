@@ -173,3 +173,32 @@ def test_convert_npz_matches_arrays_to_inputs_by_name(capsys, tmp_path):
     scales = input_scales(inspect.summary(str(output)))
     assert scales["a"] == pytest.approx(xa.max() / 255, rel=1e-2)
     assert scales["b"] == pytest.approx(xb.max() / 255, rel=1e-2)
+
+
+def test_convert_lut_writes_both_files_and_says_tflm_only(capsys, tmp_path):
+    from clustering_models import clustered_qat
+
+    data, model, _, final = clustered_qat()
+    final.save(tmp_path / "clustered.keras")
+    model.save(tmp_path / "float.keras")
+    np.save(tmp_path / "x.npy", data.x_test[:50])
+    out_path = tmp_path / "out" / "small.tflite"
+    code, out, err = run(capsys, "convert", str(tmp_path / "clustered.keras"), "--lut",
+                         "--lut_data", str(tmp_path / "x.npy"), "-o", str(out_path))
+    assert code == 0, err
+    lut_file = tmp_path / "out" / "small.lut.tflite"
+    assert out_path.exists() and lut_file.stat().st_size < out_path.stat().st_size
+    assert "TFLite Micro LUT-compressed tensors: 2" in out
+    assert f"wrote {lut_file} ({lut_file.stat().st_size:,} bytes" in out
+    assert "bit-identical on 50 samples" in out and "LiteRT has no TFLM_DECODE kernel" in out
+    code, out, _ = run(capsys, "inspect", str(lut_file), "--json")
+    assert code == 0 and len(json.loads(out)["compressed"]) == 2
+    # A float model has nothing to compress: one line, exit 2, no file.
+    bad = tmp_path / "bad" / "float.tflite"
+    code, _, err = run(capsys, "convert", str(tmp_path / "float.keras"), "--mode", "float32",
+                       "--lut", "--lut_data", str(tmp_path / "x.npy"), "-o", str(bad))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("tflite-ext convert: error: lut=True compresses int8 weights for "
+                          "TFLite Micro: convert with mode='int8'. Received: mode='float32'")
+    assert not bad.exists() and not bad.with_suffix(".lut.tflite").exists()
+    assert_no_partial_files(tmp_path / "out")

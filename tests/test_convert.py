@@ -383,3 +383,19 @@ def test_dynamic_spatial_input_accepts_calibration_data():
     np.testing.assert_allclose(got, model.predict(data[:1], verbose=0), atol=0.02)
     with pytest.raises(InputError, match=r"does not match model input .* \(N, None, None, 3\)"):
         convert.to_tflite(model, data[..., :2])
+
+
+def test_lut_path_and_save_writes_both_or_neither(tmp_path):
+    from clustering_models import lut_result
+
+    assert convert.lut_path("a/model.tflite") == "a/model.lut.tflite"
+    assert convert.lut_path("model") == "model.lut.tflite"
+    result = lut_result()
+    (tmp_path / "taken.tflite").mkdir()  # the int8 file cannot be written over a folder
+    with pytest.raises(OSError):
+        result.save(str(tmp_path / "taken.tflite"))
+    assert sorted(os.listdir(tmp_path)) == ["taken.tflite"]
+    assert len(result.lut.flatbuffer) < len(result.flatbuffer)
+    assert result.lut.report["bytes"] == len(result.lut.flatbuffer)
+    assert result.lut.report["bytes_before"] == len(result.flatbuffer)
+    assert result.lut.report["runtime"].startswith("TensorFlow Lite Micro only")

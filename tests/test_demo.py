@@ -19,7 +19,8 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
     variants = {v["name"]: v for v in report["variants"]}
     assert list(variants) == ["float32", "int8_ptq", "int8_qat", "int8_pruned",
-                              "int8_pruned_qat", "int8_pruned_factorized_qat"]
+                              "int8_pruned_factorized_qat", "int8_pruned_qat_cluster",
+                              "int8_pruned_qat"]
     final = inspect.summary(out / "model.tflite")
     assert final["full_integer"], final["float_ops"]
     assert report["model_tflite"] == list(variants)[-1]
@@ -40,7 +41,7 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     factorized = variants["int8_pruned_factorized_qat"]
     assert factorized["full_integer"] and factorized["macs"] < pruned["macs"]
     assert factorized["bytes"] < pruned["bytes"]
-    assert report["model_tflite"] == "int8_pruned_factorized_qat"
+    assert report["model_tflite"] == "int8_pruned_qat"
     for plot in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     worst = report["quantization_error"]["worst"]
@@ -48,6 +49,17 @@ def test_quick_demo_writes_verified_int8_model_and_reports(quick_report):
     md = (out / "report.md").read_text()
     assert "| int8_ptq |" in md and "Quick mode" in md and "loses precision" in md
     assert_no_partial_files(out)
+
+
+def test_cluster_stage_writes_a_verified_lut_copy(quick_report):
+    out, report = quick_report
+    lut = report["lut"]
+    small = inspect.summary(out / "model.lut.tflite")
+    assert lut["bytes"] == small["size_bytes"] < lut["bytes_before"]
+    assert lut["bytes_before"] == report["variants"][4]["bytes"]
+    assert lut["verified"]["identical"] and lut["verified"]["samples"] == 540
+    assert [t["bits"] for t in small["compressed"]] == [2, 2, 3]   # conv2, conv3, fc1
+    assert demo.plan(["cluster"]) == ["train", "prune", "cluster", "evaluate", "report"]
 
 
 def test_stage_plan_adds_dependencies_and_rejects_unknown():

@@ -259,3 +259,31 @@ def test_float_op_inside_int8_graph_is_warned(digits, io_dtype):
         assert len(info["warnings"]) == 3 and info["warnings"][2] == island
         assert info["warnings"][0].startswith(f"input '{info['inputs'][0]['name']}' is float32")
         assert info["warnings"][1].startswith(f"output '{info['outputs'][0]['name']}' is float32")
+
+
+def test_lut_compressed_tensors_bits_and_entropy_estimate():
+    from clustering_models import lut_result
+
+    result = lut_result()
+    assert inspect.summary(result.flatbuffer)["compressed"] == []
+    info = inspect.summary(result.lut.flatbuffer)
+    assert info["full_integer"] and info["op_counts"]["TFLM_DECODE"] == 2
+    found = {t["name"].split("/")[1]: t for t in info["compressed"]}
+    conv2, logits = found["quant_conv2_1"], found["quant_logits_1"]
+    # conv2: 1,152 weights, 2-bit indices (288 bytes), 16 per-channel tables of 4 values.
+    assert (conv2["bits"], conv2["axis"], conv2["tables"], conv2["table_values"]) == (2, 0, 16, 4)
+    assert (conv2["elements"], conv2["encoded_bytes"], conv2["ancillary_bytes"]) == (1152, 288,
+                                                                                      16 + 64)
+    assert conv2["bits_per_weight"] == pytest.approx(8 * (288 + 80) / 1152)
+    # logits: per tensor, 3-bit indices into one table of 8 values.
+    assert (logits["bits"], logits["axis"], logits["tables"], logits["elements"],
+            logits["encoded_bytes"], logits["ancillary_bytes"]) == (3, None, 1, 2560, 960, 24)
+    for t in (conv2, logits):
+        assert 0 < t["index_entropy_bits"] <= t["bits"]
+        assert t["huffman_estimate_bytes"] <= t["encoded_bytes"] + t["ancillary_bytes"]
+        assert t["decode_ops"] == 1 and t["shape"] in ([16, 3, 3, 8], [10, 256])
+    text = inspect.render(info)
+    assert "TFLite Micro LUT-compressed tensors: 2" in text and "LiteRT has no kernel" in text
+    assert "2-bit per channel on axis 0, 16 tables of 4 values: 1,152 weights in 368 bytes " \
+           "(2.56 bits/weight)" in text
+    assert "(estimate; no TFLM runtime decodes it)" in text

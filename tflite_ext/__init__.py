@@ -13,8 +13,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("bench", "compress", "convert", "demo", "distillation", "errors",
-               "factorization", "files", "functional", "inspect", "models", "pruning",
+_SUBMODULES = ("bench", "clustering", "compress", "convert", "demo", "distillation", "errors",
+               "factorization", "files", "functional", "inspect", "lut", "models", "pruning",
                "quantization", "tasks", "wrapping")
 
 

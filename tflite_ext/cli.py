@@ -77,6 +77,14 @@ def _convert_flags(fv):
                          flag_values=fv)
     flags.DEFINE_boolean("json", False, "Print the verification report as JSON.",
                          flag_values=fv)
+    flags.DEFINE_boolean("lut", False, "Also write <output>.lut.tflite for TensorFlow Lite "
+                         "Micro: int8 tensors with at most 2^b values (a clustered model's) as "
+                         "b-bit indices plus value tables, proven bit-identical in TFLM on "
+                         "--lut_data (LiteRT cannot run it).", flag_values=fv)
+    flags.DEFINE_integer("lut_bits", 7, "Widest LUT index (bits) --lut may use.", lower_bound=1,
+                         upper_bound=7, flag_values=fv)
+    flags.DEFINE_string("lut_data", None, "Float samples (.npy/.npz) on which TFLM must give "
+                        "identical outputs for both files (default: --data).", flag_values=fv)
 
 
 def _convert_main(fv, args):
@@ -91,14 +99,24 @@ def _convert_main(fv, args):
                          f"Received: {output!r}")
     ensure_writable_dir(os.path.dirname(os.path.abspath(output)))  # fail before converting
     result = convert.to_tflite(model_path, fv.data, mode=fv.mode, io_dtype=fv.io,
-                               allow_float=fv.allow_float, num_calibration_samples=fv.samples)
+                               allow_float=fv.allow_float, num_calibration_samples=fv.samples,
+                               lut=fv.lut_bits if fv.lut else False, lut_data=fv.lut_data)
     result.save(output)
+    lut = result.lut
     if fv.json:
-        print(json.dumps({"output": output, **result.report}, indent=2))
-    else:
-        print(inspect.render(result.report))
-        print(f"wrote {output} ({len(result.flatbuffer):,} bytes, mode={fv.mode}, "
-              f"{_io_types(result.report)})")
+        extra = {"lut": {"output": convert.lut_path(output), **lut.report}} if lut else {}
+        print(json.dumps({"output": output, **result.report, **extra}, indent=2))
+        return 0
+    print(inspect.render(result.report))
+    print(f"wrote {output} ({len(result.flatbuffer):,} bytes, mode={fv.mode}, "
+          f"{_io_types(result.report)})")
+    if lut:
+        print("\n".join(inspect.render_compressed(inspect.summary(lut.flatbuffer))))
+        print(f"wrote {convert.lut_path(output)} ({len(lut.flatbuffer):,} bytes, "
+              f"{len(lut.flatbuffer) / len(result.flatbuffer):.0%} of the int8 file; TFLM "
+              f"outputs bit-identical on {lut.report['verified']['samples']} samples). It is "
+              f"for TensorFlow Lite Micro only: LiteRT has no TFLM_DECODE kernel, use "
+              f"{output} there.")
     return 0
 
 

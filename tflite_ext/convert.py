@@ -36,23 +36,53 @@ _BRIDGE_OPS = ("QUANTIZE", "DEQUANTIZE")
 
 
 @dataclasses.dataclass
-class ConversionResult:
-    """What `to_tflite` made: the flatbuffer and what verification found in it.
+class LutResult:
+    """The TFLite Micro LUT-compressed copy of a model (`to_tflite(..., lut=True)`).
 
-    `report` is `inspect.summary(flatbuffer)` plus `mode`, `io_dtype`, `allowed_float` and
-    `float_leaks` (empty for a verified full-integer model).
+    `report`: tensors (what `lut.plan` chose for each), bytes before and after, and
+    verification (samples on which TFLM gave bit-identical outputs). LiteRT has no kernel
+    for its `TFLM_DECODE` ops: run it with TensorFlow Lite Micro.
     """
 
     flatbuffer: bytes
     report: dict
 
+
+@dataclasses.dataclass
+class ConversionResult:
+    """What `to_tflite` made: the flatbuffer and what verification found in it.
+
+    `report` is `inspect.summary(flatbuffer)` plus `mode`, `io_dtype`, `allowed_float` and
+    `float_leaks` (empty for a verified full-integer model). `lut` is the LUT-compressed copy
+    (`LutResult`) when asked for.
+    """
+
+    flatbuffer: bytes
+    report: dict
+    lut: LutResult = None
+
     def save(self, path):
-        """Writes the flatbuffer atomically; returns the path."""
-        return atomic_write(path, self.flatbuffer)
+        """Writes the flatbuffer atomically, and the LUT copy beside it (`lut_path(path)`);
+        returns the path. Both files appear whole, or neither."""
+        if self.lut is None:
+            return atomic_write(path, self.flatbuffer)
+        second = atomic_write(lut_path(path), self.lut.flatbuffer)
+        try:
+            return atomic_write(path, self.flatbuffer)
+        except BaseException:
+            os.unlink(second)
+            raise
+
+
+def lut_path(path):
+    """Where the LUT copy of `path` goes: `model.tflite` -> `model.lut.tflite`."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.lut{ext or '.tflite'}"
 
 
 def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
-              allow_float=(), num_calibration_samples=300, batch_size=1):
+              allow_float=(), num_calibration_samples=300, batch_size=1, lut=False,
+              lut_data=None):
     """Converts a Keras 3 model (object, `.keras` file or SavedModel folder) to TFLite.
 
     Args:
@@ -74,9 +104,21 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
         num_calibration_samples: at most this many samples are used for calibration.
         batch_size: fixed batch dimension of the converted model (1 suits MCUs and phones);
             None keeps it dynamic.
+        lut: also make a TensorFlow Lite Micro copy whose int8 tensors with at most 2^b
+            distinct values (a clustered model's) are stored as b-bit indices plus value
+            tables (`tflite_ext.lut`); True allows 1-7 bit indices, an int caps b. The copy
+            is kept only if TFLM gives bit-identical outputs to the int8 model on every
+            sample of `lut_data`. LiteRT cannot run it (no `TFLM_DECODE` kernel).
+        lut_data: float samples for that proof (default: `representative_data`).
 
     Returns:
-        A `ConversionResult`.
+        A `ConversionResult` (with `.lut` when `lut` is set).
+
+    Example:
+        >>> result = to_tflite(strip_clustering(clustered), lut=True, lut_data=x_test)
+        >>> len(result.lut.flatbuffer) / len(result.flatbuffer)
+        0.56
+        >>> result.save("digits.tflite")          # and digits.lut.tflite
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}. Received: mode={mode!r}")
@@ -85,6 +127,9 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
         raise InputError(f"io_dtype for mode={mode} must be one of "
                          f"{', '.join(_IO_DTYPES[mode])}. Received: io_dtype={io_dtype!r}")
     allow_float = tuple(allow_float)
+    if lut:  # checked before converting: a bad request costs no conversion
+        max_bits = _check_lut(lut, mode, lut_data if lut_data is not None
+                              else representative_data)
     if isinstance(num_calibration_samples, bool) or not isinstance(num_calibration_samples, int) \
             or num_calibration_samples < 1:
         raise InputError(f"num_calibration_samples must be an integer >= 1. Received: "
@@ -112,7 +157,46 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
             f"mode={mode} cannot be full integer: op(s) {', '.join(culprits) or leaks[0]} stay "
             f"float ({len(leaks)} float op(s)/tensor(s) in all). Pass "
             f"allow_float={culprits!r} to accept them, or replace them in the model.")
-    return ConversionResult(flatbuffer, report)
+    result = ConversionResult(flatbuffer, report)
+    if lut:
+        result.lut = _lut_copy(flatbuffer, max_bits, lut_data if lut_data is not None
+                               else representative_data)
+    return result
+
+
+def _check_lut(lut, mode, data):
+    from tflite_ext import lut as lut_lib
+
+    max_bits = lut_lib.check_bits(lut)
+    if mode != "int8":
+        raise InputError(f"lut=True compresses int8 weights for TFLite Micro: convert with "
+                         f"mode='int8'. Received: mode={mode!r}")
+    if data is None:
+        raise InputError("lut=True proves the compressed model gives the int8 model's outputs "
+                         "on data: pass lut_data= (float samples) or representative_data. "
+                         "Received: lut_data=None")
+    lut_lib.compression_module()
+    return max_bits
+
+
+def _lut_copy(flatbuffer, max_bits, data):
+    """The verified LUT copy (`tflite_ext.lut`), samples as float arrays."""
+    from tflite_ext import lut as lut_lib
+
+    compressed, chosen = lut_lib.compress(flatbuffer, max_bits)
+    if isinstance(data, (str, os.PathLike)):
+        data = load_array_file(data)
+    if isinstance(data, dict):  # TFLM numbers its inputs; names cannot be matched there
+        if len(data) != 1:
+            raise InputError("lut_data for a model with several inputs must be a list of "
+                             "arrays in the model's input order. Received: a dict with keys "
+                             f"{sorted(data)}")
+        data = next(iter(data.values()))
+    proof = lut_lib.verify(flatbuffer, compressed, data)
+    report = {"tensors": chosen, "bytes_before": len(flatbuffer), "bytes": len(compressed),
+              "verified": proof,
+              "runtime": "TensorFlow Lite Micro only (LiteRT has no TFLM_DECODE kernel)"}
+    return LutResult(compressed, report)
 
 
 def _convert(model, representative_data, mode, io_dtype, allow_float, num_samples, batch_size,
@@ -186,7 +270,7 @@ def load_model(path):
 
 def _register_custom_objects():
     # Importing registers the wrappers with Keras' serialization, so saved models load.
-    for module in ("tflite_ext.pruning", "tflite_ext.quantization"):
+    for module in ("tflite_ext.pruning", "tflite_ext.quantization", "tflite_ext.clustering"):
         with contextlib.suppress(ImportError):
             __import__(module)
 

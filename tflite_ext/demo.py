@@ -20,9 +20,9 @@ from tflite_ext.errors import InputError
 from tflite_ext.files import atomic_write, ensure_writable_dir
 
 # Budgets from references.md (the tfmot figures were measured with these).
-EPOCHS = {"train": 30, "prune": 15, "qat": 5, "factorize": 5}
+EPOCHS = {"train": 30, "prune": 15, "qat": 5, "factorize": 5, "cluster": 10}
 # BatchNorm moving statistics need ~15 epochs to settle before test accuracy means anything.
-QUICK_EPOCHS = {"train": 15, "prune": 4, "qat": 2, "factorize": 2}
+QUICK_EPOCHS = {"train": 15, "prune": 4, "qat": 2, "factorize": 2, "cluster": 2}
 PRUNE_SPARSITY = 0.75  # tools/bench_pruning.py: 0.8 costs 1.1 points, 0.75 costs 0.4
 PRUNE_LEARNING_RATE = 5e-4
 DISTILL_TEMPERATURE, DISTILL_ALPHA = 4.0, 0.5  # alpha weighs the labels, 1 - alpha the teacher
@@ -172,6 +172,28 @@ def stage_factorize(ctx):
                     "QAT, taught by the float model, int8", flatbuffer, qat))
 
 
+def stage_cluster(ctx):
+    """Weight clustering during QAT of the stripped model, then TFLite Micro LUT compression."""
+    from tflite_ext import clustering, convert
+    from tflite_ext.quantization import quantize_model
+
+    # tools/compare.py's digits recipe: 4 values per conv2/conv3 channel, 8 for fc1.
+    clustered = clustering.cluster(quantize_model(ctx.stripped), {"conv[23]": 4, "fc1": 8},
+                                   per_channel={"conv.*": True}, init="linear")
+    fit(ctx, clustered, "cluster", ctx.epochs("cluster"), 1e-4,
+        [clustering.ClusteringCallback(update_every=50)])
+    final = clustering.strip_clustering(clustered)
+    result = convert.to_tflite(final, lut=True, lut_data=ctx.data.x_test)
+    ctx.add(Variant("int8_pruned_qat_cluster", "the stripped model clustered during QAT "
+                    "(4 values per conv channel, 8 for fc1), int8", result.flatbuffer, final))
+    lut = result.lut.report
+    atomic_write(os.path.join(ctx.out_dir, "model.lut.tflite"), result.lut.flatbuffer)
+    ctx.report["lut"] = {"file": "model.lut.tflite", **lut}
+    ctx.log(f"  LUT copy for TFLite Micro: {lut['bytes']:,} bytes (int8 {lut['bytes_before']:,}),"
+            f" TFLM outputs identical on {lut['verified']['samples']} test images; "
+            "model.lut.tflite (LiteRT cannot run it)")
+
+
 def stage_evaluate(ctx):
     """Measures every variant alike: accuracy, bytes, gzip bytes, MACs, LiteRT latency."""
     measured = variants.measure(
@@ -210,8 +232,9 @@ STAGES = {  # name: (function, stages it needs); run in this order
     "ptq": (stage_ptq, ("train",)),
     "qat": (stage_qat, ("train",)),
     "prune": (stage_prune, ("train",)),
-    "prune_qat": (stage_prune_qat, ("prune",)),
     "factorize": (stage_factorize, ("prune",)),
+    "cluster": (stage_cluster, ("prune",)),
+    "prune_qat": (stage_prune_qat, ("prune",)),   # last: model.tflite is LiteRT's best int8
     "evaluate": (stage_evaluate, ("train",)),
     "report": (stage_report, ()),
 }

@@ -175,6 +175,7 @@ def _summarize(data):
     const = {t["buffer"]: t["const_bytes"] for t in tensors if t["const_bytes"]}
     inputs, outputs = (io(main.InputsAsNumpy() if main.InputsLength() else []),
                        io(main.OutputsAsNumpy() if main.OutputsLength() else []))
+    compressed = _compressed(m, operators, tensors)
     return {
         "size_bytes": len(data),
         "subgraphs": m.SubgraphsLength(),
@@ -190,7 +191,66 @@ def _summarize(data):
         "float_ops": float_ops,
         "warnings": _float_io(operators, main_tensors, inputs, outputs)
         + _standalone_activations(operators, tensors) + _bridges(operators, tensors, boundaries),
+        "compressed": compressed,
     }
+
+
+DECODE_OP = "TFLM_DECODE"  # TFLite Micro's decompression custom op (tflite_micro.compression)
+_LUT = 0                   # decode type 0 of its 16-byte common metadata header
+_PER_TENSOR_AXIS = 15
+
+
+def _compressed(model, operators, tensors):
+    """The LUT-compressed tensors TFLM_DECODE ops decode, once each (a tensor read by several
+    ops has a DECODE per reader, all on one encoded tensor)."""
+    local = {(t["subgraph"], t["index"]): t for t in tensors}
+    found = {}
+    for op in operators:
+        if op["op"] != DECODE_OP:
+            continue
+        pairs = list(zip(op["inputs"][0::2], op["inputs"][1::2]))
+        for (encoded, ancillary), decoded in zip(pairs, op["outputs"]):
+            key = (op["subgraph"], encoded)
+            if key in found:
+                found[key]["decode_ops"] += 1
+                continue
+            enc, anc, out = (local[op["subgraph"], i] for i in (encoded, ancillary, decoded))
+            entry = _lut_entry(_buffer(model, enc), _buffer(model, anc), out)
+            entry.update(subgraph=op["subgraph"], encoded=encoded, decoded=decoded,
+                         decode_ops=1)
+            found[key] = entry
+    return list(found.values())
+
+
+def _buffer(model, tensor):
+    buf = model.Buffers(tensor["buffer"])
+    return buf.DataAsNumpy().tobytes() if buf.DataLength() else b""
+
+
+def _lut_entry(encoded, ancillary, out):
+    """What a LUT-compressed tensor costs: bits, tables, bits per weight, index entropy."""
+    name = out["name"][:-len("_decoded")] if out["name"].endswith("_decoded") else out["name"]
+    elements = int(np.prod(out["shape"])) if out["shape"] else 1
+    entry = {"name": name, "shape": out["shape"], "dtype": out["dtype"],
+             "elements": elements, "encoded_bytes": len(encoded),
+             "ancillary_bytes": len(ancillary)}
+    if len(ancillary) < 16 or ancillary[0] != _LUT:
+        entry["method"] = f"decode type {ancillary[0] if ancillary else '?'}"
+        return entry
+    bits, axis, stride = ancillary[5] & 0x07, ancillary[5] >> 4, ancillary[6]
+    indices = np.unpackbits(np.frombuffer(encoded, np.uint8))[:elements * bits]
+    indices = indices.reshape(elements, bits) @ (1 << np.arange(bits - 1, -1, -1))
+    counts = np.bincount(indices)
+    p = counts[counts > 0] / elements
+    entropy = float(-(p * np.log2(p)).sum())
+    total = len(encoded) + len(ancillary)
+    entry.update(method="lut", bits=int(bits), axis=None if axis == _PER_TENSOR_AXIS else int(axis),
+                 table_values=int(stride), tables=(len(ancillary) - 16) // max(stride, 1),
+                 bits_per_weight=8.0 * total / elements, index_entropy_bits=entropy,
+                 # An estimate only: Huffman-coded indices at the entropy, same tables. No
+                 # TFLM runtime decodes Huffman yet.
+                 huffman_estimate_bytes=int(np.ceil(elements * entropy / 8)) + len(ancillary))
+    return entry
 
 
 def _tensor(tensor, index, subgraph, buffer_bytes):
@@ -416,7 +476,31 @@ def render(info, top=12):
                   f"({', '.join(op['float_tensors'])})"
                   for op in info["operators"] if op["float_tensors"]]
         lines += [f"  float tensor: {n}" for n in info["float_tensors"]]
+    lines += render_compressed(info)
     warnings = info.get("warnings", [])
     lines.append(f"warnings: {len(warnings) or 'none'}")
     lines += [f"  warning: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def render_compressed(info):
+    """Report lines for the TFLM LUT-compressed tensors of a summary (none: no lines)."""
+    found = info.get("compressed") or []
+    if not found:
+        return []
+    lines = [f"TFLite Micro LUT-compressed tensors: {len(found)} ({DECODE_OP} ops decode them "
+             "at run time; LiteRT has no kernel for them: run this file with TFLM)"]
+    for t in found:
+        if t.get("method") != "lut":
+            lines.append(f"  {t['name']}: {t['method']}, not read")
+            continue
+        layout = ("per tensor, 1 table" if t["axis"] is None else
+                  f"per channel on axis {t['axis']}, {t['tables']} tables")
+        lines.append(
+            f"  {t['bits']}-bit {layout} of {t['table_values']} values: {t['elements']:,} "
+            f"weights in {t['encoded_bytes'] + t['ancillary_bytes']:,} bytes "
+            f"({t['bits_per_weight']:.2f} bits/weight) {t['name']}")
+        lines.append(
+            f"    index entropy {t['index_entropy_bits']:.2f} bits: a Huffman stage could reach "
+            f"~{t['huffman_estimate_bytes']:,} bytes (estimate; no TFLM runtime decodes it)")
+    return lines

@@ -187,7 +187,22 @@ def run_qat(base, spec, variant, data):
     return model, {}
 
 
-RUNNERS = {"prune": run_prune, "qat": run_qat}
+def run_cluster(base, spec, variant, data):
+    """cluster_weights (k-means++ centroids, tfmot's default), fine-tune, strip_clustering."""
+    cl = tfmot.clustering.keras
+    model = cl.cluster_weights(
+        base, number_of_clusters=variant["clusters"],
+        cluster_centroids_init=cl.CentroidInitialization.KMEANS_PLUS_PLUS)
+    compile_classifier(model, variant["lr"])
+    model.fit(data["x_train"], data["y_train"], epochs=variant["epochs"],
+              batch_size=spec["batch_size"], verbose=0,
+              callbacks=[EpochPrinter(variant["name"])])
+    stripped = cl.strip_clustering(model)
+    kernels = [w.numpy() for w in stripped.weights if "kernel" in w.name]
+    return stripped, {"max_distinct_per_kernel": max(len(np.unique(k)) for k in kernels)}
+
+
+RUNNERS = {"prune": run_prune, "qat": run_qat, "cluster": run_cluster}
 
 
 def main(argv):

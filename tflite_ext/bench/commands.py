@@ -56,9 +56,9 @@ def _eval_arrays(fv, model):
             raise InputError(f"--eval_data must be a .npz holding arrays x and y ({e}). "
                              f"Received: {fv.eval_data!r}") from None
     if fv.task == "digits":
-        from tflite_ext import tasks
-        from tflite_ext.bench import host
-        shape = host.describe(model)["inputs"][0]["shape"]
+        from tflite_ext import inspect, tasks
+        # Read from the flatbuffer, not LiteRT: a TFLM LUT model has ops LiteRT cannot load.
+        shape = inspect.summary(model)["inputs"][0]["shape"]
         if len(shape) != 4:
             raise InputError(f"--task digits needs an image model (N, H, W, C). "
                              f"Received: input shape={shape}")
@@ -142,6 +142,12 @@ def _micro_flags(fv):
     flags.DEFINE_string("c_out", None, "Also write <c_name>.h and <c_name>.c (16-byte aligned "
                         "array, length and arena size) into this folder.", flag_values=fv)
     flags.DEFINE_string("c_name", "model", "C identifier of the exported array.", flag_values=fv)
+    flags.DEFINE_integer("alt_memory", 0, "alt_decompression_memory_size: bytes outside the "
+                         "arena for a LUT-compressed model's decode buffers.", lower_bound=0,
+                         flag_values=fv)
+    flags.DEFINE_string("reference", None, "The uncompressed int8 .tflite of a LUT-compressed "
+                        "model: compare size, arena, latency (decode cost) and outputs.",
+                        flag_values=fv)
 
 
 def _micro_main(fv):
@@ -151,7 +157,8 @@ def _micro_main(fv):
     if x is not None:
         x = x[:fv.samples]
     result = micro.analyze(model, x, runs=fv.runs, arena_size=fv.arena_size,
-                           agreement_samples=fv.samples)
+                           agreement_samples=fv.samples,
+                           alt_decompression_memory_size=fv.alt_memory, reference=fv.reference)
     result["model"] = model
     if fv.c_out:
         result["c_files"] = list(micro.write_c_source(model, fv.c_out, fv.c_name,

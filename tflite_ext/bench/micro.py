@@ -31,7 +31,9 @@ from tflite_ext.files import atomic_write, ensure_writable_dir
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _RECORD_ARENA = 16 * 1024 * 1024   # generous arena for the allocation report
-_MISSING_OP = "Didn't find op for"
+# How TFLM says it has no kernel: for a builtin op, and for a custom op (TFLM_DECODE on a
+# runtime without decompression).
+_MISSING_OPS = ("Didn't find op for", "Failed to get registration from op code")
 
 # The child process: tiny on purpose (imports only numpy + tflite_micro, ~0.2 s to start).
 _WORKER = r'''
@@ -56,10 +58,11 @@ def captured(fn):
         log.seek(0)
         return value, error, log.read().decode("utf-8", "replace")
 
-def run(path, arena, n_inputs, report):
+def run(path, arena, n_inputs, report, alt):
     data = open(path, "rb").read()
     def go():
-        it = runtime.Interpreter.from_bytes(data, arena_size=arena)
+        it = runtime.Interpreter.from_bytes(data, arena_size=arena,
+                                            alt_decompression_memory_size=alt)
         for i in range(n_inputs):
             d = it.get_input_details(i)
             it.set_input(np.zeros(d["shape"], d["dtype"]), i)
@@ -71,14 +74,16 @@ def run(path, arena, n_inputs, report):
 
 job = json.loads(sys.argv[1])
 for path in job["paths"]:
-    run(path, job["arena"], job["inputs"], job.get("report", False))
+    run(path, job["arena"], job["inputs"], job.get("report", False), job.get("alt", 0))
 '''
 
 
-def _run_worker(paths, arena, n_inputs, report=False, timeout=120):
-    """Runs model files through TFLM in a child; returns one result per path (crash-safe)."""
+def _run_worker(paths, arena, n_inputs, report=False, timeout=120, alt=0):
+    """Runs model files through TFLM in a child; returns one result per path (crash-safe).
+    `alt`: TFLM's alt_decompression_memory_size (bytes DECODE outputs may use outside the
+    arena; 0: none)."""
     job = json.dumps({"paths": list(paths), "arena": int(arena), "inputs": int(n_inputs),
-                      "report": report})
+                      "report": report, "alt": int(alt)})
     try:
         proc = subprocess.run([sys.executable, "-c", _WORKER, job], capture_output=True,
                               text=True, timeout=timeout)
@@ -147,14 +152,15 @@ def unsupported_ops(model):
         while pending:
             results = _run_worker([p for _, p in pending], _RECORD_ARENA, 0)
             for (name, _), result in zip(pending, results):
-                if _MISSING_OP in result["log"] or _MISSING_OP in (result["error"] or ""):
+                said = result["log"] + (result["error"] or "")
+                if any(marker in said for marker in _MISSING_OPS):
                     missing.append(name)
             # A crash is past the kernel lookup, so that op has a kernel; go on after it.
             pending = pending[len(results):]
     return sorted(missing)
 
 
-def allocation_report(model, n_inputs=1):
+def allocation_report(model, n_inputs=1, alt=0):
     """The RecordingMicroAllocator report after one invoke, parsed into a dict.
 
     Returns:
@@ -165,7 +171,7 @@ def allocation_report(model, n_inputs=1):
         f.write(data)
         f.flush()
         result = _run_worker([f.name], max(_RECORD_ARENA, 10 * len(data)), n_inputs,
-                             report=True)[0]
+                             report=True, alt=alt)[0]
     if not result["ok"]:
         raise TfliteExtError(f"TFLM cannot run the model: {_last_line(result)}")
     report = {"lines": [line for line in result["log"].splitlines()
@@ -186,16 +192,17 @@ def _last_line(result):
     return lines[-1] if lines else (result.get("error") or "unknown error")
 
 
-def arena_works(model, arena_size, n_inputs=1):
-    """True when TFLM can allocate and invoke the model in `arena_size` bytes."""
+def arena_works(model, arena_size, n_inputs=1, alt=0):
+    """True when TFLM can allocate and invoke the model in `arena_size` bytes (with `alt`
+    bytes of alternate decompression memory)."""
     data = host.model_bytes(model)
     with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
         f.write(data)
         f.flush()
-        return _run_worker([f.name], arena_size, n_inputs)[0]["ok"]
+        return _run_worker([f.name], arena_size, n_inputs, alt=alt)[0]["ok"]
 
 
-def minimum_arena(model, n_inputs=1, report_total=None):
+def minimum_arena(model, n_inputs=1, report_total=None, alt=0):
     """Exact smallest tensor arena (bytes) TFLM runs the model in, by bisection.
 
     The recording allocator's total is usually the answer or a little below it (it can leave
@@ -204,14 +211,15 @@ def minimum_arena(model, n_inputs=1, report_total=None):
     attempt runs in a child process: a much-too-small arena may crash TFLM.
     """
     data = host.model_bytes(model)
-    low = report_total if report_total is not None else allocation_report(data, n_inputs)["total"]
+    low = report_total if report_total is not None else allocation_report(data, n_inputs,
+                                                                            alt)["total"]
     low -= 1
     step = 512
-    while low > 0 and arena_works(data, low, n_inputs):   # rare: the total over-estimates
+    while low > 0 and arena_works(data, low, n_inputs, alt):   # rare: the total over-estimates
         low, step = max(0, low - step), step * 2
     step = 512
     high = low + step
-    while not arena_works(data, high, n_inputs):
+    while not arena_works(data, high, n_inputs, alt):
         low, step = high, step * 2
         high = low + step
         if high > _RECORD_ARENA:
@@ -219,7 +227,7 @@ def minimum_arena(model, n_inputs=1, report_total=None):
                                  "model in TFLM")
     while high - low > 1:
         mid = (low + high) // 2
-        if arena_works(data, mid, n_inputs):
+        if arena_works(data, mid, n_inputs, alt):
             high = mid
         else:
             low = mid
@@ -315,9 +323,10 @@ def _quant(detail):
             int(q["zero_points"][0]) if len(q["zero_points"]) else 0)
 
 
-def tflm_interpreter(model, arena_size):
+def tflm_interpreter(model, arena_size, alt=0):
     """A TFLM interpreter with a verified-sufficient arena."""
-    return runtime.Interpreter.from_bytes(host.model_bytes(model), arena_size=int(arena_size))
+    return runtime.Interpreter.from_bytes(host.model_bytes(model), arena_size=int(arena_size),
+                                          alt_decompression_memory_size=int(alt))
 
 
 def agreement(model, x=None, arena_size=None, samples=100):
@@ -357,9 +366,9 @@ def agreement(model, x=None, arena_size=None, samples=100):
             "mean_abs_diff_steps": total_diff / count}
 
 
-def latency(model, arena_size, runs=20, warmup=2, x=None):
+def latency(model, arena_size, runs=20, warmup=2, x=None, alt=0):
     """Host latency (µs) of single invocations through the TFLM interpreter."""
-    tflm = tflm_interpreter(model, arena_size)
+    tflm = tflm_interpreter(model, arena_size, alt)
     detail = tflm.get_input_details(0)
     q = _quantized_samples(detail, x, max(1, min(8, runs)))
     times = []
@@ -378,7 +387,63 @@ def suggested_arena(arena_bytes):
     return (arena_bytes + 16 + 15) // 16 * 16
 
 
-def analyze(model, x=None, *, runs=20, arena_size=None, agreement_samples=100):
+def decode_buffers(info):
+    """Bytes the TFLM_DECODE ops write: {"largest": the biggest one op decodes at once,
+    "total": all decoded tensors}. Each decoded tensor lives only until the op after its
+    DECODE, in the arena, or in the alternate decompression memory if it fits there."""
+    sizes = {(t["subgraph"], t["index"]): int(np.prod(t["shape"] or [1]))
+             * _ITEM_BYTES.get(t["dtype"], 1) for t in info["tensors"]}
+    per_op = [sum(sizes[op["subgraph"], i] for i in op["outputs"]) for op in info["operators"]
+              if op["op"] == inspect.DECODE_OP]
+    return {"largest": max(per_op, default=0), "total": sum(per_op)}
+
+
+_ITEM_BYTES = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "float32": 4}
+
+
+def compression_report(data, info, n_inputs, alt, reference=None, x=None, runs=20,
+                       arena=None):
+    """What LUT compression costs and saves in TFLM (see `analyze`)."""
+    found = info["compressed"]
+    buffers = decode_buffers(info)
+    elements = sum(t["elements"] for t in found)
+    stored = sum(t["encoded_bytes"] + t["ancillary_bytes"] for t in found)
+    out = {"tensors": len(found), "decode_ops": info["op_counts"].get(inspect.DECODE_OP, 0),
+           "weights": elements, "stored_bytes": stored,
+           "bits_per_weight": 8.0 * stored / elements if elements else None,
+           "huffman_estimate_bytes": sum(t.get("huffman_estimate_bytes", 0) for t in found),
+           "decode_buffer_bytes": buffers["largest"], "decoded_bytes": buffers["total"],
+           "alt_decompression_memory_size": int(alt)}
+    if not alt and buffers["largest"]:  # what the decode buffers cost the arena
+        suggested = (buffers["largest"] + 15) // 16 * 16
+        out["alt_suggestion"] = suggested
+        out["arena_bytes_with_alt"] = minimum_arena(data, n_inputs, alt=suggested)
+    if reference is not None:
+        from tflite_ext import lut
+
+        ref = host.model_bytes(reference)
+        ref_arena = minimum_arena(ref, n_inputs)
+        mine = latency(data, arena, runs=runs, x=x, alt=alt)
+        theirs = latency(ref, ref_arena, runs=runs, x=x)
+        out["reference"] = {
+            "size_bytes": len(ref), "flash_saved_bytes": len(ref) - len(data),
+            "arena_bytes": ref_arena, "latency": theirs,
+            "decode_cost_us": mine["median_us"] - theirs["median_us"],
+            "identical": lut.verify(ref, data, x if x is not None else _random_floats(ref),
+                                    alt)["identical"]}
+    return out
+
+
+def _random_floats(model, count=20):
+    """Float samples spanning a model's int8 input range (when no data is given)."""
+    detail = tflm_interpreter(model, max(1 << 20, 20 * len(model))).get_input_details(0)
+    scale, zero = _quant(detail)
+    q = _quantized_samples(detail, None, count).astype(np.float32)
+    return (q - zero) * scale
+
+
+def analyze(model, x=None, *, runs=20, arena_size=None, agreement_samples=100,
+            alt_decompression_memory_size=0, reference=None):
     """Everything `tflite-ext micro` reports for one model.
 
     Args:
@@ -387,31 +452,54 @@ def analyze(model, x=None, *, runs=20, arena_size=None, agreement_samples=100):
         runs: TFLM invocations timed on the host.
         arena_size: if given, the arena the user plans to use; too small is an error.
         agreement_samples: samples compared when x is None.
+        alt_decompression_memory_size: bytes of memory outside the arena that TFLM_DECODE
+            outputs may use (a LUT-compressed model); the arena is measured with it.
+        reference: the uncompressed int8 model of a LUT-compressed one: its arena, latency
+            and outputs are compared (decode cost in µs, bit-identical outputs on `x`).
 
     Returns:
         dict with size_bytes (the flatbuffer, i.e. the model's share of flash: the C array
         holds exactly these bytes), op_counts, arena_bytes (exact minimum), arena_report,
-        arena_suggestion, latency, agreement. A model with ops TFLM lacks raises instead
+        arena_suggestion, latency, agreement; for a LUT-compressed model also compression:
+        tensors, decode_ops, stored_bytes, bits_per_weight, huffman_estimate_bytes (an
+        estimate: no TFLM runtime decodes Huffman), decode_buffer_bytes (the largest set one
+        DECODE writes; with alt_decompression_memory_size 0 they are in arena_bytes),
+        alt_suggestion and arena_bytes_with_alt, and with `reference` its size, arena,
+        latency, decode_cost_us and identical. LiteRT cannot run a compressed model, so its
+        agreement is with the reference in TFLM. A model with ops TFLM lacks raises instead
         (see `check_model`), so there is no unsupported-ops field.
     """
     data = host.model_bytes(model)
     info = check_model(data)
     n_inputs = len(info["inputs"])
-    report = allocation_report(data, n_inputs)
-    arena = minimum_arena(data, n_inputs, report_total=report["total"])
+    alt = int(alt_decompression_memory_size or 0)
+    if alt < 0:
+        raise InputError(f"alt_decompression_memory_size must be >= 0. Received: "
+                         f"alt_decompression_memory_size={alt}")
+    compressed = bool(info["compressed"])
+    if reference is not None and not compressed:
+        raise InputError("reference compares a LUT-compressed model with its int8 original, "
+                         "and this model has no TFLM_DECODE ops. Received: reference given")
+    report = allocation_report(data, n_inputs, alt)
+    arena = minimum_arena(data, n_inputs, report_total=report["total"], alt=alt)
     if arena_size is not None and int(arena_size) < arena:
         raise InputError(f"Tensor arena too small: TFLM needs {arena} bytes for this model. "
                          f"Received: arena_size={arena_size}")
     used = int(arena_size) if arena_size is not None else arena
-    return {
+    result = {
         "size_bytes": len(data),
         "op_counts": info["op_counts"],
         "arena_bytes": arena,
         "arena_report": {k: report[k] for k in ("total", "head", "tail") if k in report},
         "arena_suggestion": suggested_arena(arena),
-        "latency": latency(data, used, runs=runs, x=x),
-        "agreement": agreement(data, x, used, samples=agreement_samples),
+        "latency": latency(data, used, runs=runs, x=x, alt=alt),
     }
+    if compressed:  # LiteRT has no TFLM_DECODE kernel: compare with the reference instead
+        result["compression"] = compression_report(data, info, n_inputs, alt, reference, x,
+                                                   runs, used)
+    else:
+        result["agreement"] = agreement(data, x, used, samples=agreement_samples)
+    return result
 
 
 def _c_name(name):

@@ -129,20 +129,46 @@ def host_markdown(result):
 
 def micro_markdown(result):
     """Markdown for a `micro.analyze` result."""
-    lat, agree = result["latency"], result["agreement"]
+    lat = result["latency"]
     rows = [("model (flash) bytes", result["size_bytes"]),
             ("tensor arena bytes (exact minimum)", result["arena_bytes"]),
             ("arena suggestion for an MCU", result["arena_suggestion"]),
             ("recording allocator total", result["arena_report"].get("total")),
-            ("host latency through TFLM, median µs", lat["median_us"]),
-            ("TFLM vs LiteRT top-1 agreement", agree["top1_agreement"]),
-            ("largest output difference (quantization steps)", agree["max_diff_steps"]),
-            ("samples compared", agree["samples"])]
+            ("host latency through TFLM, median µs", lat["median_us"])]
+    agree = result.get("agreement")
+    if agree:
+        rows += [("TFLM vs LiteRT top-1 agreement", agree["top1_agreement"]),
+                 ("largest output difference (quantization steps)", agree["max_diff_steps"]),
+                 ("samples compared", agree["samples"])]
+    rows += _compression_rows(result.get("compression"))
     ops = ", ".join(f"{k} ×{v}" for k, v in sorted(result["op_counts"].items()))
     return (f"# TFLite Micro: {result.get('model', '')}\n\n"
             + markdown_table([{"k": k, "v": v} for k, v in rows],
                              [("k", "measure"), ("v", "value")])
             + f"\nOperators: {ops}\n")
+
+
+def _compression_rows(c):
+    """Rows of a LUT-compressed model's `micro.analyze` result (none for other models)."""
+    if not c:
+        return []
+    rows = [("LUT-compressed tensors (TFLM_DECODE ops)", f"{c['tensors']} ({c['decode_ops']})"),
+            ("compressed weights: bits per weight", f"{c['bits_per_weight']:.2f}"),
+            ("Huffman stage on the indices could reach (estimate)",
+             f"~{c['huffman_estimate_bytes']:,} bytes"),
+            ("largest decode buffer (bytes)", c["decode_buffer_bytes"]),
+            ("alt_decompression_memory_size", c["alt_decompression_memory_size"])]
+    if "arena_bytes_with_alt" in c:
+        rows.append((f"arena with alt_decompression_memory_size={c['alt_suggestion']}",
+                     c["arena_bytes_with_alt"]))
+    ref = c.get("reference")
+    if ref:
+        rows += [("uncompressed model bytes / flash saved",
+                  f"{ref['size_bytes']:,} / {ref['flash_saved_bytes']:,}"),
+                 ("uncompressed model arena bytes", ref["arena_bytes"]),
+                 ("decode cost, host TFLM median µs", f"{ref['decode_cost_us']:+.1f}"),
+                 ("outputs bit-identical to the uncompressed model", ref["identical"])]
+    return rows
 
 
 _ANDROID_COLUMNS = [("serial", "serial"), ("model", "device"), ("soc", "SoC"),

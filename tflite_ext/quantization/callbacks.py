@@ -9,6 +9,7 @@ Example:
 """
 import keras
 
+from tflite_ext import wrapping
 from tflite_ext.distillation import student_of
 from tflite_ext.errors import InputError
 from tflite_ext.quantization.quantizers import ActivationQuantizer
@@ -21,7 +22,11 @@ def _quantization_layers(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model):  # a nested model: look inside
             found.extend(_quantization_layers(layer))
-        elif isinstance(layer, (ActivationQuantizer, QuantizeWrapper)):
+        else:
+            # Through the project's wrappers: clustering wraps a QuantizeWrapper.
+            layer = wrapping.find(layer, QuantizeWrapper) or layer
+            if not isinstance(layer, (ActivationQuantizer, QuantizeWrapper)):
+                continue
             found.append(layer)
             if isinstance(layer, QuantizeWrapper):
                 found.extend(q for q in (layer.mid_quantizer, layer.logits_quantizer) if q)

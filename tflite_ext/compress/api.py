@@ -218,9 +218,9 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             break
         if drop > max_accuracy_drop and not misses:
             break  # a tighter budget would only lose more
-        for m in limits:  # what the additive prediction missed by, taken off the bound
+        for m in limits:  # ask the prediction for less by the factor it missed by
             if m in measured and measured[m] > limits[m]:
-                margin[m] = margin[m] - (measured[m] - plan.predicted_cost[m])
+                margin[m] *= plan.predicted_cost[m] / measured[m]
     report = _report(model, budget, target, base, base_accuracy, candidates, tried,
                      time.perf_counter() - start)
     _write_outputs(out_dir, report, base, base_accuracy, candidates, tried)

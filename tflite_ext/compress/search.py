@@ -6,8 +6,9 @@
     Each one-change model is converted to int8 and measured on the target (host timings of
     all candidates interleaved). Everything is cached.
 (b) `solve`: one setting per group, least predicted accuracy loss (the sum of the one-change
-    losses) with the predicted cost (the base cost minus the sum of the one-change savings)
-    within the budget: every combination when there are few, else greedy by loss per saving.
+    losses) with the predicted cost (the base cost times the product of the one-change cost
+    ratios) within the budget: every combination when there are few, else greedy by loss per
+    saving.
 
 NetAdapt (Yang et al. 2018) measures candidates on the device the same way; AIMET's greedy
 per-layer selection ranks by one-shot loss the same way.
@@ -173,7 +174,13 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, l
 
 
 def _predict(base, chosen, metrics):
-    cost = {m: base.cost[m] - sum(base.cost[m] - c.cost[m] for c in chosen) for m in metrics}
+    # Costs combine as products of the one-change ratios: never below zero, right when two
+    # groups shrink the same layer (both halves of a conv's channels: 1/4, not 0), and
+    # conservative when they shrink different layers. Adding the savings instead predicted
+    # 1,248 µs for a plan measured at 2,093 µs, and below zero for larger ones (ResNet-8,
+    # reference kernels).
+    cost = {m: base.cost[m] * float(np.prod([c.cost[m] / base.cost[m] for c in chosen]))
+            if base.cost[m] else 0.0 for m in metrics}
     drop = sum(max(base.accuracy - c.accuracy, 0.0) for c in chosen)
     return drop, cost
 

@@ -17,6 +17,7 @@ import re
 
 import keras
 
+from tflite_ext import wrapping
 from tflite_ext.errors import InputError
 
 
@@ -252,8 +253,10 @@ def layer_matcher(layers):
     if len(types) + len(patterns) != len(items):
         raise InputError("layers must be names, regexes, layer classes or a callable. "
                          f"Received: layers={layers!r}")
-    return lambda layer: isinstance(layer, types) or any(
-        p.fullmatch(layer.name) for p in patterns)
+    # Through the project's wrappers: a QAT wrapper is "quant_<name>", its layer keeps <name>.
+    return lambda layer: any(isinstance(part, types) or any(p.fullmatch(part.name)
+                                                            for p in patterns)
+                             for part in wrapping.layers_of(layer))
 
 
 def clone_layer(layer, config=None):

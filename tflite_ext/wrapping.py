@@ -44,6 +44,15 @@ class Wrapper(keras.layers.Wrapper):
         """
         raise NotImplementedError(f"{type(self).__name__} does not survive strip")
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """The wrapper from `get_config()`: the wrapped layer is deserialized first (a
+        subclass with more serialized objects deserializes them, then calls this)."""
+        config = dict(config)
+        config["layer"] = keras.saving.deserialize_keras_object(
+            config["layer"], custom_objects=custom_objects)
+        return cls(**config)
+
 
 def layers_of(layer):
     """`layer`, then each layer it wraps, outermost first (the project's wrappers only)."""

@@ -24,25 +24,9 @@ from tflite_ext.clustering import centroids as centroid_lib
 from tflite_ext.clustering.wrapper import ClusterWrapper, clusterable, groups_of, kernel_names
 from tflite_ext.distillation import student_of
 from tflite_ext.errors import InputError
-from tflite_ext.functional import FunctionalGraph, clone_layer, rebuild, unique_names
+from tflite_ext.functional import (FunctionalGraph, clone_layer, layer_matcher, rebuild,
+                                   unique_names)
 from tflite_ext.pruning.wrapper import PruneWrapper
-
-
-def _matcher(layers):
-    if layers is None:
-        return lambda layer: True
-    if callable(layers) and not isinstance(layers, type):
-        return layers
-    items = layers if isinstance(layers, (list, tuple, set)) else [layers]
-    types = tuple(i for i in items if isinstance(i, type))
-    patterns = [re.compile(i) for i in items if isinstance(i, str)]
-    if len(types) + len(patterns) != len(items):
-        raise InputError("layers must be names, regexes, layer classes or a callable. "
-                         f"Received: layers={layers!r}")
-    # A QAT wrapper is "quant_<name>": its inner layer's name matches too.
-    return lambda layer: any(isinstance(part, types) or any(p.fullmatch(part.name)
-                                                            for p in patterns)
-                             for part in wrapping.layers_of(layer))
 
 
 def _per_layer(value, name, check):
@@ -96,7 +80,7 @@ def cluster(model, clusters=16, *, per_channel=False, init="kmeans++", layers=No
             raise InputError("cluster() takes a pruned model after pruning.strip(): a pruning "
                              f"wrapper changes the kernel it clusters. Received: layer="
                              f"{node.layer.name}")
-    match = _matcher(layers)
+    match = layer_matcher(layers)
     chosen = {n.name for n in graph.nodes if n.inputs and isinstance(n.layer, keras.layers.Layer)
               and clusterable(n.layer) and kernel_names(n.layer) and match(n.layer)
               and clusters_of(n.layer) is not None}

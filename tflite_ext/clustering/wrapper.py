@@ -213,9 +213,3 @@ class ClusterWrapper(wrapping.Wrapper):
                       seed=self.seed)
         return config
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["layer"] = keras.saving.deserialize_keras_object(
-            config["layer"], custom_objects=custom_objects)
-        return cls(**config)

@@ -134,7 +134,5 @@ class PruneWrapper(wrapping.Wrapper):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["layer"] = keras.saving.deserialize_keras_object(
-            config["layer"], custom_objects=custom_objects)
         config["schedule"] = keras.saving.deserialize_keras_object(config.get("schedule"))
-        return cls(**config)
+        return super().from_config(config, custom_objects)

@@ -346,3 +346,17 @@ def test_one_call_for_pruned_qat_and_smaller_students(named_teacher, digits):
     before = small_dense.get_weights()[0].copy()
     trained, _ = distillation.fit(named_teacher, small_dense, x, y, epochs=1, alpha=0.3)
     assert trained is small_dense and not np.array_equal(before, trained.get_weights()[0])
+
+
+def test_a_softmax_teacher_is_refused_in_one_line():
+    """A Keras application's default head is a softmax: distilling from it would treat
+    probabilities as logits, silently. (Built with weights=None, as users bring it.)"""
+    teacher = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, classes=10,
+                                             alpha=0.35)
+    student = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None, classes=10,
+                                             alpha=0.35, classifier_activation=None)
+    with pytest.raises(InputError) as info:
+        distillation.distill(teacher, student)
+    message = str(info.value)
+    assert "'predictions' ends in softmax" in message and "classifier_activation=None" in message
+    assert "\n" not in message

@@ -55,7 +55,7 @@ def main(argv):
     train, val, test = ((data.x_train, data.y_train), (data.x_test, data.y_test),
                         (full.x_test, full.y_test))
     base_fb = search.int8(model, data.x_train)
-    base_test = api._int8_accuracy(base_fb, *test)
+    base_test = variants.accuracy(base_fb, *test)
     rows = []
     for name in FLAGS.targets:
         target = compress.get_target(name)
@@ -72,7 +72,7 @@ def main(argv):
                               max_accuracy_drop=FLAGS.max_drop, epochs=FLAGS.epochs,
                               out_dir=out, log=log)
             auto = dict(latency_us=result.measured["latency_us"], macs=result.measured["macs"],
-                        test=api._int8_accuracy(result.flatbuffer, *test),
+                        test=variants.accuracy(result.flatbuffer, *test),
                         plan=result.plan["prune"]["group_sparsity"], met=True)
         except compress.BudgetError as e:
             log(f"{name}: {e}")
@@ -86,7 +86,7 @@ def main(argv):
                                             round_to=16, layers=None, log=log)
         one_run = time.perf_counter() - began  # ~0 when the hand model was built before
         hand = dict(latency_us=measured["latency_us"], macs=measured["macs"],
-                    test=api._int8_accuracy(fb, *test))
+                    test=variants.accuracy(fb, *test))
         rows.append((name, base_cost, budget, auto, hand, searched, one_run))
     cache = Cache(os.path.join(out, "cache.jsonl"))
     print(f"\nResNet-8 on the digits 32x32x3, seed {FLAGS.seed}; {host.describe_cpu()}; "

@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from tflite_ext import pruning
+from tflite_ext.bench import variants
 from tflite_ext.compress import search
 from tflite_ext.compress.budget import Budget
 from tflite_ext.compress.cache import Cache, fingerprint
@@ -84,12 +85,6 @@ def check_data(model, data, name):
     return x, y
 
 
-def _int8_accuracy(flatbuffer, x, y):
-    from tflite_ext.bench import host
-
-    return host.evaluate(flatbuffer, x, y)["accuracy"]
-
-
 def _split(train):
     from tflite_ext.tasks import Split
 
@@ -99,8 +94,6 @@ def _split(train):
 
 def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, log):
     """The real pipeline for one plan: prune ramped during a distilled fit, strip, BN."""
-    from tflite_ext.bench import variants
-
     x, y = train
     if not any(plan.choice.values()):
         return model
@@ -120,7 +113,6 @@ def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, l
 
 
 def _quantization_aware(model, teacher, train, epochs, log):
-    from tflite_ext.bench import variants
     from tflite_ext.quantization import FreezeQuantization, calibrate, quantize_model
 
     x, y = train
@@ -181,7 +173,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
     base, candidates = search.measure_candidates(model, train, val, target, cache,
                                                  settings=settings, layers=layers,
                                                  round_to=round_to, log=log)
-    base_accuracy = _int8_accuracy(base.tflite, *val)
+    base_accuracy = variants.accuracy(base.tflite, *val)
     if log:
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
@@ -260,7 +252,7 @@ def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_r
 
     fb = convert.to_tflite(small, None if qat else train[0][:300]).flatbuffer
     measured = dict(measure_beside(target, fb, base), macs=pruning.count_macs(small))
-    return small, fb, measured, _int8_accuracy(fb, *val)
+    return small, fb, measured, variants.accuracy(fb, *val)
 
 
 def measure_beside(target, flatbuffer, base):
@@ -289,7 +281,6 @@ def _miss_message(budget, base, candidates, tried, max_drop, out_dir):
 
 
 def _report(model, budget, target, base, base_accuracy, candidates, tried, seconds):
-    from tflite_ext.bench import variants
 
     return {"model": model.name, "target": target.name, "budget": budget.limits(),
             "base": {"int8_accuracy": base_accuracy, "one_shot_accuracy": base.accuracy,

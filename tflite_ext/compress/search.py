@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from tflite_ext import convert, pruning
+from tflite_ext.bench import variants
 from tflite_ext.compress.cache import fingerprint
 from tflite_ext.errors import InputError
 from tflite_ext.pruning.plan import PruningPlan, group_members
@@ -98,11 +99,6 @@ def one_shot(model, group_sparsity, *, layers=None, round_to=8, x=None):
     return small
 
 
-def accuracy(model, x, y):
-    logits = model.predict(x, batch_size=256, verbose=0)
-    return float(np.mean(np.argmax(logits, -1) == np.asarray(y).reshape(-1)))
-
-
 def int8(model, x_calibration):
     return convert.to_tflite(model, x_calibration[:100]).flatbuffer
 
@@ -143,23 +139,22 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, l
                 fb = int8(small, x_train)
                 flatbuffers[fingerprint(fb)] = fb
                 cache.put_blob(fingerprint(fb), fb)
-                cache.put(key, {"accuracy": accuracy(small, x_val, y_val),
+                cache.put(key, {"accuracy": variants.accuracy(small, x_val, y_val),
                                 "macs": pruning.count_macs(small), "tflite": fingerprint(fb)})
         if cache.get(key) is not None:
             made.append((name, pattern, s, cache.get(key)))
         if bar:
             bar.update(i + 1)
-    todo = {h: fb for h, fb in flatbuffers.items() if f"cost:{target.key}:{h}" not in cache}
-    missing = {m[3]["tflite"] for m in made} - set(flatbuffers) - {
-        k.rsplit(":", 1)[1] for k in cache.values if k.startswith(f"cost:{target.key}:")}
-    for _, pattern, s, info in made:  # measured before, not on this target
-        if info["tflite"] in missing:
-            fb = cache.get_blob(info["tflite"])
+    todo = {}
+    for _, pattern, s, info in made:  # every model this target has not measured yet
+        h = info["tflite"]
+        if f"cost:{target.key}:{h}" not in cache and h not in todo:
+            fb = flatbuffers.get(h) or cache.get_blob(h)
             if fb is None:
                 small = model if pattern is None else one_shot(
                     model, {pattern: s}, layers=layers, round_to=round_to, x=x_train[:512])
                 fb = int8(small, x_train)
-            todo[info["tflite"]] = fb
+            todo[h] = fb
     if todo:
         if log:
             log(f"measuring {len(todo)} models on {target.name}")
@@ -169,7 +164,8 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, l
     for name, pattern, s, info in made:
         cost = dict(cache.get(f"cost:{target.key}:{info['tflite']}"), macs=info["macs"])
         out.append(Candidate(name, pattern, s, info["accuracy"], cost))
-    out[0].tflite = int8(model, x_train)  # later measurements are timed beside it
+    # later measurements are timed beside the base: its file, kept or converted once more
+    out[0].tflite = cache.get_blob(made[0][3]["tflite"]) or int8(model, x_train)
     return out[0], out[1:]
 
 

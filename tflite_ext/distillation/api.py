@@ -39,6 +39,29 @@ def _check_pair(teacher, student):
     if t_in != s_in:
         raise InputError("teacher and student must take the same inputs. Received: teacher "
                          f"inputs {t_in}, student inputs {s_in}")
+    head = _softmax_head(teacher)
+    if head:
+        raise InputError(
+            f"The teacher must output logits, but its output layer {head!r} ends in softmax: "
+            "the soft targets and the from_logits loss would read probabilities as logits. "
+            "Build it with activation=None (keras.applications: classifier_activation=None) "
+            "and apply softmax after conversion")
+
+
+def _softmax_head(model):
+    """The name of the layer that makes `model`'s output, if it applies a softmax."""
+    from tflite_ext.functional import FunctionalGraph
+    from tflite_ext.pruning.handlers import activation_name
+
+    try:
+        graph = FunctionalGraph(model)
+    except InputError:
+        return None  # subclassed: no graph to read its head from
+    node = next(n for n in graph.nodes if graph.outputs[0] in n.outputs)
+    layer = wrapping.unwrap(node.layer)
+    if isinstance(layer, keras.layers.Softmax) or activation_name(layer) == "softmax":
+        return layer.name
+    return None
 
 
 def _check_number(name, value, low, high=None, open_low=False):

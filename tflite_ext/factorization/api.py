@@ -23,7 +23,7 @@ import keras
 import numpy as np
 
 from tflite_ext.factorization import svd
-from tflite_ext.factorization.plan import plan as make_plan
+from tflite_ext.factorization.plan import plan as make_plan, scheme_of
 from tflite_ext.functional import FunctionalGraph, clone_layer, rebuild, unique_names
 
 
@@ -121,8 +121,7 @@ def kernel_error(original, factorized, name):
         0.8731
     """
     layer = original.get_layer(name)
-    scheme = "spatial" if (not isinstance(layer, keras.layers.Dense)
-                           and any(k > 1 for k in layer.kernel_size)) else "channel"
+    scheme = scheme_of(layer)
     a = keras.ops.convert_to_numpy(factorized.get_layer(f"{name}_svd").kernel)
     b = keras.ops.convert_to_numpy(factorized.get_layer(name).kernel)
     kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)

@@ -124,7 +124,7 @@ class _Candidate:
         return float(self.s2[:rank].sum() / self.s2.sum()) if self.s2.sum() else 1.0
 
 
-def _scheme(layer):
+def scheme_of(layer):
     """"channel", "spatial", or the reason the layer is not a candidate (None if not a type
     that factorizes at all)."""
     if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)):
@@ -170,7 +170,7 @@ def candidates(model, layers=None):
         if not node.inputs or id(layer) in seen or not chosen(layer):
             continue
         seen.add(id(layer))
-        scheme = _scheme(layer)
+        scheme = scheme_of(layer)
         if scheme not in ("channel", "spatial"):
             if scheme and layer.name in named:
                 raise InputError(f"layer {layer.name!r} cannot be factorized ({scheme}).")

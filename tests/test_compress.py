@@ -67,7 +67,7 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
     macs = pruning.count_macs(tiny)
     budget = Budget(macs=int(0.6 * macs))
     result = compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path),
-                             epochs=1, settings=(0.5,), log=None)
+                             epochs=1, settings=(0.5,), rank_fractions=(), log=None)
     assert result.measured["macs"] <= budget.macs
     assert result.measured["macs"] == pruning.count_macs(result.model)
     for name in ("model.keras", "model.tflite", "plan.json", "report.json", "report.md",
@@ -83,8 +83,85 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
     assert len(report["candidates"]) == 2 and report["rounds"][0]["misses"] == []
     lines = (tmp_path / "cache.jsonl").read_text().count("\n")
     compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path), epochs=1,
-                    settings=(0.5,), log=None)
+                    settings=(0.5,), rank_fractions=(), log=None)
     assert (tmp_path / "cache.jsonl").read_text().count("\n") == lines  # nothing re-measured
+
+
+def _synthetic(seed=0, slots=5, options=3):
+    """A base and one-change candidates with random accuracies and cost ratios."""
+    rng = np.random.default_rng(seed)
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0, "flash_bytes": 1000.0})
+    candidates = [search.Candidate(search.Change("prune", f"g{j}", s, f"g{j}"),
+                                   0.9 - rng.uniform(0, 0.05),
+                                   {"latency_us": 100.0 * rng.uniform(0.5, 1.0),
+                                    "flash_bytes": 1000.0 * rng.uniform(0.5, 1.0)})
+                  for j in range(slots) for s in range(options)]
+    return base, candidates
+
+
+def test_solve_is_the_best_of_every_combination():
+    import itertools
+
+    base, candidates = _synthetic()
+    limits = {"latency_us": 45.0, "flash_bytes": 600.0}
+    slots = [[None] + [c for c in candidates if c.change.key == f"g{j}"] for j in range(5)]
+    fitting = []
+    for combo in itertools.product(*slots):
+        chosen = [c for c in combo if c is not None]
+        drop, cost = search._predict(base, chosen, list(limits))
+        if all(cost[m] <= limits[m] for m in limits):
+            fitting.append((drop, sorted(c.change.label for c in chosen)))
+    plan = search.solve(base, candidates, limits)
+    best = min(fitting)
+    assert plan.key == ",".join(best[1]) and np.isclose(plan.predicted_drop, best[0])
+    assert all(plan.predicted_cost[m] <= limits[m] for m in limits)
+    second = search.solve(base, candidates, limits, exclude={plan.key})
+    assert second.key != plan.key and second.predicted_drop >= plan.predicted_drop
+    assert search.solve(base, candidates, {"latency_us": 0.01}) is None
+
+
+def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):
+    base, candidates = _synthetic(slots=8)
+    limits = {"latency_us": 45.0, "flash_bytes": 600.0}
+    exact = search.solve(base, candidates, limits)
+    monkeypatch.setattr(search, "EXHAUSTIVE_LIMIT", 10)
+    greedy = search.solve(base, candidates, limits)
+    assert all(greedy.predicted_cost[m] <= limits[m] for m in limits)
+    assert greedy.predicted_drop >= exact.predicted_drop - 1e-12
+
+
+def test_a_micro_flash_budget_is_met_by_clustering_and_lut(tiny, digits, tmp_path):
+    from tflite_ext import lut
+
+    train, val = (digits.x_train, digits.y_train), (digits.x_test, digits.y_test)
+    base_bytes = len(search.int8(tiny, digits.x_train))
+    budget = Budget(flash_bytes=int(0.85 * base_bytes))
+    # no pruning setting, no factorization: only clustering conv2 can fit the flash budget
+    result = compress_module(tiny, train, val, budget, target="micro", out_dir=str(tmp_path),
+                             epochs=2, settings=(), rank_fractions=(), clusters=(4,),
+                             log=None)
+    assert result.measured["flash_bytes"] == len(result.deployed) <= budget.flash_bytes
+    assert len(result.flatbuffer) > budget.flash_bytes   # the int8 file alone does not fit
+    assert (tmp_path / "model.lut.tflite").read_bytes() == result.deployed
+    assert [t["name"] for t in lut.plan(result.flatbuffer)] != []
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["lut"] and plan["prune"] is None and plan["factorize"] is None
+    assert plan["cluster"]["clusters"] == {"conv2(_svd)?": 4}
+    assert result.accuracy_drop * 100 <= 1.0
+
+
+def test_factorize_candidates_and_their_plan(tiny, digits):
+    target = get_target("host")
+    changes = search.changes_of(tiny, target, settings=(0.5,), rank_fractions=(0.5,))
+    assert {(c.kind, c.key) for c in changes if c.kind == "factorize"} == {
+        ("factorize", "conv1"), ("factorize", "conv2"), ("factorize", "logits")}
+    assert not [c for c in changes if c.kind == "cluster"]  # LiteRT has no TFLM_DECODE
+    plan = search.Plan((search.Change("factorize", "conv2", 0.5, "conv2"),), 0.0, {})
+    small, fb = search.one_shot_plan(tiny, plan, digits.x_train)
+    # conv2 3x3 16->16: spatial SVD, full rank 3*16 = 48, half of it 24
+    assert small.get_layer("conv2_svd").kernel.shape == (3, 1, 16, 24)
+    assert small.get_layer("conv2").kernel.shape == (1, 3, 24, 16)
+    assert len(fb) > 0
 
 
 def test_a_budget_nothing_meets_says_what_was_reached(tiny, digits, tmp_path):

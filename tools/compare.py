@@ -16,6 +16,13 @@ Example (with the package installed, `pip install -e ".[compare]"`):
     python tools/compare.py --model digits_cnn
     python tools/compare.py --model resnet8 --out build/compare/resnet8
     python tools/compare.py --model digits_cnn --quick     # smoke test, ~1 min
+    python tools/compare.py --model resnet8 --recipe auto  # and tflite_ext.compress's own
+
+`--recipe auto` adds `tflite_ext.compress` beside the hand recipes: the same float model, data
+and fine-tune budget, its budget the issue's (AUTO_BUDGETS). compare trains one float model
+on every training image for all variants, so the search validates on 20% of them, which that
+model has seen: its accuracy checks are optimistic here. tools/bench_compress.py keeps them
+apart.
 """
 import json
 import os
@@ -49,6 +56,8 @@ flags.DEFINE_boolean("skip_tfmot", False, "Leave out the tfmot peer.")
 flags.DEFINE_float("sparsity", None, "tflite_ext structured sparsity (default: per model, "
                    "TX_PRUNING); groups the recipe's group_sparsity names keep their own.",
                    lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("recipe", "hand", ["hand", "auto"], "auto: also let tflite_ext.compress find "
+                  "the recipe for AUTO_BUDGETS, beside the hand recipes.")
 FLAGS = flags.FLAGS
 
 # The budget of references.md. "quick" keeps the same shape at a fraction of the cost.
@@ -242,6 +251,35 @@ def tx_cluster(stripped, teacher, data, budget, model_name):
     return final, convert.to_tflite(final, lut=lut, lut_data=data.x_test)
 
 
+# `--recipe auto`: the issue's budgets. Digits CNN: flash <= the float model / 80 on TFLM
+# (micro), within 0.5 point; ResNet-8: latency <= 0.4x the unpruned int8 model on this host
+# (LiteRT XNNPACK, 1 thread), within 1 point.
+AUTO_BUDGETS = {"digits_cnn": dict(target="micro", float_bytes_over=80, max_drop=0.5),
+                "resnet8": dict(target="host", latency_fraction=0.4, max_drop=1.0)}
+AUTO_LABEL = "tflite_ext compress (auto) → int8"
+AUTO_LUT_LABEL = "tflite_ext compress (auto) → int8 LUT (TFLM)"
+
+
+def tx_auto(float_model, data, files, budget, model_name, out):
+    """`tflite_ext.compress` on this model for AUTO_BUDGETS, with the hand recipes' fine-tune
+    budget; its search validates on 20% of the training images. Raises BudgetError."""
+    from tflite_ext import compress, tasks
+
+    config = AUTO_BUDGETS[model_name]
+    target = compress.get_target(config["target"])
+    if "float_bytes_over" in config:
+        limit = compress.Budget(flash_bytes=len(files["float32"]) // config["float_bytes_over"])
+    else:
+        base = target.measure({"ptq": files["PTQ int8"]})["ptq"]["latency_us"]
+        limit = compress.Budget(latency_us=config["latency_fraction"] * base)
+    split = tasks.validation_split(data, 0.2, FLAGS.seed)
+    log(f"compress (auto): {limit} on {target.name}")
+    return compress(float_model, (split.x_train, split.y_train), (split.x_test, split.y_test),
+                    limit, target=target, max_accuracy_drop=config["max_drop"],
+                    epochs=budget["prune_epochs"], learning_rate=budget["prune_lr"],
+                    out_dir=os.path.join(out, "compress"), log=log)
+
+
 def tflm_accuracy(flatbuffer, x, y):
     """Top-1 accuracy of a .tflite run by TFLite Micro (LiteRT cannot run TFLM_DECODE)."""
     from tflite_ext import lut
@@ -313,6 +351,27 @@ def check_targets(model_name, rows):
         add("4-bit LUT on the pruned model: accuracy ≥ pruned int8 − 1 point",
             f"{lut['accuracy']:.4f} vs {prune['accuracy']:.4f}",
             lut["accuracy"] >= prune["accuracy"] - 0.01)
+    auto = by.get(AUTO_LUT_LABEL) or by.get(AUTO_LABEL)
+    if auto and model_name == "digits_cnn":
+        add("compress (auto): flash ≤ float / 80", f"{auto['bytes']:,} vs "
+            f"{flt['bytes'] // 80:,} ({flt['bytes'] / auto['bytes']:.1f}× smaller)",
+            auto["bytes"] <= flt["bytes"] // 80)
+        add("compress (auto): accuracy ≥ float − 0.5 point",
+            f"{auto['accuracy']:.4f} vs {flt['accuracy']:.4f}",
+            auto["accuracy"] >= flt["accuracy"] - 0.005)
+    if auto and model_name == "resnet8":
+        add("compress (auto): LiteRT latency ≤ 0.4× unpruned int8",
+            f"{auto['median_us'] / ptq['median_us']:.2f}×",
+            auto["median_us"] <= 0.4 * ptq["median_us"])
+        add("compress (auto): accuracy ≥ unpruned int8 − 1 point",
+            f"{auto['accuracy']:.4f} vs {ptq['accuracy']:.4f}",
+            auto["accuracy"] >= ptq["accuracy"] - 0.01)
+        if prune:
+            add("compress (auto): as fast as the hand recipe, or more accurate",
+                f"{auto['median_us']:.1f} vs {prune['median_us']:.1f} µs, "
+                f"{auto['accuracy']:.4f} vs {prune['accuracy']:.4f}",
+                auto["median_us"] <= prune["median_us"]
+                or auto["accuracy"] > prune["accuracy"])
     for name in ("tflite_ext QAT → int8", "tflite_ext prune → strip → QAT → int8"):
         qat = by.get(name)
         if not qat or model_name != "digits_cnn":
@@ -415,6 +474,18 @@ def main(argv):
     clustered, lut_result = tx_cluster(stripped, float_model, data, budget, FLAGS.model)
     files[CLUSTER_LABEL], keras_models[CLUSTER_LABEL] = lut_result.flatbuffer, clustered
 
+    auto = None
+    if FLAGS.recipe == "auto":
+        from tflite_ext.compress import BudgetError
+
+        keras.utils.set_random_seed(FLAGS.seed)
+        try:
+            auto = tx_auto(float_model, data, files, budget, FLAGS.model, out)
+        except BudgetError as e:
+            skipped.append(f"compress (auto): {e}")
+        else:
+            files[AUTO_LABEL], keras_models[AUTO_LABEL] = auto.flatbuffer, auto.model
+
     # Measure every .tflite the same way, here.
     measured = variants.measure(files, data.x_test, data.y_test, keras_models=keras_models,
                                 runs=budget["timing_runs"], warmup=20, log=log)
@@ -427,6 +498,13 @@ def main(argv):
     rows.append(lut_row(lut_result, data, out))
     if peer is not None:  # tfmot's clustered int8 weights are few-valued too: our LUT stage
         rows.append(tfmot_lut_row(files["tfmot cluster 16 → strip → int8"], data, out))
+    if auto is not None and auto.deployed is not auto.flatbuffer:  # clustered: the TFLM file
+        from tflite_ext import lut
+
+        proof = lut.verify(auto.flatbuffer, auto.deployed, data.x_test)
+        rows.append(lut_row(convert_result(auto.flatbuffer, auto.deployed,
+                                           auto.conversion.lut.report["tensors"], proof),
+                            data, out, AUTO_LUT_LABEL))
     ptq = next(r for r in rows if r["variant"] == "PTQ int8")
     for row in rows:
         row["bytes_vs_ptq"] = ptq["bytes"] / row["bytes"]
@@ -443,6 +521,8 @@ def main(argv):
         "timing": {"threads": 1, "rounds": budget["timing_runs"],
                    "samples_per_variant": budget["timing_runs"]},
         "rows": rows, "tfmot": peer, "skipped": skipped, "distill": DISTILL,
+        "auto": None if auto is None else {"plan": auto.plan, "measured": auto.measured,
+                                           "seconds": auto.report["seconds"]},
         "targets": check_targets(FLAGS.model, rows), "environment": variants.environment(),
     }
     markdown = render_markdown(result)

@@ -1,15 +1,19 @@
 """`compress(model, train, val, budget, target)`: the recipe found by measuring on the target.
 
 1. The unchanged model, converted to int8, is measured on the target (the base).
-2. Every dependency group is pruned alone at a few settings, one shot; each one-change model's
-   validation accuracy and cost on the target are measured (`search.measure_candidates`).
-3. `search.solve` picks one setting per group: least predicted accuracy loss within the
-   budget.
-4. The real pipeline: `prune(group_sparsity=plan)` fine-tuned with the float model teaching
-   (distillation), `strip`, BatchNormalization re-estimated, optionally QAT, full-int8
-   conversion (verified).
-5. The result is measured on the target. A miss tightens the budget the solver sees by what
-   the prediction missed by, and repeats (at most `max_rounds`).
+2. Every single change (a dependency group pruned, a layer factorized, a kernel clustered for
+   a LUT) is applied alone, one shot; each one-change model's validation accuracy and cost on
+   the target are measured (`search.measure_candidates`).
+3. `search.solve` picks the changes: least predicted accuracy loss within the budget.
+4. The plan applied in one shot is measured on the target: if its shapes miss, the budget
+   the solver sees tightens by what the prediction missed by, and it solves again (no
+   fine-tune spent).
+5. The real pipeline: `prune(group_sparsity=...)` fine-tuned with the float model teaching
+   (distillation), `strip`, BatchNormalization re-estimated, `factorize`, QAT with
+   clustering in one taught fit, full-int8 conversion (verified), the LUT copy (proven to
+   give the int8 outputs in TFLM).
+6. The result is measured on the target. A cost miss tightens as in 4; an accuracy miss
+   tries the next plan; at most `max_rounds` fine-tunes.
 
 Every measurement is cached in `out_dir/cache.jsonl`, every fine-tuned plan kept in
 `out_dir/runs/`: an interrupted search run again continues where it stopped.
@@ -54,6 +58,13 @@ class Result:
     accuracy: float          # int8 accuracy on the validation data
     base_accuracy: float     # the unchanged model's int8 accuracy there
     report: dict
+    conversion: object = None   # the `convert.ConversionResult` (with `.lut` when clustered)
+
+    @property
+    def deployed(self):
+        """What the target runs and `measured` measured: the LUT copy when clustered."""
+        lut = getattr(self.conversion, "lut", None)
+        return lut.flatbuffer if lut is not None else self.flatbuffer
 
     @property
     def accuracy_drop(self):
@@ -92,43 +103,67 @@ def _split(train):
     return Split(x, y, x[:0], y[:0], int(y.max()) + 1)
 
 
+def _steps(x, epochs):
+    return epochs * -(-len(x) // 32)
+
+
 def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, log):
-    """The real pipeline for one plan: prune ramped during a distilled fit, strip, BN."""
-    x, y = train
-    if not any(plan.choice.values()):
-        return model
-    top = search.partial_top(plan.choice)
-    steps = epochs * -(-len(x) // 32)
-    end = max(1, steps // 2)
+    """Pruning ramped during a distilled fit, strip, BN re-estimated."""
+    x, _ = train
+    top = search.partial_top(plan.of("prune"))
+    end = max(1, _steps(x, epochs) // 2)
     schedule = pruning.PolynomialDecay(0.0, top, 0, end, frequency=max(1, end // 4))
     student = pruning.prune(model, schedule, layers=layers, round_to=round_to,
                             group_sparsity=plan.group_sparsity)
-    split = _split(train)
-    variants.fit(student, split, epochs=epochs, learning_rate=learning_rate, teacher=model,
-                 callbacks=[pruning.PruningCallback()],
+    variants.fit(student, _split(train), epochs=epochs, learning_rate=learning_rate,
+                 teacher=model, callbacks=[pruning.PruningCallback()],
                  label="  fine-tune" if log else None, log=log or print)
     small = pruning.strip(student)
     pruning.recalibrate_batch_norm(small, x)
     return small
 
 
-def _quantization_aware(model, teacher, train, epochs, log):
+def _quantization_aware(model, teacher, train, epochs, log, clusters=None):
+    """QAT (and clustering of {layer: clusters}, in the same fit) taught by `teacher`."""
+    from tflite_ext import clustering
     from tflite_ext.quantization import FreezeQuantization, calibrate, quantize_model
 
-    x, y = train
+    x, _ = train
     qat = quantize_model(model)
     calibrate(qat, x[:512])
-    steps = epochs * -(-len(x) // 32)
-    split = _split(train)
-    variants.fit(qat, split, epochs=epochs, learning_rate=1e-4, teacher=teacher,
-                 callbacks=[FreezeQuantization(freeze_after_step=int(0.6 * steps))],
-                 label="  QAT" if log else None, log=log or print)
-    return qat
+    callbacks = [FreezeQuantization(freeze_after_step=int(0.6 * _steps(x, epochs)))]
+    if clusters:
+        qat = clustering.cluster(qat, **search.cluster_arguments(model, clusters))
+        callbacks = [clustering.ClusteringCallback(max(1, _steps(x, epochs) // 20))]
+    variants.fit(qat, _split(train), epochs=epochs, learning_rate=1e-4, teacher=teacher,
+                 callbacks=callbacks, label="  QAT" + (" + cluster" if clusters else "")
+                 if log else None, log=log or print)
+    return clustering.strip_clustering(qat) if clusters else qat
+
+
+def _pipeline(model, plan, train, *, epochs, learning_rate, qat, round_to, layers, log):
+    """The real pipeline for one plan: prune (distilled fine-tune) -> strip -> factorize ->
+    QAT and cluster (one distilled fit) -> an ordinary or QAT Keras model."""
+    small = model
+    if plan.of("prune"):
+        small = _fine_tune(model, plan, train, epochs=epochs, learning_rate=learning_rate,
+                           round_to=round_to, layers=layers, log=log)
+    if plan.of("factorize"):
+        small = search.factorized(small, plan.of("factorize"))
+        if not (qat or plan.of("cluster")):  # else the QAT fit below recovers it
+            variants.fit(small, _split(train), epochs=max(1, epochs // 3),
+                         learning_rate=learning_rate / 5, teacher=model,
+                         label="  factorized" if log else None, log=log or print)
+    if qat or plan.of("cluster"):
+        small = _quantization_aware(small, model, train, max(2, epochs // 3), log,
+                                    clusters=plan.of("cluster"))
+    return small
 
 
 def compress(model, train_data, val_data, budget, target="host", *, max_accuracy_drop=1.0,
              out_dir="build/compress", epochs=10, learning_rate=5e-4, qat=False, round_to=8,
-             settings=search.SETTINGS, layers=None, max_rounds=3, binary=None, log=print):
+             settings=search.SETTINGS, rank_fractions=search.RANK_FRACTIONS,
+             clusters=search.CLUSTERS, layers=None, max_rounds=3, binary=None, log=print):
     """Finds and builds the compressed model that meets `budget` on `target`.
 
     Args:
@@ -141,14 +176,22 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         max_accuracy_drop: points of int8 validation accuracy the result may lose against
             the unchanged int8 model.
         epochs, learning_rate: the fine-tune of each plan (Adam, batch 32, distilled).
-        qat: fine-tune the stripped model with QAT before conversion.
+        qat: fine-tune the stripped model with QAT before conversion (clustering always
+            trains with QAT).
         round_to: kept channel counts are multiples of this.
         settings: the sparsities each group is tried at (1.0 is added for removable blocks).
-        max_rounds: plans fine-tuned at most.
+        rank_fractions: the fractions of full rank each factorizable layer is tried at
+            (() leaves factorization out).
+        clusters: the shared values per kernel each clusterable layer is tried at, on
+            targets that run LUT-compressed weights (`micro`); () leaves clustering out.
+        max_rounds: plans fine-tuned at most. Before each, the plan is applied in one shot
+            and measured on the target: a plan whose shapes miss the budget costs no
+            fine-tune.
 
     Returns:
-        A `Result`; `out_dir` holds model.keras, model.tflite, plan.json, report.json,
-        report.md, accuracy_vs_latency.png / accuracy_vs_size.png and cache.jsonl.
+        A `Result`; `out_dir` holds model.keras, model.tflite (model.lut.tflite when
+        clustered), plan.json, report.json, report.md, accuracy_vs_latency.png /
+        accuracy_vs_size.png and cache.jsonl.
 
     Raises:
         InputError: bad data, budget or target (one line each).
@@ -170,71 +213,144 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                          f"it measures {', '.join(target.metrics)}")
     ensure_writable_dir(out_dir)
     cache = Cache(os.path.join(out_dir, "cache.jsonl"))
-    base, candidates = search.measure_candidates(model, train, val, target, cache,
-                                                 settings=settings, layers=layers,
-                                                 round_to=round_to, log=log)
+    base, candidates = search.measure_candidates(
+        model, train, val, target, cache, settings=settings, rank_fractions=rank_fractions,
+        clusters=clusters, layers=layers, round_to=round_to, log=log)
     base_accuracy = variants.accuracy(base.tflite, *val)
     if log:
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
-    tried, margin = [], dict(limits)
-    result = None
-    for round_index in range(max_rounds):
-        plan = search.solve(base, candidates, margin)
+    search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to)
+    tried, margin, rejected, result = [], dict(limits), set(), None
+    for _ in range(4 * max_rounds):  # previews are cheap; fine-tunes are max_rounds at most
+        if sum(t["stage"] == "fine-tuned" for t in tried) >= max_rounds:
+            break
+        plan = search.solve(base, candidates, margin, exclude=rejected)
         if plan is None:
             break
-        if any(plan.key == t["plan"] for t in tried):
-            # the prediction said it fits but it did not: ask for more than the step missed
-            margin = {m: v * 0.9 for m, v in margin.items()}
-            continue
         if log:
-            log(f"round {round_index + 1}: plan {plan.key}; predicted "
-                + ", ".join(f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
+            log(f"plan {plan.key}; predicted " + ", ".join(
+                f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
                 + f", one-shot loss {plan.predicted_drop * 100:.2f} point")
-        small, fb, measured, acc = _build(model, plan, train, val, target, out_dir, base,
-                                          epochs=epochs, learning_rate=learning_rate, qat=qat,
-                                          round_to=round_to, layers=layers, log=log)
+        shapes = search_state.preview(plan)
+        misses = budget.misses(shapes)
+        if misses:  # the shapes alone miss: no fine-tune spent
+            tried.append(_round("preview", plan, shapes, None, None, misses))
+            if log:
+                log(f"  in one shot it measures {_costs(shapes)}; misses {'; '.join(misses)}")
+            margin = _tightened(margin, limits, plan.predicted_cost, shapes)
+            continue
+        small, converted, _, measured, acc = _build(
+            model, plan, train, val, target, out_dir, base, epochs=epochs,
+            learning_rate=learning_rate, qat=qat, round_to=round_to, layers=layers, log=log)
         misses = budget.misses(measured)
         drop = (base_accuracy - acc) * 100
-        tried.append({"plan": plan.key, "group_sparsity": plan.group_sparsity,
-                      "predicted": plan.predicted_cost, "measured": measured,
-                      "accuracy": acc, "drop_points": drop, "misses": misses})
+        tried.append(_round("fine-tuned", plan, measured, acc, drop, misses))
         if log:
-            log("  measured: " + ", ".join(f"{k} {v:,.1f}" for k, v in measured.items()
-                                            if isinstance(v, (int, float)))
-                + f"; int8 accuracy {acc:.4f} ({'lost' if drop >= 0 else 'gained'} "
-                  f"{abs(drop):.2f} point)"
+            log(f"  measured: {_costs(measured)}; int8 accuracy {acc:.4f} "
+                f"({'lost' if drop >= 0 else 'gained'} {abs(drop):.2f} point)"
                 + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
         if not misses and drop <= max_accuracy_drop:
-            result = (plan, small, fb, measured, acc)
+            result = (plan, small, converted, measured, acc)
             break
-        if drop > max_accuracy_drop and not misses:
-            break  # a tighter budget would only lose more
-        for m in limits:  # ask the prediction for less by the factor it missed by
-            if m in measured and measured[m] > limits[m]:
-                margin[m] *= plan.predicted_cost[m] / measured[m]
+        if drop > max_accuracy_drop:
+            rejected.add(plan.key)  # one-shot losses rank plans loosely: try the next best
+        margin = _tightened(margin, limits, plan.predicted_cost, measured)
     report = _report(model, budget, target, base, base_accuracy, candidates, tried,
                      time.perf_counter() - start)
     _write_outputs(out_dir, report, base, base_accuracy, candidates, tried)
     if result is None:
         raise BudgetError(_miss_message(budget, base, candidates, tried, max_accuracy_drop,
                                         out_dir))
-    plan, small, fb, measured, acc = result
-    plan_json = {"prune": {"sparsity": search.partial_top(plan.choice),
-                           "group_sparsity": plan.group_sparsity, "round_to": round_to,
-                           "layers": None if layers is None else repr(layers)},
-                 "fine_tune": {"epochs": epochs, "learning_rate": learning_rate,
-                               "distilled": True, "qat": qat},
-                 "target": target.name, "budget": budget.limits()}
+    plan, small, converted, measured, acc = result
+    plan_json = _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target,
+                           budget)
     small.save(os.path.join(out_dir, "model.keras"))
-    atomic_write(os.path.join(out_dir, "model.tflite"), fb)
+    converted.save(os.path.join(out_dir, "model.tflite"))
     atomic_write(os.path.join(out_dir, "plan.json"), json.dumps(plan_json, indent=2).encode())
-    return Result(small, fb, plan_json, measured, acc, base_accuracy, report)
+    return Result(small, converted.flatbuffer, plan_json, measured, acc, base_accuracy, report,
+                  converted)
+
+
+@dataclasses.dataclass
+class _Search:
+    """What previews need: the one-shot plan measured beside the base, cached."""
+
+    model: object
+    train: tuple
+    val: tuple
+    target: Target
+    cache: Cache
+    base: search.Candidate
+    budget: Budget
+    layers: object
+    round_to: int
+
+    def preview(self, plan):
+        key = f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
+        if key not in self.cache:
+            small, fb = search.one_shot_plan(self.model, plan, self.train[0],
+                                             layers=self.layers, round_to=self.round_to)
+            self.cache.put(key, dict(measure_beside(self.target, fb, self.base),
+                                     macs=pruning.count_macs(small)))
+        return self.cache.get(key)
+
+
+def _round(stage, plan, measured, accuracy, drop, misses):
+    return {"stage": stage, "plan": plan.key, "arguments": _arguments(plan),
+            "predicted": plan.predicted_cost, "predicted_drop_points": plan.predicted_drop * 100,
+            "measured": measured, "accuracy": accuracy, "drop_points": drop, "misses": misses}
+
+
+def _costs(measured):
+    return ", ".join(f"{k} {v:,.1f}" for k, v in measured.items() if isinstance(v, (int, float)))
+
+
+def _tightened(margin, limits, predicted, measured):
+    """Asks the prediction for less by the factor it missed by, on each metric it missed."""
+    return {m: v * predicted[m] / measured[m] if measured.get(m, 0) > limits[m] else v
+            for m, v in margin.items()}
+
+
+def _arguments(plan):
+    """The library calls a plan stands for (ranks as fractions; `_plan_json` resolves them)."""
+    out = {}
+    if plan.of("prune"):
+        out["prune"] = {"sparsity": search.partial_top(plan.of("prune")),
+                        "group_sparsity": plan.group_sparsity}
+    if plan.of("factorize"):
+        out["factorize"] = {"rank_fraction": plan.of("factorize")}
+    if plan.of("cluster"):
+        out["cluster"] = plan.of("cluster")
+    return out
+
+
+def _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target, budget):
+    """plan.json: prune(...), factorize(...) and cluster(...) arguments that reproduce it."""
+    out = {"prune": None, "factorize": None, "cluster": None}
+    if plan.of("prune"):
+        out["prune"] = {"sparsity": search.partial_top(plan.of("prune")),
+                        "group_sparsity": plan.group_sparsity, "round_to": round_to,
+                        "layers": None if layers is None else repr(layers)}
+    if plan.of("factorize"):
+        kernels = {w.path.split("/")[0]: w.shape for w in small.weights
+                   if w.path.endswith("kernel")}
+        out["factorize"] = {"rank": {n: int(kernels[n + "_svd"][-1]) for n in
+                                     plan.of("factorize") if n + "_svd" in kernels},
+                            "rank_fraction": plan.of("factorize")}
+    if plan.of("cluster"):
+        out["cluster"] = search.cluster_arguments(small, plan.of("cluster"))
+    out.update(fine_tune={"epochs": epochs, "learning_rate": learning_rate, "distilled": True,
+                          "qat": qat or bool(plan.of("cluster"))},
+               lut=bool(plan.of("cluster")), target=target.name, budget=budget.limits())
+    return out
 
 
 def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_rate, qat,
            round_to, layers, log):
-    """Fine-tunes (or reloads from out_dir/runs/) one plan; converts; measures on target."""
+    """Fine-tunes (or reloads from out_dir/runs/) one plan; converts; measures on target.
+
+    Returns (Keras model, conversion result, deployed flatbuffer, measured, accuracy)."""
     runs = os.path.join(out_dir, "runs")
     os.makedirs(runs, exist_ok=True)
     name = fingerprint((plan.key + f"|{epochs}|{learning_rate}|{qat}|{round_to}").encode())
@@ -242,17 +358,19 @@ def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_r
     if os.path.exists(path):
         small = keras.saving.load_model(path)
     else:
-        small = _fine_tune(model, plan, train, epochs=epochs, learning_rate=learning_rate,
-                           round_to=round_to, layers=layers, log=log)
-        if qat:
-            small = _quantization_aware(small, model, train, max(2, epochs // 3), log)
+        small = _pipeline(model, plan, train, epochs=epochs, learning_rate=learning_rate,
+                          qat=qat, round_to=round_to, layers=layers, log=log)
         small.save(path + ".part.keras")
         os.replace(path + ".part.keras", path)
     from tflite_ext import convert
 
-    fb = convert.to_tflite(small, None if qat else train[0][:300]).flatbuffer
-    measured = dict(measure_beside(target, fb, base), macs=pruning.count_macs(small))
-    return small, fb, measured, variants.accuracy(fb, *val)
+    trained = qat or bool(plan.of("cluster"))  # QAT ranges: no calibration data
+    converted = convert.to_tflite(small, None if trained else train[0][:300],
+                                  lut=bool(plan.of("cluster")), lut_data=val[0][:100])
+    deployed = converted.lut.flatbuffer if converted.lut else converted.flatbuffer
+    measured = dict(measure_beside(target, deployed, base), macs=pruning.count_macs(small))
+    # LiteRT cannot run the LUT copy; it was proven to give the int8 file's outputs
+    return small, converted, deployed, measured, variants.accuracy(converted.flatbuffer, *val)
 
 
 def measure_beside(target, flatbuffer, base):
@@ -267,8 +385,9 @@ def measure_beside(target, flatbuffer, base):
 
 def _miss_message(budget, base, candidates, tried, max_drop, out_dir):
     plot = os.path.join(out_dir, "accuracy_vs_latency.png")
-    if tried:
-        best = min(tried, key=lambda t: (len(t["misses"]), t["drop_points"]))
+    tuned = [t for t in tried if t["stage"] == "fine-tuned"]
+    if tuned:
+        best = min(tuned, key=lambda t: (len(t["misses"]), t["drop_points"]))
         reached = ", ".join(f"{k} {v:,.1f}" for k, v in best["measured"].items()
                             if k in budget.limits())
         return (f"No plan met {budget} within {max_drop} point: the closest reached {reached} "
@@ -276,7 +395,7 @@ def _miss_message(budget, base, candidates, tried, max_drop, out_dir):
                 f"candidate is plotted in {plot}")
     _, cost = search.best_reachable(base, candidates, list(budget.limits()))
     reached = ", ".join(f"{k} {v:,.1f}" for k, v in cost.items())
-    return (f"No plan is predicted to meet {budget}: pruning every group as far as measured "
+    return (f"No plan is predicted to meet {budget}: every measured change at its strongest "
             f"reaches about {reached}; every measured candidate is plotted in {plot}")
 
 
@@ -285,7 +404,7 @@ def _report(model, budget, target, base, base_accuracy, candidates, tried, secon
     return {"model": model.name, "target": target.name, "budget": budget.limits(),
             "base": {"int8_accuracy": base_accuracy, "one_shot_accuracy": base.accuracy,
                      "cost": base.cost},
-            "candidates": [{"name": c.name, "pattern": c.pattern, "sparsity": c.sparsity,
+            "candidates": [{"name": c.name, **dataclasses.asdict(c.change),
                             "one_shot_accuracy": c.accuracy, "cost": c.cost}
                            for c in candidates],
             "rounds": tried, "seconds": seconds, "environment": variants.environment()}
@@ -294,9 +413,10 @@ def _report(model, budget, target, base, base_accuracy, candidates, tried, secon
 def _write_outputs(out_dir, report, base, base_accuracy, candidates, tried):
     from tflite_ext.bench import report as report_lib
 
-    rows = [{"round": i + 1, "plan": t["plan"], "accuracy": t["accuracy"],
-             "drop (points)": t["drop_points"], **{k: v for k, v in t["measured"].items()
-                                                   if isinstance(v, (int, float))},
+    rows = [{"round": i + 1, "stage": t["stage"], "plan": t["plan"],
+             "accuracy": "" if t["accuracy"] is None else t["accuracy"],
+             "drop (points)": "" if t["drop_points"] is None else t["drop_points"],
+             **{k: v for k, v in t["measured"].items() if isinstance(v, (int, float))},
              "misses": "; ".join(t["misses"]) or "fits"} for i, t in enumerate(tried)]
     columns = [(k, k) for k in dict.fromkeys(k for r in rows for k in r)] or [("round", "round")]
     md = (f"# compress: {report['model']} on {report['target']}\n\nBudget: "
@@ -312,5 +432,6 @@ def _write_outputs(out_dir, report, base, base_accuracy, candidates, tried):
                 "latency_us": c.cost.get("latency_us")} for c in candidates]
     points += [{"name": f"round {i + 1}", "accuracy": t["accuracy"],
                 "size_bytes": t["measured"].get("flash_bytes", 0) or 1,
-                "latency_us": t["measured"].get("latency_us")} for i, t in enumerate(tried)]
+                "latency_us": t["measured"].get("latency_us")} for i, t in enumerate(tried)
+               if t["stage"] == "fine-tuned"]
     report_lib.plot_variants(points, out_dir)

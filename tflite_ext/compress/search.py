@@ -1,74 +1,106 @@
 """The search: what each single change costs in accuracy and on the target, and the plan.
 
-(a) `measure_candidates`: every dependency group of the model, pruned alone at each setting
-    (1.0 too where the group is a residual branch `strip` can remove), one shot: masks set
-    from the trained weights, `strip`, BatchNormalization re-estimated, validation accuracy.
-    Each one-change model is converted to int8 and measured on the target (host timings of
-    all candidates interleaved). Everything is cached.
-(b) `solve`: one setting per group, least predicted accuracy loss (the sum of the one-change
-    losses) with the predicted cost (the base cost times the product of the one-change cost
-    ratios) within the budget: every combination when there are few, else greedy by loss per
-    saving.
+A change is one of
+    prune      a dependency group at a sparsity (1.0 where `strip` can remove the block),
+    factorize  a Dense/Conv layer at a fraction of its full rank (`factorization`),
+    cluster    a Dense/Conv kernel at a number of shared values, then LUT-compressed for
+               TFLite Micro (only on targets that run `TFLM_DECODE`: `Target.lut`).
+
+(a) `measure_candidates`: every change alone, one shot (masks from the trained weights and
+    `strip`, BatchNormalization re-estimated; SVD; k-means without training), its validation
+    accuracy; each one-change model converted to int8 and measured on the target (all host
+    timings interleaved). Everything is cached.
+(b) `solve`: at most one setting per group or layer and kind, the least predicted accuracy
+    loss (the sum of the one-change losses) with the predicted cost (the base cost times the
+    product of the one-change cost ratios) within the limits. Combinations are scored all at
+    once with NumPy; beyond `EXHAUSTIVE_LIMIT`, greedily.
+(c) `one_shot_plan`: the whole plan in one shot, so what the cost depends on (the shapes,
+    not the training) is measured before a fine-tune is spent on it.
 
 NetAdapt (Yang et al. 2018) measures candidates on the device the same way; AIMET's greedy
 per-layer selection ranks by one-shot loss the same way.
 
 Example:
-    >>> base, candidates = measure_candidates(model, data, target, cache)
-    >>> plan = solve(base, candidates, Budget(latency_us=40.0))
-    >>> plan.group_sparsity
-    {'s1a_conv|s1a_bn': 1.0, 's3a_conv|s3a_bn': 0.5}
+    >>> base, candidates = measure_candidates(model, train, val, target, cache)
+    >>> plan = solve(base, candidates, {"latency_us": 40.0})
+    >>> plan.key
+    'cluster:fc1=8,prune:conv2|bn2=0.5'
 """
 import dataclasses
-import itertools
+import math
 import re
 
 import keras
 import numpy as np
 
-from tflite_ext import convert, pruning
+from tflite_ext import convert, lut, pruning
 from tflite_ext.bench import variants
 from tflite_ext.compress.cache import fingerprint
 from tflite_ext.errors import InputError
+from tflite_ext.factorization.plan import candidates as factor_candidates
 from tflite_ext.pruning.plan import PruningPlan, group_members
 
-SETTINGS = (0.25, 0.5, 0.75)
-EXHAUSTIVE_LIMIT = 20_000  # combinations solved exactly; beyond, greedy
+SETTINGS = (0.25, 0.5, 0.75, 0.875)  # prune: fractions of a group's channels removed
+RANK_FRACTIONS = (0.5, 0.25)       # factorize: fractions of a layer's full rank kept
+CLUSTERS = (16, 8, 4)              # cluster: shared values per kernel (per channel for convs)
+MIN_CLUSTER_WEIGHTS = 1024         # smaller kernels: a DECODE costs about what it saves
+EXHAUSTIVE_LIMIT = 2_000_000       # combinations scored exactly; beyond, greedy
+KINDS = ("prune", "factorize", "cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One change to the model: `kind` of `key` (a group's regex or a layer name) at
+    `setting` (sparsity, rank fraction or clusters); `name` is for people."""
+
+    kind: str
+    key: str
+    setting: float
+    name: str
+
+    @property
+    def label(self):
+        return f"{self.kind}:{self.name}={self.setting:g}"
 
 
 @dataclasses.dataclass
 class Candidate:
-    """One change measured alone: a group at one sparsity (None: the unchanged model)."""
+    """A change measured alone (`change` None: the unchanged model)."""
 
-    group: str            # the group's first member layer, for people
-    pattern: str          # regex full-matching the group's members (prune's group_sparsity)
-    sparsity: float
+    change: Change
     accuracy: float       # validation accuracy, one shot (no fine-tune)
     cost: dict            # {metric: value} on the target, plus "macs"
     tflite: bytes = None  # the int8 flatbuffer (kept for the base only)
+    layers: dict = None   # {layer: (kernel weights, output channels)}: `layer_sizes`
+    flash_fit: object = None  # the base's: coefficients of `flash_features` (`fit_flash`)
 
     @property
     def name(self):
-        return "base" if self.pattern is None else f"{self.group}={self.sparsity:g}"
+        return "base" if self.change is None else self.change.label
 
 
 @dataclasses.dataclass
 class Plan:
-    """Settings chosen per group and what they are predicted to cost."""
+    """The changes chosen and what they are predicted to cost."""
 
-    choice: dict              # {pattern: sparsity} of the groups that change
+    changes: tuple            # of Change, at most one per (kind, key)
     predicted_drop: float     # accuracy points lost, one-shot sum (an upper estimate)
     predicted_cost: dict
 
+    def of(self, kind):
+        return {c.key: c.setting for c in self.changes if c.kind == kind}
+
     @property
     def group_sparsity(self):
-        """The `prune(group_sparsity=...)` that reproduces the plan (other groups at 0)."""
-        return {**self.choice, ".*": 0.0}
+        """The `prune(group_sparsity=...)` that reproduces the pruning (other groups at 0)."""
+        return {**self.of("prune"), ".*": 0.0}
 
     @property
     def key(self):
-        return ",".join(f"{p}={s:g}" for p, s in sorted(self.choice.items())) or "none"
+        return ",".join(sorted(c.label for c in self.changes)) or "none"
 
+
+# ------------------------------------------------------------------------ the changes
 
 def prunable_groups(model, layers=None):
     """[(name, pattern)] of the model's prunable dependency groups, in model order."""
@@ -78,6 +110,37 @@ def prunable_groups(model, layers=None):
         members = group_members(group)
         groups.append((members[0], "|".join(re.escape(m) for m in members)))
     return groups
+
+
+def factorizable_layers(model, layers=None):
+    """Names of the layers `factorize` can change (Dense, 1x1 and kxk Conv2D)."""
+    try:
+        return [c.name for c in factor_candidates(model, layers)]
+    except InputError:  # nothing to factorize
+        return []
+
+
+def clusterable_layers(model, layers=None):
+    """Names of the Dense/Conv layers with at least MIN_CLUSTER_WEIGHTS kernel weights."""
+    from tflite_ext.clustering.wrapper import clusterable, kernel_names
+    from tflite_ext.functional import layer_matcher
+
+    match = layer_matcher(layers)
+    return [layer.name for layer in model.layers if clusterable(layer) and kernel_names(layer)
+            and match(layer) and math.prod(layer.kernel.shape) >= MIN_CLUSTER_WEIGHTS]
+
+
+def changes_of(model, target, *, settings=SETTINGS, rank_fractions=RANK_FRACTIONS,
+               clusters=CLUSTERS, layers=None):
+    """Every single change the search measures on `model` for `target`."""
+    out = [Change("prune", pattern, s, name) for name, pattern in prunable_groups(model, layers)
+           for s in (*settings, 1.0)]
+    out += [Change("factorize", name, f, name) for name in factorizable_layers(model, layers)
+            for f in rank_fractions]
+    if getattr(target, "lut", False):
+        out += [Change("cluster", name, k, name) for name in clusterable_layers(model, layers)
+                for k in clusters]
+    return out
 
 
 def partial_top(group_sparsity):
@@ -99,9 +162,140 @@ def one_shot(model, group_sparsity, *, layers=None, round_to=8, x=None):
     return small
 
 
+def ranks(model, fractions, round_to=1):
+    """{layer: rank} for {layer: fraction of its full rank} on `model` (after strip, the full
+    rank is the stripped layer's), rounded up to `round_to`, at least 1."""
+    full = {c.name: c.max_rank
+            for c in factor_candidates(model, [re.escape(n) for n in fractions])}
+    return {name: min(full[name], max(1, round_to * math.ceil(f * full[name] / round_to)))
+            for name, f in fractions.items()}
+
+
+def factorized(model, fractions, round_to=1):
+    """`model` with each layer of {layer: rank fraction} factorized (SVD, no fine-tune)."""
+    from tflite_ext import factorization
+
+    return factorization.factorize(model, rank=ranks(model, fractions, round_to),
+                                   skip_unprofitable=False, verbose=False)
+
+
+def cluster_arguments(model, clusters):
+    """`cluster(...)` arguments for {layer: clusters}: per channel for convolutions (their int8
+    weights are per channel, so the tables cost nothing more), linear centroids; a layer
+    `factorize` split is clustered in both halves."""
+    convs = {layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)}
+    return dict(clusters={f"{re.escape(n)}(_svd)?": k for n, k in clusters.items()},
+                per_channel={f"{re.escape(n)}(_svd)?": n in convs for n in clusters},
+                init="linear")
+
+
+def clustered_one_shot(model, clusters):
+    """`model` with {layer: clusters} snapped to its initial centroids (no training)."""
+    from tflite_ext import clustering
+
+    return clustering.strip_clustering(clustering.cluster(model, **cluster_arguments(
+        model, clusters)))
+
+
 def int8(model, x_calibration):
     return convert.to_tflite(model, x_calibration[:100]).flatbuffer
 
+
+def with_lut(flatbuffer):
+    """The TFLM LUT copy of an int8 flatbuffer (what a `cluster` change costs in flash)."""
+    return lut.compress(flatbuffer)[0]
+
+
+def one_shot_plan(model, plan, x, *, layers=None, round_to=8):
+    """(Keras model, flatbuffer as deployed) of `plan` applied in one shot: prune and strip,
+    factorize, cluster (then LUT). Its cost on the target is the fine-tuned plan's to within
+    what training changes (nothing for flash and arena)."""
+    small = model
+    if plan.of("prune"):
+        small = one_shot(model, plan.of("prune"), layers=layers, round_to=round_to,
+                         x=x[:512])
+    if plan.of("factorize"):
+        small = factorized(small, plan.of("factorize"))
+    if plan.of("cluster"):
+        small = clustered_one_shot(small, plan.of("cluster"))
+        return small, with_lut(int8(small, x))
+    return small, int8(small, x)
+
+
+# ------------------------------------------------------------------------ the flash model
+#
+# Flash is set by the shapes: a file is about a fixed part, plus its kernels' bytes (weights
+# x bits / 8), plus a few bytes per output channel (bias, scale, zero point, LUT table). Fitted
+# by least squares on the measured candidates, that model predicts combinations where
+# products of ratios cannot: on the digits CNN (micro), pruning every group by 3/4 measured
+# 25,624 bytes against 38,890 predicted by the product, and pruning + clustering + factorizing
+# 18,736 against 11,235 (the cluster savings were counted on the unpruned kernels).
+
+def layer_sizes(model):
+    """{layer: (kernel weights, output channels)} of the layers with a kernel; a factorized
+    pair is counted under the original name."""
+    out = {}
+    for layer in model.layers:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        name = layer.name[:-4] if layer.name.endswith("_svd") else layer.name
+        weights, channels = out.get(name, (0, 0))
+        out[name] = (weights + math.prod(kernel.shape), channels + int(kernel.shape[-1]))
+    return out
+
+
+def _bits(change):
+    if change is not None and change.kind == "cluster":
+        return {change.key: math.ceil(math.log2(change.setting))}
+    return {}
+
+
+def flash_features(sizes, bits):
+    """[1, kernel bytes, output channels, LUT tensors, LUT table entries]: what
+    `fit_flash`'s coefficients multiply. `bits`: {layer: index bits} of the clustered ones."""
+    return [1.0, sum(w * bits.get(n, 8) / 8 for n, (w, _) in sizes.items()),
+            float(sum(c for _, c in sizes.values())), float(len(bits)),
+            float(sum(sizes[n][1] * 2 ** b for n, b in bits.items() if n in sizes))]
+
+
+def fit_flash(base, candidates):
+    """Least-squares coefficients of `flash_features` over the measured candidates, or None."""
+    known = [c for c in [base, *candidates] if c.layers is not None]
+    if "flash_bytes" not in base.cost or len(known) < 4:
+        return None
+    x = np.array([flash_features(c.layers, _bits(c.change)) for c in known])
+    y = np.array([c.cost["flash_bytes"] for c in known], dtype=float)
+    return np.linalg.lstsq(x, y, rcond=None)[0]
+
+
+def _layer_terms(base, c):
+    """Per base layer, what `c` brings: (log kernel-byte ratio, log channel ratio, LUT table
+    entries per channel, 0 or 2^bits)."""
+    names = sorted(base.layers)
+    zero = np.zeros(len(names))
+    if c.change.kind == "cluster":
+        bits = _bits(c.change)
+        lw = np.array([math.log(bits[n] / 8) if n in bits else 0.0 for n in names])
+        return lw, zero, np.array([2.0 ** bits[n] if n in bits else 0.0 for n in names])
+    sizes = c.layers or base.layers
+    with np.errstate(divide="ignore"):  # a removed layer: ratio 0, log -inf, bytes 0
+        lw = np.log([sizes.get(n, (0, 0))[0] / base.layers[n][0] for n in names])
+        lc = np.log([sizes.get(n, (0, 0))[1] / base.layers[n][1] for n in names])
+    return lw, lc, zero
+
+
+def _flash(base, lw, lc, table):
+    """The flash model at per-layer terms (arrays, last axis: layers) summed over changes."""
+    names = sorted(base.layers)
+    weights = np.array([base.layers[n][0] for n in names], dtype=float)
+    channels = np.array([base.layers[n][1] for n in names], dtype=float) * np.exp(lc)
+    fixed, per_byte, per_channel, per_lut, per_entry = base.flash_fit
+    return (fixed + per_byte * (weights * np.exp(lw)).sum(-1) + per_channel * channels.sum(-1)
+            + per_lut * (table > 0).sum(-1) + per_entry * (channels * table).sum(-1))
+
+
+# ------------------------------------------------------------------------ measuring
 
 def _progress(total, title, log):
     """A Keras progress bar when logging goes to stdout; else the title line alone."""
@@ -111,134 +305,204 @@ def _progress(total, title, log):
     return keras.utils.Progbar(total, unit_name="candidate") if log is print else None
 
 
-def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS, layers=None,
-                       round_to=8, log=print):
-    """(base Candidate, [Candidate]) of every group at every setting (see the module doc).
+def _cache_key(model_key, change, round_to):
+    if change is None:
+        return f"candidate:{model_key}:None:0:{round_to}"
+    if change.kind == "prune":  # the key of the first caches, kept readable by later ones
+        return f"candidate:{model_key}:{change.key}:{change.setting:g}:{round_to}"
+    return f"candidate:{model_key}:{change.kind}:{change.key}:{change.setting:g}"
 
-    `train`, `val`: (x, y). Groups that cannot take a setting (1.0 where the branch is not
-    removable) are skipped.
+
+def _one_change(model, change, x, *, layers, round_to):
+    """(Keras model, deployed flatbuffer) of `model` with one change, or InputError."""
+    changes = () if change is None else (change,)
+    return one_shot_plan(model, Plan(changes, 0.0, {}), x, layers=layers, round_to=round_to)
+
+
+def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
+                       rank_fractions=RANK_FRACTIONS, clusters=CLUSTERS, layers=None,
+                       round_to=8, log=print):
+    """(base Candidate, [Candidate]) of every change alone (see the module doc).
+
+    `train`, `val`: (x, y). Changes a model cannot take (1.0 where the branch is not
+    removable, a rank that would not save) are skipped.
     """
     x_train, _ = train
     x_val, y_val = val
     model_key = fingerprint(model)
-    groups = prunable_groups(model, layers)
-    jobs = [(None, None, 0.0)] + [(name, pattern, s) for name, pattern in groups
-                                  for s in (*settings, 1.0)]
-    bar = _progress(len(jobs), f"measuring {len(jobs) - 1} one-change candidates of "
-                    f"{len(groups)} groups on the validation data and on {target.name}", log)
+    jobs = [None] + changes_of(model, target, settings=settings, rank_fractions=rank_fractions,
+                               clusters=clusters, layers=layers)
+    kinds = {k: sum(1 for c in jobs[1:] if c.kind == k) for k in KINDS}
+    bar = _progress(len(jobs), f"measuring {len(jobs) - 1} one-change candidates ("
+                    + ", ".join(f"{n} {k}" for k, n in kinds.items() if n)
+                    + f") on the validation data and on {target.name}", log)
     made, flatbuffers = [], {}
-    for i, (name, pattern, s) in enumerate(jobs):
-        key = f"candidate:{model_key}:{pattern}:{s:g}:{round_to}"
+    for i, change in enumerate(jobs):
+        key = _cache_key(model_key, change, round_to)
         if key not in cache:
             try:
-                small = model if pattern is None else one_shot(
-                    model, {pattern: s}, layers=layers, round_to=round_to, x=x_train[:512])
+                small, fb = _one_change(model, change, x_train, layers=layers,
+                                        round_to=round_to)
             except InputError:
                 cache.put(key, None)  # e.g. 1.0 on a group that is not a residual branch
             else:
-                fb = int8(small, x_train)
                 flatbuffers[fingerprint(fb)] = fb
                 cache.put_blob(fingerprint(fb), fb)
                 cache.put(key, {"accuracy": variants.accuracy(small, x_val, y_val),
-                                "macs": pruning.count_macs(small), "tflite": fingerprint(fb)})
+                                "macs": pruning.count_macs(small), "tflite": fingerprint(fb),
+                                "layers": layer_sizes(small)})
         if cache.get(key) is not None:
-            made.append((name, pattern, s, cache.get(key)))
+            made.append((change, cache.get(key)))
         if bar:
             bar.update(i + 1)
     todo = {}
-    for _, pattern, s, info in made:  # every model this target has not measured yet
+    for change, info in made:  # every model this target has not measured yet
         h = info["tflite"]
         if f"cost:{target.key}:{h}" not in cache and h not in todo:
-            fb = flatbuffers.get(h) or cache.get_blob(h)
-            if fb is None:
-                small = model if pattern is None else one_shot(
-                    model, {pattern: s}, layers=layers, round_to=round_to, x=x_train[:512])
-                fb = int8(small, x_train)
-            todo[h] = fb
+            todo[h] = (flatbuffers.get(h) or cache.get_blob(h)
+                       or _one_change(model, change, x_train, layers=layers,
+                                      round_to=round_to)[1])
     if todo:
         if log:
             log(f"measuring {len(todo)} models on {target.name}")
         for h, cost in target.measure(todo).items():
             cache.put(f"cost:{target.key}:{h}", cost)
-    out = []
-    for name, pattern, s, info in made:
-        cost = dict(cache.get(f"cost:{target.key}:{info['tflite']}"), macs=info["macs"])
-        out.append(Candidate(name, pattern, s, info["accuracy"], cost))
+    out = [Candidate(change, info["accuracy"],
+                     dict(cache.get(f"cost:{target.key}:{info['tflite']}"), macs=info["macs"]),
+                     layers=_sizes(info.get("layers")))
+           for change, info in made]
+    out[0].flash_fit = fit_flash(out[0], out[1:])
     # later measurements are timed beside the base: its file, kept or converted once more
-    out[0].tflite = cache.get_blob(made[0][3]["tflite"]) or int8(model, x_train)
+    out[0].tflite = cache.get_blob(made[0][1]["tflite"]) or int8(model, x_train)
     return out[0], out[1:]
 
 
-def _predict(base, chosen, metrics):
+def _sizes(stored):
+    return None if stored is None else {n: tuple(v) for n, v in stored.items()}
+
+
+# ------------------------------------------------------------------------ solving
+
+def _slots(candidates):
+    """{(kind, key): [Candidate]}: a plan takes at most one of each slot."""
+    slots = {}
+    for c in candidates:
+        slots.setdefault((c.change.kind, c.change.key), []).append(c)
+    return slots
+
+
+def _log_ratio(base, c, m):
     # Costs combine as products of the one-change ratios: never below zero, right when two
-    # groups shrink the same layer (both halves of a conv's channels: 1/4, not 0), and
+    # changes shrink the same layer (both halves of a conv's channels: 1/4, not 0), and
     # conservative when they shrink different layers. Adding the savings instead predicted
     # 1,248 µs for a plan measured at 2,093 µs, and below zero for larger ones (ResNet-8,
     # reference kernels).
-    cost = {m: base.cost[m] * float(np.prod([c.cost[m] / base.cost[m] for c in chosen]))
-            if base.cost[m] else 0.0 for m in metrics}
+    if not base.cost[m]:
+        return 0.0
+    return math.log(max(c.cost[m], 1e-9) / base.cost[m])
+
+
+def _modelled(base, m):
+    return m == "flash_bytes" and base.flash_fit is not None
+
+
+def _predict(base, chosen, metrics):
+    cost = {m: base.cost[m] * math.exp(sum(_log_ratio(base, c, m) for c in chosen))
+            for m in metrics if not _modelled(base, m)}
+    if any(_modelled(base, m) for m in metrics):
+        width = len(base.layers)
+        terms = [_layer_terms(base, c) for c in chosen]
+        cost["flash_bytes"] = float(_flash(base, *(sum((t[i] for t in terms), np.zeros(width))
+                                                   for i in range(3))))
     drop = sum(max(base.accuracy - c.accuracy, 0.0) for c in chosen)
     return drop, cost
+
+
+def solve(base, candidates, limits, exclude=()):
+    """The Plan of least predicted loss whose predicted cost is within `limits` ({metric:
+    bound}) and whose key is not in `exclude`, or None if none is predicted to fit."""
+    metrics = list(limits)
+    slots = list(_slots(candidates).values())
+    if math.prod(len(s) + 1 for s in slots) > EXHAUSTIVE_LIMIT:
+        return _greedy(base, slots, limits, metrics, exclude)
+    # Score every combination at once: per slot, option 0 is "unchanged".
+    modelled = [_modelled(base, m) for m in metrics]
+    width = len(base.layers) if any(modelled) else 0
+    drop, logs = np.zeros(1), np.zeros((1, len(metrics)))
+    lw, lc, table = np.zeros((1, width)), np.zeros((1, width)), np.zeros((1, width))
+    for options in slots:
+        d = np.array([0.0] + [max(base.accuracy - c.accuracy, 0.0) for c in options])
+        r = np.array([[0.0] * len(metrics)] + [[0.0 if mod else _log_ratio(base, c, m)
+                                                for m, mod in zip(metrics, modelled)]
+                                               for c in options])
+        drop = (drop[:, None] + d[None, :]).ravel()
+        logs = (logs[:, None, :] + r[None, :, :]).reshape(-1, len(metrics))
+        if width:
+            terms = [(np.zeros(width),) * 3] + [_layer_terms(base, c) for c in options]
+            lw, lc, table = ((old[:, None, :] + np.array([t[i] for t in terms])[None])
+                             .reshape(-1, width) for i, old in enumerate((lw, lc, table)))
+    base_cost = np.array([base.cost[m] for m in metrics], dtype=float)
+    cost = base_cost * np.exp(logs)
+    for j, mod in enumerate(modelled):
+        if mod:
+            cost[:, j] = _flash(base, lw, lc, table)
+    bound = np.array([limits[m] for m in metrics], dtype=float)
+    fits = np.flatnonzero((cost <= bound).all(axis=1))
+    if not len(fits):
+        return None
+    # Equal predicted losses (one-shot losses are coarse): the plan that changes least, the one
+    # nearest the budget, goes first.
+    order = fits[np.lexsort((-(cost[fits] / bound).sum(axis=1), drop[fits]))]
+    shape = [len(s) + 1 for s in slots]
+    for flat in order:
+        picks = np.unravel_index(flat, shape)
+        chosen = [slots[j][i - 1] for j, i in enumerate(picks) if i]
+        plan = _plan(base, chosen, metrics)
+        if plan.key not in exclude:
+            return plan
+    return None
+
+
+def _plan(base, chosen, metrics):
+    drop, cost = _predict(base, chosen, metrics)
+    return Plan(tuple(c.change for c in chosen), drop, cost)
 
 
 def _fits(cost, limits):
     return all(cost[m] <= bound for m, bound in limits.items())
 
 
-def solve(base, candidates, limits):
-    """The Plan of least predicted loss whose predicted cost is within `limits` ({metric:
-    bound}), or None if no combination is predicted to fit."""
-    metrics = list(limits)
-    options = {}
-    for c in candidates:
-        options.setdefault(c.pattern, [None]).append(c)
-    groups = list(options)
-    best = None
-    if np.prod([len(options[g]) for g in groups], dtype=float) <= EXHAUSTIVE_LIMIT:
-        for combo in itertools.product(*(options[g] for g in groups)):
-            chosen = [c for c in combo if c is not None]
-            drop, cost = _predict(base, chosen, metrics)
-            if _fits(cost, limits):
-                score = (drop, sum(cost[m] / limits[m] for m in metrics))
-                if best is None or score < best[0]:
-                    best = (score, chosen, drop, cost)
-    else:
-        best = _greedy(base, options, limits, metrics)
-    if best is None:
-        return None
-    _, chosen, drop, cost = best
-    return Plan({c.pattern: c.sparsity for c in chosen}, drop, cost)
+def _greedy(base, slots, limits, metrics, exclude):
+    """Raise one slot's setting at a time, the least loss per budget excess removed."""
+    state = [0] * len(slots)
 
+    def chosen_of(s):
+        return [slots[j][i - 1] for j, i in enumerate(s) if i]
 
-def _greedy(base, options, limits, metrics):
-    """Raise one group's setting at a time, the least loss per budget excess removed."""
-    state = {g: 0 for g in options}
     while True:
-        chosen = [options[g][i] for g, i in state.items() if i]
-        drop, cost = _predict(base, chosen, metrics)
-        if _fits(cost, limits):
-            return (None, chosen, drop, cost)
-        excess = {m: cost[m] - limits[m] for m in metrics if cost[m] > limits[m]}
+        plan = _plan(base, chosen_of(state), metrics)
+        if _fits(plan.predicted_cost, limits) and plan.key not in exclude:
+            return plan
+        cost = plan.predicted_cost
+        excess = {m: max(cost[m] - limits[m], 0.0) for m in metrics}
         moves = []
-        for g, i in state.items():
-            for j in range(i + 1, len(options[g])):
-                trial = dict(state, **{g: j})
-                t_drop, t_cost = _predict(base, [options[h][k] for h, k in trial.items() if k],
-                                          metrics)
-                gain = sum(min(cost[m] - t_cost[m], excess[m]) / limits[m] for m in excess)
+        for j, i in enumerate(state):
+            for k in range(i + 1, len(slots[j]) + 1):  # options go from mild to strong
+                trial = _plan(base, chosen_of(state[:j] + [k] + state[j + 1:]), metrics)
+                gain = sum(min(cost[m] - trial.predicted_cost[m], excess[m]) / limits[m]
+                           for m in metrics if excess[m] > 0)
                 if gain > 0:
-                    moves.append(((t_drop - drop) / gain, g, j))
+                    moves.append(((trial.predicted_drop - plan.predicted_drop) / gain, j, k))
         if not moves:
             return None
-        _, g, j = min(moves)
-        state[g] = j
+        _, j, k = min(moves)
+        state[j] = k
 
 
 def best_reachable(base, candidates, metrics):
-    """Predicted cost with every group at its cheapest measured setting (for error messages)."""
-    cheapest = {}
-    for c in candidates:
-        score = sum(c.cost[m] / max(base.cost[m], 1e-9) for m in metrics)
-        if c.pattern not in cheapest or score < cheapest[c.pattern][0]:
-            cheapest[c.pattern] = (score, c)
-    return _predict(base, [c for _, c in cheapest.values()], metrics)
+    """Predicted cost with every slot at its cheapest measured setting (for error messages)."""
+    cheapest = []
+    for options in _slots(candidates).values():
+        cheapest.append(min(options, key=lambda c: sum(c.cost[m] / max(base.cost[m], 1e-9)
+                                                        for m in metrics)))
+    return _predict(base, cheapest, metrics)

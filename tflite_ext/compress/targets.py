@@ -38,6 +38,7 @@ class Target:
 
     name = "target"
     metrics = ()          # the Budget metrics it measures
+    lut = False           # runs TFLM's TFLM_DECODE (LUT-compressed weights)
 
     @property
     def key(self):
@@ -79,6 +80,7 @@ class Host(Target):
 class Micro(Target):
     name = "micro"
     metrics = ("latency_us", "flash_bytes", "arena_bytes")
+    lut = True  # TFLM runs TFLM_DECODE: clustered weights can ship LUT-compressed
 
     def measure(self, flatbuffers):
         from tflite_ext.bench import micro

@@ -1,24 +1,27 @@
-"""Pruning, QAT and distillation under `tf.distribute` (issue 16, item 2).
+"""Pruning, QAT, clustering and distillation under `tf.distribute` (issue 16, item 2).
 
 MirroredStrategy needs the host CPU split into two logical devices before TensorFlow starts,
 and MultiWorkerMirroredStrategy needs its own processes, so both run
 `tools/distributed_worker.py` in fresh subprocesses (started together, once per module):
 
 - one process trains each case (a pruned QAT model whose channels are ranked by mean
-  activation, with FreezeQuantization; a pruned student taught by its float model) on one
-  device and on two replicas (same initial weights, same data in the same order, same
-  global batch of 32, SGD, oneDNN off);
+  activation, with FreezeQuantization; a pruned student taught by its float model; a
+  clustered model, per-channel k-means++ centroids, assignments refreshed every 3 steps)
+  on one device and on two replicas (same initial weights, same data in the same order,
+  same global batch of 32, SGD, oneDNN off);
 - two worker processes form a MultiWorkerMirroredStrategy cluster on loopback ports, train
-  the pruned QAT case, are interrupted after 2 of 3 epochs, and resume from
-  `keras.callbacks.BackupAndRestore`.
+  the pruned QAT and the clustered cases, are interrupted after 2 of 3 epochs, and resume
+  from `keras.callbacks.BackupAndRestore`.
 
-Bounds (measured on the 2-core test machine: masks, steps and observer flags identical;
-weights, BN statistics and ranges within 3e-8; summed activations within 2e-7 relative):
-masks, steps and observer flags exactly equal; weights, BN statistics and quantization
-ranges within 1e-6; activation sums within 1e-5 relative.
+Bounds (measured on the 2-core test machine: masks, steps, observer flags and cluster
+assignments identical; weights, centroids, BN statistics and ranges within 3e-8; summed
+activations within 2e-7 relative): masks, steps, observer flags and cluster assignments
+exactly equal; weights, centroids, BN statistics and quantization ranges within 1e-6;
+activation sums within 1e-5 relative.
 
-A new case (clustering) is one `Case` in the worker's `CASES`, its name in the worker's
-`MIRRORED_CASES` and in `MIRRORED_CASES` below; `BOUNDS` says how its variables compare.
+A new case is one `Case` in the worker's `CASES`, its name in the worker's
+`MIRRORED_CASES` (`MULTIWORKER_CASES`) and in `MIRRORED_CASES` (`RESUMED_CASES`) below;
+`BOUNDS` says how its variables compare.
 """
 import json
 import os
@@ -35,11 +38,11 @@ from tflite_ext import pruning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tools", "distributed_worker.py")
-MIRRORED_CASES = ("prune_qat", "distill_prune")
-RESUMED_CASE = "prune_qat"
+MIRRORED_CASES = ("prune_qat", "distill_prune", "cluster")
+RESUMED_CASES = ("prune_qat", "cluster")
 
 EXACT = ("in_mask", "out_mask", "weight_mask", "pruning_step", "observed", "observing",
-         "bn_observing", "act_count", "act_zero_sum")
+         "bn_observing", "act_count", "act_zero_sum", "kernel_pinned", "kernel_assignments")
 # variable name -> (absolute bound, relative bound); names not listed: EXACT or DEFAULT.
 BOUNDS = {"act_abs_sum": (0.0, 1e-5)}
 DEFAULT = (1e-6, 0.0)  # weights, BN statistics, ranges
@@ -151,6 +154,12 @@ def test_two_replicas_equal_one_device(runs, case):
     if "qat" in case:
         highs = [float(v) for k, v in one.items() if k.endswith("/range_max")]
         assert highs and all(0.0 < h < 6.0 for h in highs)
+    if case == "cluster":
+        # The refreshes moved weights between clusters, the same ones on both runs.
+        assert int(results["cluster/one/_moved"]) > 0
+        assert results["cluster/mirrored/_moved"] == results["cluster/one/_moved"]
+        assignments = [v for k, v in one.items() if k.endswith("/kernel_assignments")]
+        assert len(assignments) == 3                      # c1, c2 and the logits
 
 
 def test_multi_worker_same_state_on_both_workers(runs):
@@ -159,17 +168,20 @@ def test_multi_worker_same_state_on_both_workers(runs):
     assert sorted(first) == sorted(second)
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
-    assert first[f"{RESUMED_CASE}/resumed/_spread"] == 0.0
+    for case in RESUMED_CASES:
+        assert first[f"{case}/resumed/_spread"] == 0.0
 
 
-def test_multi_worker_resumes_to_the_one_device_result(runs):
+@pytest.mark.parametrize("case", RESUMED_CASES)
+def test_multi_worker_resumes_to_the_one_device_result(runs, case):
     worker = runs["workers"][0]
     # Interrupted after epoch 2 of 3, the fresh model restarted at epoch index 2 ...
-    assert int(worker[f"{RESUMED_CASE}/resumed/_initial_epoch"]) == 2
-    # ... and ended where one device without interruption ends.
-    largest = _assert_same(_variables(runs["mirrored"], f"{RESUMED_CASE}/one"),
-                           _variables(worker, f"{RESUMED_CASE}/resumed"))
-    print("resumed", {k: f"{v:.1e}" for k, v in largest.items()})
+    assert int(worker[f"{case}/resumed/_initial_epoch"]) == 2
+    # ... and ended where one device without interruption ends (the clustering refreshes
+    # at steps 9 and 12 counted from the restored optimizer, not from the resumed fit).
+    largest = _assert_same(_variables(runs["mirrored"], f"{case}/one"),
+                           _variables(worker, f"{case}/resumed"))
+    print("resumed", case, {k: f"{v:.1e}" for k, v in largest.items()})
 
 
 class _Interrupted(Exception):

@@ -22,6 +22,10 @@ Under `tf.distribute` (MirroredStrategy, MultiWorkerMirroredStrategy) each repli
 range, a folded BN statistic, a pruning activation count) updates that replica's own copy
 only. The wrappers therefore compute such updates from the whole global batch with
 `gather_replicas`, so every copy gets the same value, the one a single device computes.
+
+The callbacks that act on a step schedule (`FreezeQuantization`, `ClusteringCallback`) read
+the step from `completed_steps`, the optimizer's iterations, which a `.keras` checkpoint and
+`keras.callbacks.BackupAndRestore` restore; pruning counts its own step in the model.
 """
 import keras
 
@@ -102,3 +106,17 @@ def gather_replicas(value):
     value = keras.ops.expand_dims(value, 0)
     context = _replica_context()
     return value if context is None else context.all_gather(value, axis=0)
+
+
+def completed_steps(model):
+    """The training steps `model` (the one `fit` runs, a Distiller included) has completed:
+    its optimizer's iterations. The project's step-scheduled callbacks read this rather
+    than count batches themselves, because the optimizer is saved and restored with the
+    model (`.keras` files, `keras.callbacks.BackupAndRestore`), so a resumed fit carries on
+    at the step it was saved at; a counter in the callback would restart at 0, or run ahead
+    of a backup restored from the end of the last epoch.
+
+    Example:
+        >>> if completed_steps(self.model) % 100 == 0: ...   # in on_train_batch_end
+    """
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))

@@ -7,7 +7,8 @@ logical devices before TensorFlow starts):
   device (no strategy) and under `MirroredStrategy` over two logical CPUs, with the same
   global batch. Keys `CASE/one/INDEX/NAME` and `CASE/mirrored/INDEX/NAME` (variables in
   model order), plus `CASE/mirrored/_spread` (the largest difference between two replicas'
-  copies of any variable: 0 when every copy moved alike).
+  copies of any variable: 0 when every copy moved alike) and `CASE/NAME/_moved` (weights a
+  `ClusteringCallback` moved between clusters; 0 in the other cases).
 - `--mode multiworker`: one worker of a `MultiWorkerMirroredStrategy` cluster (`TF_CONFIG`
   from the environment). Each case is interrupted after `--stop_epoch` epochs of a fit
   with `keras.callbacks.BackupAndRestore`; then a fresh model resumes from the backup and
@@ -17,7 +18,7 @@ logical devices before TensorFlow starts):
 
 A case is a `Case` in `CASES`: how to make the compiled model from the float one and its
 callbacks; the variables compared are the trained model's (a Distiller's student). Adding
-one (clustering, say) is one entry there and one name in `MIRRORED_CASES`.
+one is one entry there and one name in `MIRRORED_CASES` (and `MULTIWORKER_CASES`).
 
 Usage:
     python tools/distributed_worker.py --mode mirrored --devices 2 --out /tmp/m.npz
@@ -115,6 +116,14 @@ def _distill(model):
                                 metrics=None)
 
 
+def _cluster(model):
+    from tflite_ext import clustering
+
+    # Per output channel for the convs (k-means++ per channel), per tensor for the logits.
+    return _compiled(clustering.cluster(model, {"c1": 4, "c2": 4, "logits": 8},
+                                        per_channel={"c.*": True}))
+
+
 def _pruning_callbacks():
     from tflite_ext import pruning
 
@@ -129,6 +138,13 @@ def _qat_callbacks():
 
 def _prune_qat_callbacks():
     return _pruning_callbacks() + _qat_callbacks()
+
+
+def _cluster_callbacks():
+    from tflite_ext import clustering
+
+    # 4 steps an epoch at the defaults: assignments refresh at steps 3, 6, 9 and 12.
+    return [clustering.ClusteringCallback(update_every=3)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +164,14 @@ CASES = {
     "qat": Case(_qat, _qat_callbacks),  # moving activation ranges, folded BN statistics
     "prune_qat": Case(_prune_qat, _prune_qat_callbacks),
     "distill_prune": Case(_distill, _pruning_callbacks),
+    # Trainable centroids, latent kernels (straight-through gradient), refreshed assignments.
+    "cluster": Case(_cluster, _cluster_callbacks),
 }
 # What the test runs, two cases for time: `prune_qat` covers the activation sums, ranges and
 # folded BN statistics (and so `prune_activation` and `qat`), `distill_prune` L2 pruning (and
 # so `prune_l2`). `prune_unstructured` was run by hand: masks identical, weights within 4e-8.
-MIRRORED_CASES = ("prune_qat", "distill_prune")
-MULTIWORKER_CASES = ("prune_qat",)
+MIRRORED_CASES = ("prune_qat", "distill_prune", "cluster")
+MULTIWORKER_CASES = ("prune_qat", "cluster")
 
 
 def trained_model(model):
@@ -203,6 +221,13 @@ def _fit(model, x, y, callbacks, epochs):
               callbacks=callbacks)
 
 
+def _moved(callbacks):
+    """Weights the `ClusteringCallback`s among `callbacks` moved between clusters."""
+    import numpy as np
+
+    return np.int64(sum(getattr(c, "moved", 0) for c in callbacks))
+
+
 def run_mirrored(cases, weights, x, y):
     import tensorflow as tf
 
@@ -213,8 +238,10 @@ def run_mirrored(cases, weights, x, y):
         for name, strategy in (("one", tf.distribute.get_strategy()), ("mirrored", mirrored)):
             start = time.time()
             model = _build(case, strategy, weights)
-            _fit(model, x, y, CASES[case].callbacks(), FLAGS.epochs)
+            callbacks = CASES[case].callbacks()
+            _fit(model, x, y, callbacks, FLAGS.epochs)
             out.update(state(model, f"{case}/{name}"))
+            out[f"{case}/{name}/_moved"] = _moved(callbacks)
             print(f"{case} {name}: {time.time() - start:.1f} s", flush=True)
     return out
 
@@ -283,9 +310,11 @@ def run_multiworker(strategy, cases, weights, x, y, out_path):
         print(f"worker {task} {case}: interrupted at {time.time() - start:.1f} s", flush=True)
         resumed = _build(case, strategy, weights)  # a fresh model: its state comes from disk
         epochs = keras.callbacks.History()
-        _fit(resumed, x, y, CASES[case].callbacks() + [keras.callbacks.BackupAndRestore(backup),
-                                                        epochs], FLAGS.epochs)
+        callbacks = CASES[case].callbacks()
+        _fit(resumed, x, y, callbacks + [keras.callbacks.BackupAndRestore(backup), epochs],
+             FLAGS.epochs)
         out.update(state(resumed, f"{case}/resumed"))
+        out[f"{case}/resumed/_moved"] = _moved(callbacks)
         out[f"{case}/resumed/_initial_epoch"] = np.int64(min(epochs.epoch))
         print(f"worker {task} {case}: resumed at epoch {min(epochs.epoch)}, done at "
               f"{time.time() - start:.1f} s", flush=True)

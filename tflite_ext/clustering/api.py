@@ -175,6 +175,10 @@ class ClusteringCallback(keras.callbacks.Callback):
     a refresh moves each weight to the centroid nearest its latent value. With a
     `keras.distillation.Distiller` it works on the student.
 
+    Steps are the model's training steps since `compile` (its optimizer's iterations), so a
+    fit resumed from a `.keras` checkpoint or `keras.callbacks.BackupAndRestore` refreshes
+    at the same steps as an uninterrupted one.
+
     Args:
         update_every: training steps between refreshes (0: never, centroids only).
         stop_after_step: no refresh after this step (None: until the end), so the last
@@ -189,14 +193,18 @@ class ClusteringCallback(keras.callbacks.Callback):
                              f"Received: update_every={update_every!r}")
         self.update_every = update_every
         self.stop_after_step = stop_after_step
-        self.step = 0
-        self.moved = 0
+        self.moved = 0  # weights moved between clusters, over the refreshes this callback ran
+
+    @property
+    def step(self):
+        """Training steps the model has completed (see `wrapping.completed_steps`)."""
+        return wrapping.completed_steps(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if not self.update_every or self.step % self.update_every:
+        step = self.step
+        if not self.update_every or step % self.update_every:
             return
-        if self.stop_after_step is not None and self.step > self.stop_after_step:
+        if self.stop_after_step is not None and step > self.stop_after_step:
             return
         self.moved += sum(w.update_assignments() for w in clustering_wrappers(self.model))
 

@@ -59,9 +59,11 @@ def freeze(model):
 class FreezeQuantization(keras.callbacks.Callback):
     """Freezes ranges and BN statistics once `freeze_after_step` training steps have run.
 
-    Steps are counted from the start of the first `fit` this callback sees (batches across
-    epochs), so `freeze_after_step=0` freezes before the first step. Given a
-    `keras.distillation.Distiller`, it freezes the student.
+    Steps are the model's training steps since `compile` (its optimizer's iterations,
+    across `fit` calls), so `freeze_after_step=0` freezes before the first step, and a fit
+    resumed from a `.keras` checkpoint or `keras.callbacks.BackupAndRestore` freezes at the
+    same step as an uninterrupted one. Given a `keras.distillation.Distiller`, it freezes the
+    student.
 
     Args:
         freeze_after_step: number of training steps after which observers stop.
@@ -77,8 +79,12 @@ class FreezeQuantization(keras.callbacks.Callback):
         self.freeze_after_step = int(freeze_after_step)
         self.freeze_ranges = freeze_ranges
         self.freeze_batch_norm = freeze_batch_norm
-        self.step = 0
         self.frozen = False
+
+    @property
+    def step(self):
+        """Training steps the model has completed (see `wrapping.completed_steps`)."""
+        return wrapping.completed_steps(self.model)
 
     def _maybe_freeze(self):
         if not self.frozen and self.step >= self.freeze_after_step:
@@ -89,10 +95,12 @@ class FreezeQuantization(keras.callbacks.Callback):
             self.frozen = True
 
     def on_train_begin(self, logs=None):
+        # Checked again in this fit: the observer flags are model variables, which a restored
+        # backup (a fit resumed with this callback) may have turned back on.
+        self.frozen = False
         self._maybe_freeze()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
         self._maybe_freeze()
 
     def get_config(self):

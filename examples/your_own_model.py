@@ -79,12 +79,11 @@ def compress_file(path, train, val, args, out):
         calibration = f["x"][:300]
     base_bytes = len(convert.to_tflite(model, calibration).flatbuffer)
     budget = flash_budget(args.flash, base_bytes)
-    result = compress(model, train, val, budget, target=args.target,
-                      # quick: one fine-tune epoch, so any accuracy drop is accepted
-                      max_accuracy_drop=100.0 if args.quick else args.max_drop,
-                      epochs=1 if args.quick else args.epochs,
-                      settings=(0.5,) if args.quick else compress.search.SETTINGS,
-                      out_dir=out, log=print if args.verbose else None)
+    # quick: each group at 50% only, one fine-tune epoch, any accuracy drop accepted.
+    search = dict(settings=(0.5,), epochs=1, max_accuracy_drop=100.0) if args.quick \
+        else dict(epochs=args.epochs, max_accuracy_drop=args.max_drop)
+    result = compress(model, train, val, budget, target=args.target, out_dir=out,
+                      log=print if args.verbose else None, **search)
     plan = result.plan["prune"]["group_sparsity"]
     return {"file": os.path.basename(path), "base": base_bytes, "budget": budget.flash_bytes,
             "bytes": result.measured["flash_bytes"], "macs": result.measured["macs"],

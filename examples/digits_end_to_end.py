@@ -16,7 +16,7 @@
 
 Writes float32.tflite, digits_int8.tflite and digits_int8.lut.tflite (TFLM only: LiteRT has no
 kernel for its TFLM_DECODE ops) into --out. The full run takes ~2 min on 2 cores; --quick
-(~30 s) trains a few epochs only, so its accuracy is not representative.
+(~30-60 s) trains a few epochs only, so its accuracy is not representative.
 """
 import argparse
 import os

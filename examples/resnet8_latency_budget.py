@@ -16,8 +16,8 @@
 
 The default target is "reference" (LiteRT's reference kernels, timed in CPU time: results
 follow MACs, as on a microcontroller, and do not depend on this machine's vector units);
-others: host, micro, ethos-u55-128. The full run takes ~10 min; --quick (small data, 1 epoch,
-budget 0.9x, one sparsity per group, any accuracy drop accepted) about 1 min.
+others: host, micro, ethos-u55-128. The full run takes ~7 min on 2 cores; --quick (small
+data, 1 epoch, budget 0.9x, one conv searched, any accuracy drop accepted) about 1 min.
 """
 import argparse
 import os

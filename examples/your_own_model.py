@@ -65,8 +65,10 @@ def make_quick_model(out):
     model.fit(data.x_train, data.y_train, epochs=5, batch_size=32, verbose=0)
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(out, "own.h5"), os.path.join(out, "own.keras")]
-    for path in paths:
-        model.save(path)   # .h5: Keras' legacy HDF5 format, as older projects have it
+    # .keras first: in Keras 3.15, a .keras saved after an .h5 save of the same model loses
+    # its optimizer (it loads with RMSprop, and a warning). .h5: Keras' legacy HDF5 format.
+    for path in reversed(paths):
+        model.save(path)
     np.savez(os.path.join(out, "train.npz"), x=data.x_train, y=data.y_train)
     np.savez(os.path.join(out, "val.npz"), x=data.x_test, y=data.y_test)
     return paths, os.path.join(out, "train.npz"), os.path.join(out, "val.npz")

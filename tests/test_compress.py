@@ -99,7 +99,7 @@ def _synthetic(seed=0, slots=5, options=3):
     return base, candidates
 
 
-def test_solve_is_the_best_of_every_combination():
+def test_solve_is_the_best_of_every_combination(monkeypatch):
     import itertools
 
     base, candidates = _synthetic()
@@ -118,6 +118,9 @@ def test_solve_is_the_best_of_every_combination():
     second = search.solve(base, candidates, limits, exclude={plan.key})
     assert second.key != plan.key and second.predicted_drop >= plan.predicted_drop
     assert search.solve(base, candidates, {"latency_us": 0.01}) is None
+    monkeypatch.setattr(search, "CHUNK", 16)  # 64 chunks of 16: the same answer
+    assert search.solve(base, candidates, limits).key == plan.key
+    assert search.solve(base, candidates, limits, exclude={plan.key}).key == second.key
 
 
 def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):

@@ -46,7 +46,11 @@ def as_functional(model, what="The model"):
             raise InputError(
                 f"{what} must be a built Sequential model (start it with keras.Input). "
                 f"Received: model={model.name} (not built)")
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
+        # A single input as the tensor, not a list: Keras warns on every call when the
+        # structure differs from the Sequential's own ("Expected: ['input_layer']").
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+        model = keras.Model(inputs, outputs, name=model.name)
     try:
         config = model.get_config()
         ok = isinstance(config, dict) and "layers" in config and "output_layers" in config

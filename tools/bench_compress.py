@@ -33,6 +33,8 @@ from tflite_ext.compress.cache import Cache  # noqa: E402
 flags.DEFINE_enum("model", "resnet8", ["resnet8", "digits_cnn"], "The reference model.")
 flags.DEFINE_integer("flash", None, "digits_cnn: the flash budget in bytes (default: the float "
                      "model's size / 80).")
+flags.DEFINE_list("rank_fractions", [str(f) for f in search.RANK_FRACTIONS],
+                  "Factorization settings the search tries (empty: none).")
 flags.DEFINE_list("targets", ["host", "reference", "ethos-u55-128"], "Targets to compress for.")
 flags.DEFINE_float("latency_fraction", 0.4, "Budget: latency <= this x the unpruned int8 model.")
 flags.DEFINE_float("max_drop", None, "Accuracy points the result may lose (default 1.0 for "
@@ -88,7 +90,8 @@ def main(argv):
         try:
             result = compress(model, train, val, budget, target=target,
                               max_accuracy_drop=max_drop, epochs=FLAGS.epochs,
-                              out_dir=out, log=log)
+                              out_dir=out, log=log,
+                              rank_fractions=tuple(float(f) for f in FLAGS.rank_fractions))
             auto = dict(latency_us=result.measured["latency_us"], macs=result.measured["macs"],
                         test=variants.accuracy(result.flatbuffer, *test),
                         plan=result.plan["prune"]["group_sparsity"], met=True)
@@ -153,7 +156,8 @@ def digits_flash():
     began = time.perf_counter()
     try:
         result = compress(model, train, val, budget, target="micro", max_accuracy_drop=max_drop,
-                          epochs=FLAGS.epochs, out_dir=out, log=log)
+                          epochs=FLAGS.epochs, out_dir=out, log=log,
+                          rank_fractions=tuple(float(f) for f in FLAGS.rank_fractions))
     except compress.BudgetError as e:
         log(f"digits_cnn: {e}")
         result = None

@@ -213,14 +213,18 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                          f"it measures {', '.join(target.metrics)}")
     ensure_writable_dir(out_dir)
     cache = Cache(os.path.join(out_dir, "cache.jsonl"))
+    # Clustering trains with QAT; where it is a candidate every plan does, so that every file
+    # measured is converted the way the result will be.
+    qat = qat or bool(clusters and target.lut)
     base, candidates = search.measure_candidates(
         model, train, val, target, cache, settings=settings, rank_fractions=rank_fractions,
-        clusters=clusters, layers=layers, round_to=round_to, log=log)
+        clusters=clusters, layers=layers, round_to=round_to, qat=qat, log=log)
     base_accuracy = variants.accuracy(base.tflite, *val)
     if log:
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
-    search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to)
+    search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to,
+                           qat)
     tried, margin, rejected, result = [], dict(limits), set(), None
     for _ in range(4 * max_rounds):  # previews are cheap; fine-tunes are max_rounds at most
         if sum(t["stage"] == "fine-tuned" for t in tried) >= max_rounds:
@@ -232,7 +236,14 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             log(f"plan {plan.key}; predicted " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
                 + f", one-shot loss {plan.predicted_drop * 100:.2f} point")
-        shapes = search_state.preview(plan)
+        try:
+            shapes = search_state.preview(plan)
+        except InputError as e:  # e.g. clustered tensors too small for a LUT to pay
+            tried.append(_round("refused", plan, {}, None, None, [str(e)]))
+            rejected.add(plan.key)
+            if log:
+                log(f"  refused: {e}")
+            continue
         misses = budget.misses(shapes)
         if misses:  # the shapes alone miss: no fine-tune spent
             tried.append(_round("preview", plan, shapes, None, None, misses))
@@ -285,12 +296,15 @@ class _Search:
     budget: Budget
     layers: object
     round_to: int
+    qat: bool
 
     def preview(self, plan):
-        key = f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
+        key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
+               f"{':qat' if self.qat else ''}")
         if key not in self.cache:
             small, fb = search.one_shot_plan(self.model, plan, self.train[0],
-                                             layers=self.layers, round_to=self.round_to)
+                                             layers=self.layers, round_to=self.round_to,
+                                             qat=self.qat)
             self.cache.put(key, dict(measure_beside(self.target, fb, self.base),
                                      macs=pruning.count_macs(small)))
         return self.cache.get(key)

@@ -159,3 +159,20 @@ def test_a_runtime_error_on_a_checked_model_is_one_line(tmp_path):
     assert str(info.value) == (
         "LiteRT cannot run the model (Cannot set tensor: Dimension mismatch. Got 1 but expected "
         f"5 for dimension 0 of input 0.). Received: {path}")
+
+
+def test_cli_inspect_prints_one_line_for_mutated_files(seeds_dir, tmp_path, capsys):
+    from tflite_ext import cli
+
+    seeds, codes = fuzz.load_seeds(seeds_dir), set()
+    for case in range(60):
+        name, data, how = fuzz.case_input(seeds, 5, case)
+        path = tmp_path / f"case{case}.tflite"
+        path.write_bytes(data)
+        code = cli.main(["inspect", str(path)])
+        _, err = capsys.readouterr()
+        codes.add(code)
+        assert code in (0, 2), (case, how, err)
+        if code == 2:  # the message alone: no traceback
+            assert err.startswith("tflite-ext inspect: error: ") and err.count("\n") == 1, err
+    assert codes == {0, 2}

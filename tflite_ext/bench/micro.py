@@ -122,8 +122,10 @@ def _single_op_models(data):
             return buffer is None or buffer.data is None or len(buffer.data) == 0
         probe = schema.SubGraphT()
         probe.tensors, probe.operators, probe.name = subgraph.tensors, [op], subgraph.name
-        probe.inputs = [t for t in op.inputs if t >= 0 and is_variable(t)]
-        probe.outputs = list(op.outputs)
+        # An op may list no inputs or outputs at all (a vector left out, not an empty one).
+        probe.inputs = [t for t in (op.inputs if op.inputs is not None else [])
+                        if t >= 0 and is_variable(t)]
+        probe.outputs = list(op.outputs) if op.outputs is not None else []
         model.subgraphs = [probe] + original[1:]   # TFLM runs subgraph 0
         builder = flatbuffers.Builder(len(data) + 1024)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")

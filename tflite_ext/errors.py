@@ -18,6 +18,10 @@ class ModelFileError(InputError):
     """A missing, empty, truncated or corrupt model file."""
 
 
+class InvalidModelError(ModelFileError):
+    """A .tflite whose tables, indices, sizes or quantization a runtime cannot trust."""
+
+
 class ConversionError(TfliteExtError):
     """The TFLite converter failed or produced a model that breaks the requested contract."""
 

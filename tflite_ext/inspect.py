@@ -13,13 +13,11 @@ Example:
     >>> print(inspect.render(info))
 """
 import collections
-import os
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from tflite_ext.errors import ModelFileError
-from tflite_ext.files import read_model_bytes
+from tflite_ext import flatbuffer_check
 
 _TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -31,20 +29,6 @@ _INT8 = ("int8", "uint8")
 _ITEM_BYTES = {"float32": 4, "float16": 2, "float64": 8, "bfloat16": 2, "int32": 4, "int64": 8,
                "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1, "uint32": 4,
                "uint64": 8, "complex64": 8, "complex128": 16}
-
-
-def _load(model):
-    """Returns (bytes, label) for a path or bytes, checking the flatbuffer identifier."""
-    if isinstance(model, (bytes, bytearray, memoryview)):
-        data, label = bytes(model), "<bytes>"
-    else:
-        data, label = read_model_bytes(model), os.fspath(model)
-    # A TFLite flatbuffer starts with a 4-byte root offset and the file identifier "TFL3".
-    if len(data) < 8 or not schema.Model.ModelBufferHasIdentifier(data, 0):
-        raise ModelFileError(
-            f"Not a TFLite flatbuffer (expected the 'TFL3' identifier at byte 4, found "
-            f"{data[4:8]!r}). Received: {label}")
-    return data, label
 
 
 def _builtin_code(op_code):
@@ -63,10 +47,9 @@ def _quantization(tensor):
     }
 
 
-def _macs(op_name, op, tensors):
-    """Multiply-accumulates of one op, from its output shape and weight shape."""
-    ins = [i for i in op.InputsAsNumpy() if i >= 0]
-    outs = [i for i in op.OutputsAsNumpy() if i >= 0]
+def _macs(op_name, ins, outs, tensors):
+    """Multiply-accumulates of one op (its present input and output tensor indices), from
+    its output shape and weight shape."""
     if not ins or not outs or len(ins) < 2:
         return 0
     out_elems = int(np.prod(tensors[outs[0]]["shape"] or [0]))
@@ -83,7 +66,7 @@ def _macs(op_name, op, tensors):
         in_elems = int(np.prod(tensors[ins[2]]["shape"] or [0]))
         w = tensors[ins[1]]["shape"]  # [Cout, KH, KW, Cin]; each input feeds KH*KW*Cout outputs
         return in_elems * w[0] * w[1] * w[2] if len(w) == 4 else 0
-    if op_name == "BATCH_MATMUL":
+    if op_name == "BATCH_MATMUL" and tensors[ins[0]]["shape"]:
         return out_elems * tensors[ins[0]]["shape"][-1]
     return 0
 
@@ -100,33 +83,17 @@ def summary(model):
     ops and MACs count once (the trip count is only known at run time). Raises
     ModelFileError (one line) for a missing, empty, truncated or corrupt file.
     """
-    data, label = _load(model)
-    try:
-        return _summarize(data)
-    except ModelFileError:
-        raise
-    except Exception as e:  # The flatbuffers runtime reports bad offsets as struct/index errors.
-        raise ModelFileError(
-            f"Corrupt or truncated TFLite flatbuffer: an offset points outside its "
-            f"{len(data):,} bytes ({type(e).__name__}). Received: {label}") from None
+    data, _ = flatbuffer_check.load(model)  # checked: every offset, index and size is in range
+    return _summarize(data)
 
 
 def _summarize(data):
     m = schema.Model.GetRootAs(data, 0)
-    if m.SubgraphsLength() == 0:
-        raise ModelFileError("TFLite flatbuffer has no subgraphs: nothing to run.")
     buffer_bytes = []
     for b in range(m.BuffersLength()):
         buf = m.Buffers(b)
-        if buf.DataLength() and buf.DataAsNumpy().size != buf.DataLength():
-            raise ModelFileError(f"Truncated TFLite flatbuffer: buffer {b} runs past the end of "
-                                 f"the {len(data):,} bytes.")
         # Large models keep weights after the flatbuffer: then Offset/Size say where.
-        external = buf.Size() if buf.Offset() > 1 else 0
-        if external and buf.Offset() + external > len(data):
-            raise ModelFileError(f"Truncated TFLite file: buffer {b} ends at byte "
-                                 f"{buf.Offset() + external:,}, the file has {len(data):,}.")
-        buffer_bytes.append(buf.DataLength() or external)
+        buffer_bytes.append(buf.Size() if buf.Offset() > 1 else buf.DataLength())
     op_names = []
     for c in range(m.OperatorCodesLength()):
         code = m.OperatorCodes(c)
@@ -150,7 +117,7 @@ def _summarize(data):
             outs = [int(i) for i in op.OutputsAsNumpy() if i >= 0] if op.OutputsLength() else []
             floats = [local[i]["name"] for i in ins + outs if local[i]["dtype"] in FLOAT_TYPES]
             operators.append({"subgraph": s, "index": o, "op": name, "inputs": ins,
-                              "outputs": outs, "macs": int(_macs(name, op, local)),
+                              "outputs": outs, "macs": int(_macs(name, ins, outs, local)),
                               "fused_activation": _fused_activation(op),
                               "float_tensors": floats})
         tensors += local
@@ -297,7 +264,8 @@ def _float_io(operators, tensors, inputs, outputs):
     for t in inputs:
         ops = readers[t["index"]]
         if t["dtype"] in FLOAT_TYPES and ops and all(
-                op["op"] == "QUANTIZE" and local[op["outputs"][0]]["dtype"] in _INT8 for op in ops):
+                op["op"] == "QUANTIZE" and op["outputs"]
+                and local[op["outputs"][0]]["dtype"] in _INT8 for op in ops):
             q = local[ops[0]["outputs"][0]]["quantization"]
             found.append(f"input '{t['name']}' is {t['dtype']} and "
                          f"{', '.join(map(_op_label, ops))} turns it into "
@@ -306,7 +274,7 @@ def _float_io(operators, tensors, inputs, outputs):
                          f"zero_point={q['zero_point'][0]})")
     for t in outputs:
         op = producer.get(t["index"])
-        if t["dtype"] in FLOAT_TYPES and op and op["op"] == "DEQUANTIZE" \
+        if t["dtype"] in FLOAT_TYPES and op and op["op"] == "DEQUANTIZE" and op["inputs"] \
                 and local[op["inputs"][0]]["dtype"] in _INT8:
             q = local[op["inputs"][0]]["quantization"]
             zero = q["zero_point"][0]
@@ -325,7 +293,7 @@ def _standalone_activations(operators, tensors):
     for s in sorted({op["subgraph"] for op in operators}):
         ops, local, producer, readers = _graph(operators, tensors, s)
         for op in ops:
-            if op["op"] not in _ACTIVATIONS or not op["inputs"] \
+            if op["op"] not in _ACTIVATIONS or not op["inputs"] or not op["outputs"] \
                     or local[op["inputs"][0]]["dtype"] not in _INT8:
                 continue
             source = producer.get(op["inputs"][0])

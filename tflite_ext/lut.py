@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+from tflite_ext import flatbuffer_check
 from tflite_ext.errors import ConversionError, InputError
 
 MAX_BITS = 7
@@ -192,6 +193,7 @@ def _short_names(flatbuffer, chosen):
 def _tflm(flatbuffer, alt_memory=0):
     from tflite_micro import runtime
 
+    flatbuffer = flatbuffer_check.check(flatbuffer)  # TFLM itself reads it unchecked
     arena = max(1 << 20, 20 * len(flatbuffer))
     return runtime.Interpreter.from_bytes(flatbuffer, arena_size=arena,
                                           alt_decompression_memory_size=int(alt_memory))

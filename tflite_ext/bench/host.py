@@ -13,6 +13,7 @@ Example:
     >>> host.evaluate("build/digits_int8.tflite", split.x_test, split.y_test)["accuracy"]
     0.9963
 """
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -27,17 +28,40 @@ import time
 import numpy as np
 from ai_edge_litert import interpreter as litert
 
-from tflite_ext.errors import BenchmarkFailed, InputError, ModelFileError, RunTimeout
-from tflite_ext.files import read_model_bytes
+from tflite_ext import flatbuffer_check
+from tflite_ext.errors import (BenchmarkFailed, InputError, ModelFileError, RunTimeout,
+                               TfliteExtError)
 
 
 def model_bytes(model):
-    """Returns flatbuffer bytes from bytes or a path (checked: exists, non-empty)."""
-    if isinstance(model, (bytes, bytearray)):
-        if not model:
-            raise ModelFileError("Model is empty (0 bytes). Received: model=b''")
-        return bytes(model)
-    return read_model_bytes(model)
+    """Returns flatbuffer bytes from bytes or a path, checked by `flatbuffer_check` (exists,
+    non-empty, and safe to hand to LiteRT or TFLM)."""
+    return flatbuffer_check.load(model)[0]
+
+
+@contextlib.contextmanager
+def runtime_errors(model, runtime="LiteRT"):
+    """Turns what an interpreter raises on a checked model (a kernel's Prepare or Eval failing,
+    a tensor it cannot set) into a one-line ModelFileError naming the model.
+
+    Example:
+        >>> with host.runtime_errors("m.tflite"):
+        ...     interp.invoke()
+        ModelFileError: LiteRT cannot run the model (... Node number 2 (CONV_2D) failed to
+        prepare.). Received: m.tflite
+    """
+    try:
+        yield
+    except TfliteExtError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise ModelFileError(f"{runtime} cannot run the model ({_first_line(e)}). "
+                             f"Received: {flatbuffer_check.label_of(model)}") from None
+
+
+def _first_line(error):
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def load_interpreter(model, num_threads=1, xnnpack=True, reference=False):
@@ -58,9 +82,8 @@ def load_interpreter(model, num_threads=1, xnnpack=True, reference=False):
                                     experimental_op_resolver_type=resolver)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"LiteRT cannot load the model ({first}). "
-                             f"Received: {len(data)} bytes") from None
+        raise ModelFileError(f"LiteRT cannot load the model ({_first_line(e)}). "
+                             f"Received: {flatbuffer_check.label_of(model)}") from None
     return interp
 
 
@@ -146,11 +169,12 @@ def time_model(model, *, runs=50, warmup=5, num_threads=1, xnnpack=True, x=None)
         raise InputError(f"runs must be >= 1 and warmup >= 0. Received: runs={runs}, "
                          f"warmup={warmup}")
     interp = load_interpreter(model, num_threads, xnnpack)
-    samples = _prepared_inputs(interp, x)
-    index = interp.get_input_details()[0]["index"]
-    for i in range(int(warmup)):
-        _invoke_us(interp, index, samples[i % len(samples)])
-    times = [_invoke_us(interp, index, samples[i % len(samples)]) for i in range(int(runs))]
+    with runtime_errors(model):
+        samples = _prepared_inputs(interp, x)
+        index = interp.get_input_details()[0]["index"]
+        for i in range(int(warmup)):
+            _invoke_us(interp, index, samples[i % len(samples)])
+        times = [_invoke_us(interp, index, samples[i % len(samples)]) for i in range(int(runs))]
     return {**latency_stats(times), "warmup": int(warmup), "num_threads": int(num_threads),
             "xnnpack": bool(xnnpack)}
 
@@ -324,10 +348,11 @@ def predict(model, x, num_threads=1):
     in_detail, out_detail = interp.get_input_details()[0], interp.get_output_details()[0]
     q = quantize(_check_samples(x, in_detail), in_detail)
     outputs = []
-    for sample in q:
-        interp.set_tensor(in_detail["index"], sample[None])
-        interp.invoke()
-        outputs.append(interp.get_tensor(out_detail["index"])[0])
+    with runtime_errors(model):
+        for sample in q:
+            interp.set_tensor(in_detail["index"], sample[None])
+            interp.invoke()
+            outputs.append(interp.get_tensor(out_detail["index"])[0])
     return dequantize(np.stack(outputs), out_detail)
 
 
@@ -372,17 +397,20 @@ def time_interleaved(models, x=None, runs=200, warmup=10, num_threads=1, xnnpack
     clock = time.thread_time_ns if cpu_time else time.perf_counter_ns
     names = list(models)
     interps = {n: load_interpreter(models[n], num_threads, xnnpack, reference) for n in names}
-    samples = {n: _prepared_inputs(interps[n], x) for n in names}
-    index = {n: interps[n].get_input_details()[0]["index"] for n in names}
+    samples, index = {}, {}
     for n in names:
-        for i in range(int(warmup)):
-            _invoke_us(interps[n], index[n], samples[n][i % len(samples[n])])
+        with runtime_errors(models[n]):
+            samples[n] = _prepared_inputs(interps[n], x)
+            index[n] = interps[n].get_input_details()[0]["index"]
+            for i in range(int(warmup)):
+                _invoke_us(interps[n], index[n], samples[n][i % len(samples[n])])
     times = {n: [] for n in names}
     for r in range(int(runs)):
         shift = r % len(names)
         for n in names[shift:] + names[:shift]:
-            times[n].append(_invoke_us(interps[n], index[n], samples[n][r % len(samples[n])],
-                                       clock))
+            with runtime_errors(models[n]):  # warm-up ran it: this only costs a try
+                times[n].append(_invoke_us(interps[n], index[n],
+                                           samples[n][r % len(samples[n])], clock))
     return {n: float(np.median(times[n])) for n in names}
 
 
@@ -390,14 +418,15 @@ def describe(model):
     """Input/output dtype, shape and quantization of a model, as plain values."""
     data = model_bytes(model)  # read once: for the interpreter and for the size
     interp = load_interpreter(data)
+    with runtime_errors(model):
+        inputs, outputs = interp.get_input_details(), interp.get_output_details()
 
     def _one(d):
         scale, zp = d["quantization"]
         return {"name": d["name"], "dtype": np.dtype(d["dtype"]).name,
                 "shape": [int(s) for s in d["shape"]], "scale": float(scale),
                 "zero_point": int(zp)}
-    return {"inputs": [_one(d) for d in interp.get_input_details()],
-            "outputs": [_one(d) for d in interp.get_output_details()],
+    return {"inputs": [_one(d) for d in inputs], "outputs": [_one(d) for d in outputs],
             "size_bytes": len(data)}
 
 

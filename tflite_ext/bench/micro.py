@@ -122,8 +122,10 @@ def _single_op_models(data):
             return buffer is None or buffer.data is None or len(buffer.data) == 0
         probe = schema.SubGraphT()
         probe.tensors, probe.operators, probe.name = subgraph.tensors, [op], subgraph.name
-        probe.inputs = [t for t in op.inputs if t >= 0 and is_variable(t)]
-        probe.outputs = list(op.outputs)
+        # An op may list no inputs or outputs at all (a vector left out, not an empty one).
+        probe.inputs = [t for t in (op.inputs if op.inputs is not None else [])
+                        if t >= 0 and is_variable(t)]
+        probe.outputs = list(op.outputs) if op.outputs is not None else []
         model.subgraphs = [probe] + original[1:]   # TFLM runs subgraph 0
         builder = flatbuffers.Builder(len(data) + 1024)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
@@ -265,7 +267,7 @@ def _softmax_problems(info):
     tensors = {(t["subgraph"], t["index"]): t for t in info["tensors"]}
     problems = []
     for op in info["operators"]:
-        if op["op"] != "SOFTMAX":
+        if op["op"] != "SOFTMAX" or not op["inputs"]:
             continue
         t = tensors[(op["subgraph"], op["inputs"][0])]
         scale = (t["quantization"] or {}).get("scale") or [1.0]
@@ -323,10 +325,15 @@ def _quant(detail):
             int(q["zero_points"][0]) if len(q["zero_points"]) else 0)
 
 
+TFLM = "TFLite Micro"  # how runtime errors name it
+
+
 def tflm_interpreter(model, arena_size, alt=0):
-    """A TFLM interpreter with a verified-sufficient arena."""
-    return runtime.Interpreter.from_bytes(host.model_bytes(model), arena_size=int(arena_size),
-                                          alt_decompression_memory_size=int(alt))
+    """A TFLM interpreter with a verified-sufficient arena (the model is checked first)."""
+    data = host.model_bytes(model)
+    with host.runtime_errors(model, TFLM):
+        return runtime.Interpreter.from_bytes(data, arena_size=int(arena_size),
+                                              alt_decompression_memory_size=int(alt))
 
 
 def agreement(model, x=None, arena_size=None, samples=100):
@@ -346,17 +353,21 @@ def agreement(model, x=None, arena_size=None, samples=100):
     arena = arena_size or minimum_arena(data)
     tflm = tflm_interpreter(data, arena)
     lite = host.load_interpreter(data)
-    detail = tflm.get_input_details(0)
+    with host.runtime_errors(model, TFLM):
+        detail = tflm.get_input_details(0)
     q = _quantized_samples(detail, x, samples)
-    lite_in, lite_out = lite.get_input_details()[0], lite.get_output_details()[0]
+    with host.runtime_errors(model):
+        lite_in, lite_out = lite.get_input_details()[0], lite.get_output_details()[0]
     same, max_diff, total_diff, count = 0, 0, 0.0, 0
     for sample in q:
-        tflm.set_input(sample[None], 0)
-        tflm.invoke()
-        a = np.asarray(tflm.get_output(0)).astype(np.int64).reshape(-1)
-        lite.set_tensor(lite_in["index"], sample[None])
-        lite.invoke()
-        b = lite.get_tensor(lite_out["index"]).astype(np.int64).reshape(-1)
+        with host.runtime_errors(model, TFLM):
+            tflm.set_input(sample[None], 0)
+            tflm.invoke()
+            a = np.asarray(tflm.get_output(0)).astype(np.int64).reshape(-1)
+        with host.runtime_errors(model):
+            lite.set_tensor(lite_in["index"], sample[None])
+            lite.invoke()
+            b = lite.get_tensor(lite_out["index"]).astype(np.int64).reshape(-1)
         same += int(a.argmax() == b.argmax())
         diff = np.abs(a - b)
         max_diff = max(max_diff, int(diff.max()))
@@ -369,15 +380,17 @@ def agreement(model, x=None, arena_size=None, samples=100):
 def latency(model, arena_size, runs=20, warmup=2, x=None, alt=0):
     """Host latency (µs) of single invocations through the TFLM interpreter."""
     tflm = tflm_interpreter(model, arena_size, alt)
-    detail = tflm.get_input_details(0)
+    with host.runtime_errors(model, TFLM):
+        detail = tflm.get_input_details(0)
     q = _quantized_samples(detail, x, max(1, min(8, runs)))
     times = []
-    for i in range(int(warmup) + int(runs)):
-        tflm.set_input(q[i % len(q)][None], 0)
-        start = time.perf_counter_ns()
-        tflm.invoke()
-        if i >= warmup:
-            times.append((time.perf_counter_ns() - start) / 1000.0)
+    with host.runtime_errors(model, TFLM):
+        for i in range(int(warmup) + int(runs)):
+            tflm.set_input(q[i % len(q)][None], 0)
+            start = time.perf_counter_ns()
+            tflm.invoke()
+            if i >= warmup:
+                times.append((time.perf_counter_ns() - start) / 1000.0)
     return host.latency_stats(times)
 
 
@@ -436,7 +449,8 @@ def compression_report(data, info, n_inputs, alt, reference=None, x=None, runs=2
 
 def _random_floats(model, count=20):
     """Float samples spanning a model's int8 input range (when no data is given)."""
-    detail = tflm_interpreter(model, max(1 << 20, 20 * len(model))).get_input_details(0)
+    with host.runtime_errors(model, TFLM):
+        detail = tflm_interpreter(model, max(1 << 20, 20 * len(model))).get_input_details(0)
     scale, zero = _quant(detail)
     q = _quantized_samples(detail, None, count).astype(np.float32)
     return (q - zero) * scale

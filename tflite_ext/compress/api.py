@@ -224,12 +224,20 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
     search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to,
-                           qat)
+                           qat, candidates)
     tried, margin, rejected, result = [], dict(limits), set(), None
     for _ in range(4 * max_rounds):  # previews are cheap; fine-tunes are max_rounds at most
         if sum(t["stage"] == "fine-tuned" for t in tried) >= max_rounds:
             break
         plan = search.solve(base, candidates, margin, exclude=rejected)
+        if plan is None and base.flash_fit is not None and not search_state.seen:
+            # The flash model was fitted near the base only: measure the far end once (every
+            # change at its strongest, in one shot) and ask again.
+            try:
+                search_state.preview(search.strongest(base, candidates, list(limits)))
+            except InputError:
+                pass
+            plan = search.solve(base, candidates, margin, exclude=rejected)
         if plan is None:
             break
         if log:
@@ -297,6 +305,8 @@ class _Search:
     layers: object
     round_to: int
     qat: bool
+    candidates: list = dataclasses.field(default_factory=list)
+    seen: list = dataclasses.field(default_factory=list)  # plans previewed, for the flash fit
 
     def preview(self, plan):
         key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
@@ -306,8 +316,15 @@ class _Search:
                                              layers=self.layers, round_to=self.round_to,
                                              qat=self.qat)
             self.cache.put(key, dict(measure_beside(self.target, fb, self.base),
-                                     macs=pruning.count_macs(small)))
-        return self.cache.get(key)
+                                     macs=pruning.count_macs(small),
+                                     layers=search.layer_sizes(small)))
+        measured = dict(self.cache.get(key))
+        layers = measured.pop("layers", None)
+        if layers and "flash_bytes" in measured and self.base.flash_fit is not None:
+            self.seen.append(({n: tuple(v) for n, v in layers.items()},
+                              search.plan_bits(plan), measured["flash_bytes"]))
+            self.base.flash_fit = search.fit_flash(self.base, self.candidates, self.seen)
+        return measured
 
 
 def _round(stage, plan, measured, accuracy, drop, misses):

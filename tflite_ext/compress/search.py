@@ -271,14 +271,27 @@ def flash_features(sizes, bits):
             float(sum(sizes[n][1] * 2 ** b for n, b in bits.items() if n in sizes))]
 
 
-def fit_flash(base, candidates):
-    """Least-squares coefficients of `flash_features` over the measured candidates, or None."""
+def fit_flash(base, candidates, plans=()):
+    """Least-squares coefficients of `flash_features` over the measured candidates and
+    `plans` ([(layer sizes, {layer: bits}, flash bytes)] of whole plans measured), or None.
+
+    One-change models all sit near the base, where kernel bytes and channels move together;
+    the plans measured far from it (`compress` adds each one it previews) pin the fixed part
+    and the per-channel bytes."""
     known = [c for c in [base, *candidates] if c.layers is not None]
     if "flash_bytes" not in base.cost or len(known) < 4:
         return None
-    x = np.array([flash_features(c.layers, _bits(c.change)) for c in known])
-    y = np.array([c.cost["flash_bytes"] for c in known], dtype=float)
-    return np.linalg.lstsq(x, y, rcond=None)[0]
+    x = [flash_features(c.layers, _bits(c.change)) for c in known]
+    y = [c.cost["flash_bytes"] for c in known]
+    weight = max(1.0, len(known) / 4)  # a far plan says more than one more near candidate
+    x += [[weight * v for v in flash_features(sizes, bits)] for sizes, bits, _ in plans]
+    y += [weight * flash for _, _, flash in plans]
+    return np.linalg.lstsq(np.array(x), np.array(y, dtype=float), rcond=None)[0]
+
+
+def plan_bits(plan):
+    """{layer: index bits} of a plan's clustered layers."""
+    return {k: math.ceil(math.log2(v)) for k, v in plan.of("cluster").items()}
 
 
 def _layer_terms(base, c):
@@ -545,10 +558,16 @@ def _greedy(base, slots, limits, metrics, exclude):
         state[j] = k
 
 
-def best_reachable(base, candidates, metrics):
-    """Predicted cost with every slot at its cheapest measured setting (for error messages)."""
+def strongest(base, candidates, metrics):
+    """The Plan with every slot at its cheapest measured setting."""
     cheapest = []
     for options in _slots(candidates).values():
         cheapest.append(min(options, key=lambda c: sum(c.cost[m] / max(base.cost[m], 1e-9)
                                                         for m in metrics)))
-    return _predict(base, cheapest, metrics)
+    return _plan(base, cheapest, metrics)
+
+
+def best_reachable(base, candidates, metrics):
+    """(drop, cost) predicted with every slot at its cheapest setting (for error messages)."""
+    plan = strongest(base, candidates, metrics)
+    return plan.predicted_drop, plan.predicted_cost

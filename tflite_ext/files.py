@@ -143,9 +143,8 @@ def atomic_write(path, data):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with _signals_held():  # so the temporary file is never left renamed-but-unlinked
-            os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)
+    except BaseException:  # a signal after the rename finds tmp gone: path is whole
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

@@ -148,8 +148,8 @@ def run(kills, seed=0, commands=("convert", "demo"), pythonpath=REPO, work=None,
     """`kills` runs killed after a random delay (commands and signals alternate), then one
     run of each command (SIGTERMed after `final_kill` s if given) to see leftovers removed.
 
-    Delays are uniform in [0.2 s, 1.05 x an uninterrupted run], or [0.2 s, `max_delay`]
-    (no uninterrupted run first). Returns {"baseline_s", "trials", "final", "work"}.
+    Delays are uniform in [0.2 s, the fastest uninterrupted run so far], or [0.2 s,
+    `max_delay`] (no uninterrupted run first). Returns {"baseline_s", "trials", "final", "work"}.
     """
     work = work or tempfile.mkdtemp(prefix="kill_outputs-")
     os.makedirs(work, exist_ok=True)
@@ -168,16 +168,20 @@ def run(kills, seed=0, commands=("convert", "demo"), pythonpath=REPO, work=None,
             size = os.path.getsize(os.path.join(work, *COMMANDS[command][1:]))
         baseline[command] = round(seconds, 1)
         log(f"baseline {command}: {seconds:.1f} s")
+    fastest = dict(baseline)
     trials = []
     for k in range(kills):
         command = commands[k % len(commands)]
         sig_name = ("SIGTERM", "SIGKILL")[(k // len(commands)) % 2]
-        delay = rng.uniform(0.2, max_delay or 1.05 * baseline[command])
+        # Within the shortest uninterrupted run seen so far (the machine's load varies).
+        delay = rng.uniform(0.2, max_delay or fastest[command])
         _clear_output(command, work)
         before = set(leftovers(command, work))
         tmpdir = _fresh_tmpdir(work, f"kill-{k}")
         code, seconds, sent = run_once(command, work, tmpdir, pythonpath, delay,
                                        SIGNALS[sig_name])
+        if not sent and max_delay is None:
+            fastest[command] = min(fastest[command], seconds)
         new = sorted(set(leftovers(command, work)) - before)
         trial = {"command": command, "signal": sig_name if sent else None,
                  "delay_s": round(delay, 2), "exit": code,

@@ -8,6 +8,7 @@ import socket
 import subprocess
 
 import pytest
+import tflite_micro
 
 from tflite_ext.bench import android
 from tflite_ext.errors import DeviceError, InputError
@@ -17,6 +18,11 @@ REAL_ADB = shutil.which("adb")
 PROPS = {"ro.product.model": "Pixel 7", "ro.product.cpu.abi": "arm64-v8a",
          "ro.soc.model": "Tensor G2", "ro.board.platform": "gs201",
          "ro.build.version.release": "14", "ro.build.version.sdk": "34"}
+
+
+# TFLM's example model (3 FULLY_CONNECTED, 3 KB), shipped in the tflite-micro package.
+_SMALL_TFLITE = open(os.path.join(os.path.dirname(tflite_micro.__file__), "python",
+                                  "tflite_micro", "sine_float.tflite"), "rb").read()
 
 
 def _elf(path, machine=0xB7):
@@ -41,7 +47,7 @@ def device(tmp_path):
     save()
     os.environ["FAKE_ADB_DIR"] = str(fake)
     model = tmp_path / "digits_int8.tflite"
-    model.write_bytes(b"TFL3" * 100)
+    model.write_bytes(_SMALL_TFLITE)  # a real flatbuffer: the android command checks it first
     binary = _elf(tmp_path / "benchmark_model")
     yield android.Adb(FAKE_ADB, timeout=20), state, save, str(model), binary, fake
     os.environ.pop("FAKE_ADB_DIR", None)

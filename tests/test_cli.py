@@ -202,3 +202,130 @@ def test_convert_lut_writes_both_files_and_says_tflm_only(capsys, tmp_path):
                           "TFLite Micro: convert with mode='int8'. Received: mode='float32'")
     assert not bad.exists() and not bad.with_suffix(".lut.tflite").exists()
     assert_no_partial_files(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- issue 16
+
+_WRAPPER = """import atexit, sys
+atexit.register(lambda: print("\\nimported tensorflow:", "tensorflow" in sys.modules,
+                              "keras:", "keras" in sys.modules))
+from tflite_ext.cli import run
+sys.argv = ["tflite-ext", *sys.argv[1:]]
+run()
+"""
+
+
+def cli_subprocess(*argv, timeout=300):
+    """Runs `tflite-ext ARGV` in a fresh Python: (exit code, stderr lines, whether TensorFlow
+    or Keras had been imported when it exited)."""
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True,
+                          text=True, timeout=timeout)
+    last = done.stdout.splitlines()[-1].split()
+    return done.returncode, done.stderr.splitlines(), last[2] == "True" or last[4] == "True"
+
+
+def _unwritable_folder():
+    """A folder no one may create files in, even root: sysfs (os.access says yes there)."""
+    try:
+        open("/sys/tflite_ext_probe", "wb").close()
+    except OSError:
+        return "/sys"
+    pytest.skip("/sys is writable here")
+
+
+@pytest.fixture(scope="module")
+def bad_files(model_files, tiny_int8):
+    """Every kind of bad input next to good ones, by name."""
+    folder = model_files
+    keras_bytes = (folder / "tiny.keras").read_bytes()
+    files = {"empty.keras": b"", "text.keras": b"not a zip\n",
+             "truncated.keras": keras_bytes[:len(keras_bytes) // 2],
+             "weights.h5": b"\x89HDF\r\n\x1a\n", "text.npy": b"1,2,3\n",
+             "model.tflite": tiny_int8.flatbuffer}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    import zipfile
+    with zipfile.ZipFile(folder / "noconfig.keras", "w") as z:
+        z.writestr("metadata.json", "{}")
+    (folder / "not_saved_model").mkdir(exist_ok=True)
+    (folder / "demo_out").mkdir(exist_ok=True)
+    (folder / "demo_out" / "notes.txt").write_text("mine")
+    return folder
+
+
+_CASES = {  # name: (argv with {f} the fixture folder and {ro} an unwritable one, message)
+    "missing model": ("convert {f}/missing.keras --data {f}/calib.npy",
+                      r"Model path does not exist\. Received: '.*missing\.keras'$"),
+    "empty .keras": ("convert {f}/empty.keras --data {f}/calib.npy", r"empty\.keras.* is empty"),
+    "not a zip": ("convert {f}/text.keras", r"'.*text\.keras' is not a valid \.keras file "
+                  r"\(not a complete zip archive.*\); re-save it with model\.save\("),
+    "truncated zip": ("convert {f}/truncated.keras", r"is not a valid \.keras file .*re-save"),
+    "zip without config.json": ("convert {f}/noconfig.keras", r"is not a valid \.keras file "
+                                r"\(no config\.json in the zip archive\); re-save"),
+    ".h5": ("convert {f}/weights.h5", r"Expected a \.keras file or a SavedModel folder \(re-save"),
+    "folder not SavedModel": ("convert {f}/not_saved_model", "not a SavedModel"),
+    "missing data": ("convert {f}/tiny.keras --data {f}/none.npy",
+                     "Representative data file not found"),
+    "data not npy": ("convert {f}/tiny.keras --data {f}/text.npy",
+                     r"Cannot read representative data as \.npy/\.npz"),
+    "missing lut_data": ("convert {f}/tiny.keras --lut --lut_data {f}/none.npy",
+                         "file not found.*none\\.npy"),
+    "convert output unwritable": ("convert {f}/tiny.keras --data {f}/calib.npy -o {ro}/m.tflite",
+                                  r"Output folder is not writable \(Permission denied\)"),
+    "demo out unwritable": ("demo --quick --out {ro}/demo", "Output folder is not writable"),
+    "demo out holds other files": ("demo --quick --out {f}/demo_out",
+                                   r"holds files this command did not write \(notes\.txt\)"),
+    "demo bad stage": ("demo --stages bogus", "Unknown demo stage"),
+    "demo empty stages": ("demo --stages=", "--stages is empty"),
+    "bench out_dir unwritable": ("bench {f}/model.tflite --timer own --out_dir {ro}",
+                                 "Output folder is not writable"),
+    "bench empty threads": ("bench {f}/model.tflite --timer own --threads=",
+                            r"--threads must be integers >= 1.*Received: --threads=''"),
+    "bench zero threads": ("bench {f}/model.tflite --timer own --threads 1,0",
+                           r"--threads must be integers >= 1"),
+    "micro negative arena": ("micro {f}/model.tflite --arena_size -1", "--arena_size=-1"),
+    "micro c_out unwritable": ("micro {f}/model.tflite --c_out {ro}",
+                               r"Output folder is not writable \(Permission denied\)"),
+    "android model not tflite": ("android {f}/tiny.keras --binary /bin/true",
+                                 "Not a TFLite flatbuffer"),
+    "android empty threads": ("android {f}/model.tflite --binary /bin/true --threads=",
+                              "--threads must be integers"),
+    "compress missing model": ("compress {f}/missing.keras --data {f}/calib.npy --val "
+                               "{f}/calib.npy", "Model path does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_bad_input_is_one_line_before_tensorflow(bad_files, case):
+    argv, message = _CASES[case]
+    ro = _unwritable_folder() if "{ro}" in argv else None
+    code, lines, tensorflow = cli_subprocess(*argv.format(f=bad_files, ro=ro).split())
+    command = argv.split()[0]
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(f"tflite-ext {command}: error: "), lines
+    assert re.search(message, lines[0]), lines[0]
+    assert not tensorflow  # answered at once, not after a multi-second import
+    assert not [n for n in os.listdir(bad_files) if n.startswith(".tmp-")]
+
+
+def test_error_after_tensorflow_is_one_line_too(bad_files, tmp_path):
+    # The model loads (TensorFlow imported) before the data shape can be checked.
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 8, 4, 1), "float32"))
+    code, lines, tensorflow = cli_subprocess("convert", str(bad_files / "tiny.keras"), "--data",
+                                             str(tmp_path / "wrong.npy"), "-o",
+                                             str(tmp_path / "m.tflite"))
+    assert tensorflow
+    assert code == 2 and len(lines) == 1, lines
+    assert re.match(r"tflite-ext convert: error: representative_data shape \(4, 8, 4, 1\) "
+                    r"does not match", lines[0]), lines[0]
+    assert sorted(os.listdir(tmp_path)) == ["wrong.npy"]  # no output, no temporary folder
+
+
+def test_write_refused_mid_work_is_one_line_exit_1(capsys, bad_files, tmp_path):
+    # The checks pass (the folder is writable) but the system refuses the write itself.
+    (tmp_path / "model.h").mkdir()
+    code, _, err = run(capsys, "micro", str(bad_files / "model.tflite"), "--runs", "1",
+                       "--c_out", str(tmp_path))
+    assert code == 1
+    assert err == f"tflite-ext micro: error: Is a directory: '{tmp_path / 'model.h'}'\n"
+    assert sorted(os.listdir(tmp_path)) == ["model.h"]

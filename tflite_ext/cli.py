@@ -1,5 +1,17 @@
 """The `tflite-ext` command: thin over the library, one absl FlagValues per subcommand.
 
+Every error is one line on stderr, `tflite-ext COMMAND: error: <what, and what to do>`, and
+paths and flags are checked before TensorFlow is imported (a typo answers in well under a
+second, not after a multi-second import). Exit codes:
+
+    0    done
+    1    the work ran but failed: a device run failed (android), or the system refused a read
+         or write mid-work (disk full, permissions changed)
+    2    bad usage or input: a flag, path, file, or a model that cannot be converted as asked
+    130  interrupted (Ctrl-C); 143 terminated (SIGTERM). Temporary files are removed and no
+         output is partial. SIGKILL leaves `.tmp-tflite_ext-<pid>-*` beside the output,
+         removed by the next run there.
+
 Example:
     $ tflite-ext demo --quick
     $ tflite-ext convert model.keras --data calib.npy -o model.tflite
@@ -9,8 +21,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import tempfile
 import textwrap
+import threading
 
 from absl import flags
 
@@ -45,11 +60,19 @@ def _demo_flags(fv):
 
 
 def _demo_main(fv, args):
-    _no_positionals(args)
     from tflite_ext import demo
+    from tflite_ext.files import private_tempdir
 
-    report = demo.run(out_dir=fv.out, quick=fv.quick, stages=fv.stages, seed=fv.seed,
-                      log=_stderr if fv.json else print)
+    _no_positionals(args)
+    if fv.stages == []:  # --stages= would silently mean every stage
+        raise InputError(f"--stages is empty: name some of {', '.join(demo.STAGES)}, or "
+                         f"leave it out for all. Received: --stages=''")
+    demo.plan(fv.stages)
+    demo.check_out_dir(fv.out)
+    with private_tempdir(os.path.dirname(os.path.abspath(fv.out))):
+        import_tensorflow()
+        report = demo.run(out_dir=fv.out, quick=fv.quick, stages=fv.stages, seed=fv.seed,
+                          log=_stderr if fv.json else print)
     if fv.json:
         print(json.dumps(report, indent=2))
     return 0
@@ -89,19 +112,27 @@ def _convert_flags(fv):
 
 def _convert_main(fv, args):
     from tflite_ext import convert, inspect
-    from tflite_ext.errors import InputError
-    from tflite_ext.files import ensure_writable_dir
+    from tflite_ext.files import ensure_writable_dir, private_tempdir
 
-    model_path = _one_positional(args, "MODEL (.keras file or SavedModel folder)")
+    model_path = convert.check_model_path(
+        _one_positional(args, "MODEL (.keras file or SavedModel folder)"))
+    for data in (fv.data, fv.lut_data):
+        if data is not None:
+            convert.check_array_file(data)
     output = fv.output or os.path.splitext(model_path.rstrip("/"))[0] + ".tflite"
     if os.path.isdir(output):
         raise InputError(f"--output is a folder; expected a .tflite file path. "
                          f"Received: {output!r}")
-    ensure_writable_dir(os.path.dirname(os.path.abspath(output)))  # fail before converting
-    result = convert.to_tflite(model_path, fv.data, mode=fv.mode, io_dtype=fv.io,
-                               allow_float=fv.allow_float, num_calibration_samples=fv.samples,
-                               lut=fv.lut_bits if fv.lut else False, lut_data=fv.lut_data)
-    result.save(output)
+    out_dir = ensure_writable_dir(os.path.dirname(os.path.abspath(output)))
+    # TensorFlow's temporary SavedModel and autograph files go beside the output: removed at
+    # the end, and after a SIGKILL found (and removed) there by the next run.
+    with private_tempdir(out_dir):
+        import_tensorflow()
+        result = convert.to_tflite(model_path, fv.data, mode=fv.mode, io_dtype=fv.io,
+                                   allow_float=fv.allow_float,
+                                   num_calibration_samples=fv.samples,
+                                   lut=fv.lut_bits if fv.lut else False, lut_data=fv.lut_data)
+        result.save(output)
     lut = result.lut
     if fv.json:
         extra = {"lut": {"output": convert.lut_path(output), **lut.report}} if lut else {}
@@ -178,20 +209,25 @@ def _compress_flags(fv):
 
 
 def _compress_main(fv, args):
-    model_path = _one_positional(args, "MODEL (.keras file)")
-    for name, value in (("MODEL", model_path), ("--data", fv.data), ("--val", fv.val)):
-        if value is None:
-            raise InputError(f"{name} is required")
-        if not os.path.exists(value):  # before TensorFlow is imported: answers in a second
-            raise InputError(f"{name} does not exist. Received: {value!r}")
-    from tflite_ext.compress import Budget, compress
-    from tflite_ext.convert import load_model
+    from tflite_ext import convert
+    from tflite_ext.files import ensure_writable_dir, private_tempdir
 
-    budget = Budget.parse(flash=fv.flash, arena=fv.arena, latency=fv.latency, macs=fv.macs)
-    result = compress(load_model(model_path), fv.data, fv.val, budget, target=fv.target,
-                      max_accuracy_drop=fv.max_drop, out_dir=fv.out, epochs=fv.epochs,
-                      qat=fv.qat, round_to=fv.round_to, binary=fv.binary,
-                      log=_stderr if fv.json else print)
+    model_path = convert.check_model_path(_one_positional(args, "MODEL (.keras file)"))
+    for name, value in (("--data", fv.data), ("--val", fv.val)):
+        if value is None:
+            raise InputError(f"{name} is required: an .npz with arrays x and y")
+        convert.check_array_file(value, what=f"{name} data")
+    ensure_writable_dir(fv.out)
+    with private_tempdir(os.path.dirname(os.path.abspath(fv.out))):
+        import_tensorflow()
+        from tflite_ext.compress import Budget, compress
+
+        budget = Budget.parse(flash=fv.flash, arena=fv.arena, latency=fv.latency,
+                              macs=fv.macs)
+        result = compress(convert.load_model(model_path), fv.data, fv.val, budget,
+                          target=fv.target, max_accuracy_drop=fv.max_drop, out_dir=fv.out,
+                          epochs=fv.epochs, qat=fv.qat, round_to=fv.round_to,
+                          binary=fv.binary, log=_stderr if fv.json else print)
     summary = {"out": fv.out, "measured": result.measured, "accuracy": result.accuracy,
                "base_accuracy": result.base_accuracy, "plan": result.plan}
     if fv.json:
@@ -251,6 +287,53 @@ def _stderr(*parts):
     print(*parts, file=sys.stderr)
 
 
+def import_tensorflow():
+    """Imports TensorFlow without its start-up lines on stderr.
+
+    TensorFlow 2.21 writes "WARNING: All log messages before absl::InitializeLog() is called
+    are written to STDERR" and oneDNN/CUDA notices from C++ static initializers of its two
+    shared libraries (six lines) whatever TF_CPP_MIN_LOG_LEVEL says, so file descriptor 2 is
+    pointed at a scratch file for the import.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as scratch:
+        saved = os.dup(2)
+        os.dup2(scratch.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # absl's Python WARNINGs from Keras/TF internals
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so `finally` blocks remove temporary files."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up runs once, uninterrupted
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _usage(commands):
     width = max(len(n) for n in commands)
     lines = [f"usage: {PROG} COMMAND [--flags]", "",
@@ -277,7 +360,8 @@ def _command_help(command, fv):
 
 def main(argv):
     """Runs the CLI on `argv` (without the program name); returns the exit code."""
-    # Quiet TensorFlow's C++ logging before anything imports it.
+    # Quiet TensorFlow's C++ logging before anything imports it (import_tensorflow does the
+    # rest).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -296,14 +380,27 @@ def main(argv):
             print(_command_help(command, fv))
         return 0
     try:
-        positionals = fv([PROG] + rest)[1:]
-        return command.main(fv, positionals)
+        with _sigterm_raises():
+            positionals = fv([PROG] + rest)[1:]
+            return command.main(fv, positionals)
     except (flags.Error, TfliteExtError) as e:
-        _stderr(f"{PROG} {name}: error: {e}")
+        _stderr(f"{PROG} {name}: error: {_one_line(e)}")
         return 2
+    except OSError as e:  # the system refused a read or write mid-work
+        target = e.filename2 or e.filename  # a rename's target, not the temporary file
+        where = f": {target!r}" if target else ""
+        _stderr(f"{PROG} {name}: error: {e.strerror or e}{where}")
+        return 1
     except KeyboardInterrupt:
         _stderr(f"{PROG} {name}: interrupted")
         return 130
+    except _Terminated:
+        _stderr(f"{PROG} {name}: terminated")
+        return 128 + signal.SIGTERM
+
+
+def _one_line(error):
+    return " ".join(str(error).split())  # absl's flag errors can span lines
 
 
 def run():

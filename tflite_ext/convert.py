@@ -19,12 +19,13 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 
 import numpy as np
 
 from tflite_ext import inspect
 from tflite_ext.errors import ConversionError, InputError, ModelFileError
-from tflite_ext.files import atomic_write
+from tflite_ext.files import atomic_write, remove_stale_temps, temp_prefix
 
 MODES = ("int8", "int16x8", "float16", "dynamic", "float32")
 _IO_DTYPES = {"int8": ("int8", "uint8", "float32"), "int16x8": ("int16", "float32"),
@@ -135,7 +136,10 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
         raise InputError(f"num_calibration_samples must be an integer >= 1. Received: "
                          f"num_calibration_samples={num_calibration_samples!r}")
 
-    with tempfile.TemporaryDirectory(prefix="tflite_ext-") as workdir:
+    # The converter reads Keras models from a SavedModel written here; a SIGKILL leaves it
+    # (.tmp-tflite_ext-<pid>-savedmodel), so the next conversion removes dead processes' ones.
+    remove_stale_temps(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(), suffix="-savedmodel") as workdir:
         flatbuffer = _convert(model, representative_data, mode, io_dtype, allow_float,
                               num_calibration_samples, batch_size, workdir)
 
@@ -260,12 +264,60 @@ def load_model(path):
     """Loads a `.keras` file with the project's custom layers registered."""
     import keras
 
+    path = os.fspath(path)
+    if path.endswith(".keras"):
+        check_model_path(path)
     _register_custom_objects()
     try:
         return keras.saving.load_model(path)
     except Exception as e:
         raise ModelFileError(f"Cannot load Keras model ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}). Received: {path!r}") from None
+
+
+def check_model_path(path):
+    """Checks, without TensorFlow, that `path` is a SavedModel folder or a `.keras` file that
+    is a complete Keras archive; raises a one-line ModelFileError otherwise.
+
+    Example:
+        >>> check_model_path("model.keras")    # before a multi-second TensorFlow import
+        'model.keras'
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"Model path does not exist. Received: {path!r}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ModelFileError(f"Folder is not a SavedModel (no saved_model.pb). "
+                                 f"Received: {path!r}")
+        return path
+    if not path.endswith(".keras"):
+        hint = " (re-save a .h5 model with model.save('model.keras'))" \
+            if path.endswith(".h5") else ""
+        raise ModelFileError(f"Expected a .keras file or a SavedModel folder{hint}. "
+                             f"Received: {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ModelFileError(f"Model file {path!r} is empty (0 bytes); re-save it with "
+                             f"model.save({path!r})")
+    problem = _keras_archive_problem(path)
+    if problem:
+        raise ModelFileError(f"Cannot load Keras model: {path!r} is not a valid .keras file "
+                             f"({problem}); re-save it with model.save({path!r})")
+    return path
+
+
+def _keras_archive_problem(path):
+    """What is wrong with a .keras zip archive (Keras writes config.json in it), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                return "no config.json in the zip archive"
+            bad = archive.testzip()  # CRC of every member: a cut or damaged copy fails here
+    except zipfile.BadZipFile as e:
+        return f"not a complete zip archive: {e}"
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    return f"damaged zip member {bad}" if bad else None
 
 
 def _register_custom_objects():
@@ -281,17 +333,9 @@ def _make_converter(model, batch_size, workdir):
     import tensorflow as tf
 
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.exists(path):
-            raise ModelFileError(f"Model path does not exist. Received: {path!r}")
+        path = check_model_path(model)
         if os.path.isdir(path):
-            if not os.path.exists(os.path.join(path, "saved_model.pb")):
-                raise ModelFileError(f"Folder is not a SavedModel (no saved_model.pb). "
-                                     f"Received: {path!r}")
             return _saved_model_converter(path, batch_size)
-        if not path.endswith(".keras"):
-            raise ModelFileError(f"Expected a .keras file or a SavedModel folder. "
-                                 f"Received: {path!r}")
         model = load_model(path)
     if not isinstance(model, keras.Model):
         raise InputError(f"Expected a keras.Model or a model path. Received: "
@@ -463,9 +507,7 @@ def _check_count(given, expected):
 
 def load_array_file(path):
     """Loads calibration data: the array of a `.npy`, or {name: array} of a `.npz`."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"Representative data file not found. Received: {path!r}")
+    path = check_array_file(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
@@ -475,6 +517,34 @@ def load_array_file(path):
     except Exception as e:
         raise InputError(f"Cannot read representative data as .npy/.npz ({type(e).__name__}). "
                          f"Received: {path!r}") from None
+
+
+def check_array_file(path, what="Representative data"):
+    """Checks, without reading it all, that `path` is a non-empty .npy or .npz file (by its
+    first bytes); raises a one-line InputError naming `what` otherwise.
+
+    Example:
+        >>> check_array_file("calib.npy")    # before a multi-second TensorFlow import
+        'calib.npy'
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{what} file not found. Received: {path!r}")
+    if os.path.isdir(path):
+        raise InputError(f"{what} must be a .npy/.npz file, not a folder. "
+                         f"Received: {path!r}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise InputError(f"Cannot read {what.lower()} file ({e.strerror}). "
+                         f"Received: {path!r}") from None
+    if not head:
+        raise InputError(f"{what} file is empty (0 bytes). Received: {path!r}")
+    if not (head.startswith(b"\x93NUMPY") or head.startswith(b"PK")):  # .npy, .npz (a zip)
+        raise InputError(f"Cannot read {what.lower()} as .npy/.npz (it starts with "
+                         f"{head!r}, neither format). Received: {path!r}")
+    return path
 
 
 @contextlib.contextmanager

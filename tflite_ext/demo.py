@@ -3,6 +3,10 @@
 Each stage is a plain function of a `DemoContext` that may add a `Variant` (a converted model);
 `evaluate` then measures every variant the same way and `report` writes the results.
 
+The output folder appears complete or not at all: everything is written into a temporary
+folder beside it, renamed into place at the end (`files.atomic_folder`). This module imports
+TensorFlow only when a stage runs, so `plan` and the output checks answer at once.
+
 Example:
     >>> from tflite_ext import demo
     >>> report = demo.run(out_dir="build/demo", quick=True)
@@ -13,11 +17,8 @@ import dataclasses
 import os
 import time
 
-import keras
-
-from tflite_ext.bench import variants
 from tflite_ext.errors import InputError
-from tflite_ext.files import atomic_write, ensure_writable_dir
+from tflite_ext.files import atomic_folder, atomic_write, ensure_writable_dir, replaceable_folder
 
 # Budgets from references.md (the tfmot figures were measured with these).
 EPOCHS = {"train": 30, "prune": 15, "qat": 5, "factorize": 5, "cluster": 10}
@@ -68,6 +69,8 @@ class DemoContext:
 
 def fit(ctx, model, stage, epochs, learning_rate, callbacks=(), teach=True):
     """`variants.fit` on the task, one line per epoch; the float model teaches if `teach`."""
+    from tflite_ext.bench import variants
+
     return variants.fit(model, ctx.data, epochs=epochs, learning_rate=learning_rate,
                         teacher=ctx.model if teach else None, temperature=DISTILL_TEMPERATURE,
                         alpha=DISTILL_ALPHA, callbacks=callbacks, label=f"  {stage}",
@@ -85,6 +88,8 @@ def to_int8(ctx, model):
 
 def stage_train(ctx):
     """Trains the reference digits CNN (references.md: Adam 1e-3, batch 32)."""
+    import keras
+
     from tflite_ext import convert, models
 
     keras.utils.set_random_seed(ctx.seed)
@@ -196,6 +201,8 @@ def stage_cluster(ctx):
 
 def stage_evaluate(ctx):
     """Measures every variant alike: accuracy, bytes, gzip bytes, MACs, LiteRT latency."""
+    from tflite_ext.bench import variants
+
     measured = variants.measure(
         {n: v.tflite for n, v in ctx.variants.items()}, ctx.data.x_test, ctx.data.y_test,
         keras_models={n: v.keras_model for n, v in ctx.variants.items()},
@@ -206,7 +213,7 @@ def stage_evaluate(ctx):
 
 def stage_report(ctx):
     """Writes model.tflite (the last, most compressed variant), reports and plots."""
-    from tflite_ext.bench import report
+    from tflite_ext.bench import report, variants
 
     final = list(ctx.variants.values())[-1]
     for v in ctx.variants.values():
@@ -264,11 +271,35 @@ def plan(stages=None):
 
 
 def run(out_dir="build/demo", quick=False, stages=None, seed=0, log=print):
-    """Runs the demo pipeline; returns the report dict (also written to out_dir)."""
+    """Runs the demo pipeline; returns the report dict (also written to out_dir).
+
+    `out_dir` is created whole at the end, replacing an earlier demo's output there; a folder
+    holding other files is refused before any work (`check_out_dir`).
+    """
+    order = plan(stages)
+    check_out_dir(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        report = _run(tmp, order, quick, seed, log)
+    log(f"\nwrote {os.path.join(out_dir, 'model.tflite')} ({report['model_tflite']}), "
+        f"report.json, report.md in {out_dir}")
+    return report
+
+
+_OUTPUT_SUFFIXES = (".tflite", ".json", ".md", ".png")  # all the demo writes
+
+
+def check_out_dir(out_dir):
+    """Checks that `out_dir` is new, empty or an earlier demo's output (so it may be replaced)
+    and that its parent folder is writable; raises a one-line InputError otherwise."""
+    replaceable_folder(out_dir, lambda name: name.endswith(_OUTPUT_SUFFIXES))
+    ensure_writable_dir(os.path.dirname(os.path.abspath(out_dir)))
+    return out_dir
+
+
+def _run(out_dir, order, quick, seed, log):
     from tflite_ext import tasks
 
-    order = plan(stages)
-    ctx = DemoContext(out_dir=ensure_writable_dir(out_dir), quick=quick, seed=seed, log=log)
+    ctx = DemoContext(out_dir=out_dir, quick=quick, seed=seed, log=log)
     ctx.data = tasks.digits()
     log(f"tflite-ext demo: digits CNN, {len(ctx.data.x_train)} train / {len(ctx.data.x_test)} "
         f"test images{' (quick mode)' if quick else ''}; stages: {', '.join(order)}")
@@ -279,8 +310,6 @@ def run(out_dir="build/demo", quick=False, stages=None, seed=0, log=print):
         ctx.timings[name] = round(time.perf_counter() - start, 2)
     log("")
     log(render_table(ctx.report))
-    log(f"\nwrote {os.path.join(out_dir, 'model.tflite')} ({ctx.report['model_tflite']}), "
-        f"report.json, report.md in {out_dir}")
     return ctx.report
 
 

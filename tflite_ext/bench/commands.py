@@ -2,6 +2,8 @@
 
 `tflite_ext.cli` imports `COMMANDS`; each entry has `define_flags(fv)` and `main(fv) -> int`.
 Errors are raised as `TfliteExtError` subclasses with one-line messages; the CLI prints them.
+Every flag and path (the model a valid .tflite, --out_dir and --c_out writable, --threads
+positive integers) is checked before any timing, device or TFLM work starts.
 
 Example:
     $ tflite-ext bench --model build/digits_int8.tflite --threads 1,2 --xnnpack both --task digits
@@ -35,8 +37,15 @@ def _eval_flags(fv):
 
 
 def _require_model(fv):
+    """--model, checked to be a TFLite flatbuffer; --out_dir, checked to be writable."""
+    from tflite_ext import inspect
+    from tflite_ext.files import ensure_writable_dir
+
     if not fv.model:
         raise InputError("--model is required: the .tflite to benchmark. Received: --model=None")
+    inspect.summary(fv.model)  # a one-line error for a missing, empty or non-TFLite file
+    if fv.out_dir:
+        ensure_writable_dir(fv.out_dir)
     return fv.model
 
 
@@ -100,16 +109,21 @@ def _bench_flags(fv):
 
 
 def _ints(values, name):
+    """A comma-separated flag of counts: at least one, each an integer >= 1."""
     try:
-        return [int(v) for v in values]
+        counts = [int(v) for v in values]
     except ValueError:
-        raise InputError(f"--{name} must be integers, comma separated. "
-                         f"Received: --{name}={','.join(values)}") from None
+        counts = None
+    if not counts or min(counts) < 1:
+        raise InputError(f"--{name} must be integers >= 1, comma separated (e.g. 1,2,4). "
+                         f"Received: --{name}={','.join(values)!r}") from None
+    return counts
 
 
 def _bench_main(fv):
     from tflite_ext.bench import host, report
     model = _require_model(fv)
+    threads = _ints(fv.threads, "threads")
     timers = {"own": ("own",), "litert": ("litert",), "both": ("own", "litert")}[fv.timer]
     xnnpack = {"on": (True,), "off": (False,), "both": (True, False)}[fv.xnnpack]
     if timers == ("litert",) and xnnpack == (False,):
@@ -120,7 +134,7 @@ def _bench_main(fv):
     x, y = _eval_arrays(fv, model)
     result = {"model": model, "size_bytes": len(host.model_bytes(model)),
               "cpu": host.describe_cpu(), "cpus": os.cpu_count(), "timers": list(timers),
-              "latency": host.thread_sweep(model, _ints(fv.threads, "threads"), xnnpack,
+              "latency": host.thread_sweep(model, threads, xnnpack,
                                            runs=fv.runs, warmup=fv.warmup, x=x, timers=timers,
                                            program=fv.litert_benchmark)}
     if y is not None:
@@ -136,7 +150,7 @@ def _micro_flags(fv):
     flags.DEFINE_integer("runs", 20, "Timed TFLM invocations on the host.", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("arena_size", None, "The tensor arena you plan to use (bytes); an "
-                         "error if TFLM needs more.", flag_values=fv)
+                         "error if TFLM needs more.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("samples", 200, "Samples compared between TFLM and LiteRT.",
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_string("c_out", None, "Also write <c_name>.h and <c_name>.c (16-byte aligned "
@@ -152,7 +166,10 @@ def _micro_flags(fv):
 
 def _micro_main(fv):
     from tflite_ext.bench import micro, report
+    from tflite_ext.files import ensure_writable_dir
     model = _require_model(fv)
+    if fv.c_out:
+        ensure_writable_dir(fv.c_out)
     x, _ = _eval_arrays(fv, model)
     if x is not None:
         x = x[:fv.samples]
@@ -194,11 +211,12 @@ def _android_main(fv):
     from tflite_ext.bench import android, report
     from tflite_ext.files import atomic_write
     model = _require_model(fv)
+    threads = _ints(fv.threads, "threads")
     if not fv.binary:
         raise InputError("--binary is required: the benchmark_model built for the device. "
                          "Received: --binary=None")
     results, _, _ = android.sweep(
-        model, fv.binary, fv.out_dir, serial=fv.serial, threads=_ints(fv.threads, "threads"),
+        model, fv.binary, fv.out_dir, serial=fv.serial, threads=threads,
         delegates=fv.delegates, warmup_runs=fv.warmup_runs, num_runs=fv.num_runs,
         op_profiling=fv.op_profiling, timeout=fv.timeout, adb_path=fv.adb)
     markdown = report.android_markdown(results)

@@ -90,8 +90,8 @@ def test_reference_kernels_in_cpu_time(trained):
     """The reference kernels are plain loops: far slower than XNNPACK's int8 kernels."""
     models = {"int8": trained["int8"]}
     x = trained["split"].x_test[:5]
-    fast = host.time_interleaved(models, x, runs=10, warmup=1, cpu_time=True)["int8"]
-    slow = host.time_interleaved(models, x, runs=10, warmup=1, reference=True,
+    fast = host.time_interleaved(models, x, runs=30, warmup=2, cpu_time=True)["int8"]
+    slow = host.time_interleaved(models, x, runs=30, warmup=2, reference=True,
                                  cpu_time=True)["int8"]
     assert slow > 2 * fast > 0
     with pytest.raises(InputError, match="cpu_time measures one thread"):

@@ -219,7 +219,7 @@ def test_command_line(tiny, digits, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert text in err and "\n" not in err, err
     assert cli.main(["compress", str(tmp_path / "nope.keras"), "--data", "x", "--val", "y"]) == 2
-    assert "MODEL does not exist" in capsys.readouterr().err
+    assert "Model path does not exist" in capsys.readouterr().err
     budget = str(int(0.6 * pruning.count_macs(tiny)))
     assert cli.main(["compress", *common, "--macs", budget, "--epochs", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

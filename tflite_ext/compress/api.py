@@ -7,7 +7,8 @@
 3. `search.solve` picks the changes: least predicted accuracy loss within the budget.
 4. The plan applied in one shot is measured on the target: if its shapes miss, the budget
    the solver sees tightens by what the prediction missed by, and it solves again (no
-   fine-tune spent).
+   fine-tune spent). The first `shortlist` plans that fit are ranked by a short run of the
+   real pipeline.
 5. The real pipeline: `prune(group_sparsity=...)` fine-tuned with the float model teaching
    (distillation), `strip`, BatchNormalization re-estimated, `factorize`, QAT with
    clustering in one taught fit, full-int8 conversion (verified), the LUT copy (proven to
@@ -163,7 +164,8 @@ def _pipeline(model, plan, train, *, epochs, learning_rate, qat, round_to, layer
 def compress(model, train_data, val_data, budget, target="host", *, max_accuracy_drop=1.0,
              out_dir="build/compress", epochs=10, learning_rate=5e-4, qat=False, round_to=8,
              settings=search.SETTINGS, rank_fractions=search.RANK_FRACTIONS,
-             clusters=search.CLUSTERS, layers=None, max_rounds=3, binary=None, log=print):
+             clusters=search.CLUSTERS, layers=None, max_rounds=3, shortlist=3, binary=None,
+             log=print):
     """Finds and builds the compressed model that meets `budget` on `target`.
 
     Args:
@@ -187,6 +189,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         max_rounds: plans fine-tuned at most. Before each, the plan is applied in one shot
             and measured on the target: a plan whose shapes miss the budget costs no
             fine-tune.
+        shortlist: plans that fit in one shot ranked by a short fine-tune (epochs / 5)
+            before the full ones (NetAdapt's short-term fine-tune); 1 skips the ranking.
 
     Returns:
         A `Result`; `out_dir` holds model.keras, model.tflite (model.lut.tflite when
@@ -225,56 +229,37 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
     search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to,
                            qat, candidates)
-    tried, margin, rejected, result = [], dict(limits), set(), None
-    for _ in range(4 * max_rounds):  # previews are cheap; fine-tunes are max_rounds at most
-        if sum(t["stage"] == "fine-tuned" for t in tried) >= max_rounds:
+    tried, margin, rejected, result, tuned = [], dict(limits), set(), None, 0
+    while result is None and tuned < max_rounds:
+        plans, margin = _fitting_plans(search_state, candidates, limits, margin, rejected,
+                                       shortlist, tried, log)
+        if not plans:
             break
-        plan = search.solve(base, candidates, margin, exclude=rejected)
-        if plan is None and base.flash_fit is not None and not search_state.seen:
-            # The flash model was fitted near the base only: measure the far end once (every
-            # change at its strongest, in one shot) and ask again.
-            try:
-                search_state.preview(search.strongest(base, candidates, list(limits)))
-            except InputError:
-                pass
-            plan = search.solve(base, candidates, margin, exclude=rejected)
-        if plan is None:
-            break
-        if log:
-            log(f"plan {plan.key}; predicted " + ", ".join(
-                f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
-                + f", one-shot loss {plan.predicted_drop * 100:.2f} point")
-        try:
-            shapes = search_state.preview(plan)
-        except InputError as e:  # e.g. clustered tensors too small for a LUT to pay
-            tried.append(_round("refused", plan, {}, None, None, [str(e)]))
-            rejected.add(plan.key)
+        if len(plans) > 1:  # rank by a short real fine-tune, not by one-shot losses alone
+            score = {p.key: search_state.quick_accuracy(p, epochs=max(1, epochs // 5),
+                                                        learning_rate=learning_rate, log=log)
+                     for p in plans}
+            plans.sort(key=lambda p: -score[p.key])
+        for plan in plans[:max_rounds - tuned]:
             if log:
-                log(f"  refused: {e}")
-            continue
-        misses = budget.misses(shapes)
-        if misses:  # the shapes alone miss: no fine-tune spent
-            tried.append(_round("preview", plan, shapes, None, None, misses))
+                log(f"fine-tuning plan {plan.key}")
+            small, converted, _, measured, acc = _build(
+                model, plan, train, val, target, out_dir, base, epochs=epochs,
+                learning_rate=learning_rate, qat=qat, round_to=round_to, layers=layers,
+                log=log)
+            tuned += 1
+            misses = budget.misses(measured)
+            drop = (base_accuracy - acc) * 100
+            tried.append(_round("fine-tuned", plan, measured, acc, drop, misses))
             if log:
-                log(f"  in one shot it measures {_costs(shapes)}; misses {'; '.join(misses)}")
-            margin = _tightened(margin, limits, plan.predicted_cost, shapes)
-            continue
-        small, converted, _, measured, acc = _build(
-            model, plan, train, val, target, out_dir, base, epochs=epochs,
-            learning_rate=learning_rate, qat=qat, round_to=round_to, layers=layers, log=log)
-        misses = budget.misses(measured)
-        drop = (base_accuracy - acc) * 100
-        tried.append(_round("fine-tuned", plan, measured, acc, drop, misses))
-        if log:
-            log(f"  measured: {_costs(measured)}; int8 accuracy {acc:.4f} "
-                f"({'lost' if drop >= 0 else 'gained'} {abs(drop):.2f} point)"
-                + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
-        if not misses and drop <= max_accuracy_drop:
-            result = (plan, small, converted, measured, acc)
-            break
-        if drop > max_accuracy_drop:
+                log(f"  measured: {_costs(measured)}; int8 accuracy {acc:.4f} "
+                    f"({'lost' if drop >= 0 else 'gained'} {abs(drop):.2f} point)"
+                    + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
+            if not misses and drop <= max_accuracy_drop:
+                result = (plan, small, converted, measured, acc)
+                break
             rejected.add(plan.key)  # one-shot losses rank plans loosely: try the next best
-        margin = _tightened(margin, limits, plan.predicted_cost, measured)
+            margin = _tightened(margin, limits, plan.predicted_cost, measured)
     report = _report(model, budget, target, base, base_accuracy, candidates, tried,
                      time.perf_counter() - start)
     _write_outputs(out_dir, report, base, base_accuracy, candidates, tried)
@@ -325,6 +310,69 @@ class _Search:
                               search.plan_bits(plan), measured["flash_bytes"]))
             self.base.flash_fit = search.fit_flash(self.base, self.candidates, self.seen)
         return measured
+
+    def quick_accuracy(self, plan, *, epochs, learning_rate, log):
+        """Validation accuracy of `plan` after a short run of the real pipeline (cached)."""
+        key = (f"quick:{fingerprint(self.model)}:{plan.key}:{epochs}:{learning_rate}:"
+               f"{self.qat}:{self.round_to}")
+        if key not in self.cache:
+            small = _pipeline(self.model, plan, self.train, epochs=epochs,
+                              learning_rate=learning_rate, qat=self.qat,
+                              round_to=self.round_to, layers=self.layers, log=None)
+            self.cache.put(key, variants.accuracy(small, *self.val))
+        if log:
+            log(f"  {plan.key}: {self.cache.get(key):.4f} after {epochs} epoch(s)")
+        return self.cache.get(key)
+
+
+def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, log):
+    """([Plan], margin): up to `count` plans of least predicted loss whose shapes, built in
+    one shot, fit the budget on the target; a plan that misses tightens the margin by what
+    the prediction missed by (no fine-tune spent)."""
+    base, found = state.base, []
+    for _ in range(4 * count):
+        plan = search.solve(base, candidates, margin,
+                            exclude=rejected | {p.key for p in found})
+        if plan is None and base.flash_fit is not None and not state.seen:
+            # The flash model was fitted near the base only: measure the far end once (every
+            # change at its strongest, in one shot) and ask again.
+            try:
+                state.preview(search.strongest(base, candidates, list(limits)))
+            except InputError:
+                pass
+            plan = search.solve(base, candidates, margin,
+                                exclude=rejected | {p.key for p in found})
+        if plan is None:
+            break
+        if log:
+            log(f"plan {plan.key}; predicted " + ", ".join(
+                f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
+                + f", one-shot loss {plan.predicted_drop * 100:.2f} point")
+        try:
+            shapes = state.preview(plan)
+        except InputError as e:  # e.g. clustered tensors too small for a LUT to pay
+            tried.append(_round("refused", plan, {}, None, None, [str(e)]))
+            rejected.add(plan.key)
+            if log:
+                log(f"  refused: {e}")
+            continue
+        misses = state.budget.misses(shapes)
+        tried.append(_round("preview", plan, shapes, None, None, misses))
+        if log:
+            log(f"  in one shot it measures {_costs(shapes)}"
+                + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
+        if misses:  # the shapes are the plan's: it can never fit
+            rejected.add(plan.key)
+            # A fitted flash model has just learned from this plan; the other metrics ask
+            # for less by the factor they missed by.
+            fitted = {"flash_bytes"} if base.flash_fit is not None else set()
+            margin = {**_tightened(margin, limits, plan.predicted_cost, shapes),
+                      **{m: margin[m] for m in fitted if m in margin}}
+            continue
+        found.append(plan)
+        if len(found) == count:
+            break
+    return found, margin
 
 
 def _round(stage, plan, measured, accuracy, drop, misses):

@@ -26,7 +26,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 from tflite_ext import clustering, convert, distillation, inspect, models, pruning, tasks  # noqa: E402,E501
 from tflite_ext.bench import host, micro  # noqa: E402
@@ -40,22 +39,6 @@ FULL = dict(float_epochs=30, prune_epochs=15, prune_end_step=200, prune_frequenc
 QUICK = dict(float_epochs=8, prune_epochs=1, prune_end_step=30, prune_frequency=10,
              cluster_epochs=1, cluster_update_every=10)
 TEACHING = dict(temperature=4.0, alpha=0.5)  # alpha weighs the labels, 1 - alpha the teacher
-
-
-def tflm_accuracy(tflite, x, y):
-    """Top-1 accuracy with TensorFlow Lite Micro (the only runtime for a LUT file)."""
-    interpreter = micro.tflm_interpreter(tflite, arena_size=1 << 20)  # ample for this model
-    detail = interpreter.get_input_details(0)
-    params = detail["quantization_parameters"]
-    q = host.quantize(x, {"dtype": detail["dtype"],
-                          "quantization": (float(params["scales"][0]),
-                                           int(params["zero_points"][0]))})
-    hits = 0
-    for sample, label in zip(q, y):
-        interpreter.set_input(sample[None], 0)
-        interpreter.invoke()
-        hits += int(np.argmax(interpreter.get_output(0)) == label)
-    return hits / len(y)
 
 
 def run(out, quick):
@@ -107,10 +90,10 @@ def run(out, quick):
         {"file": os.path.basename(int8_path), "what": "pruned + QAT + clustered, int8",
          "bytes": os.path.getsize(int8_path),
          "litert": f"{host.evaluate(int8_path, x_test, y_test)['accuracy']:.4f}",
-         "tflm": f"{tflm_accuracy(result.flatbuffer, x_test, y_test):.4f}"},
+         "tflm": f"{micro.evaluate(result.flatbuffer, x_test, y_test)['accuracy']:.4f}"},
         {"file": os.path.basename(lut_path), "what": "the same, LUT-compressed weights",
          "bytes": os.path.getsize(lut_path), "litert": "n/a (no TFLM_DECODE)",
-         "tflm": f"{tflm_accuracy(result.lut.flatbuffer, x_test, y_test):.4f}"},
+         "tflm": f"{micro.evaluate(result.lut.flatbuffer, x_test, y_test)['accuracy']:.4f}"},
     ]
     print(f"\ndigits CNN{' (quick mode)' if quick else ''}: test accuracy on "
           f"{len(y_test)} images; LUT outputs bit-identical to int8 in TFLM on "

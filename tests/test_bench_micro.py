@@ -10,7 +10,7 @@ import tensorflow as tf
 import tflite_micro
 
 from tflite_ext import convert, models, tasks
-from tflite_ext.bench import micro
+from tflite_ext.bench import host, micro
 from tflite_ext.errors import InputError
 
 
@@ -229,3 +229,19 @@ def test_lut_model_arena_decode_buffers_and_decode_cost(tmp_path):
     assert "agreement" not in r                     # LiteRT cannot run TFLM_DECODE
     with pytest.raises(InputError, match=r"^reference compares a LUT-compressed model"):
         micro.analyze(path, x, reference=path)
+
+
+def test_evaluate_in_tflm_matches_litert_and_runs_lut_files(digits_int8, tmp_path):
+    from clustering_models import clustered_qat, lut_result
+
+    path, split = digits_int8
+    tflm = micro.evaluate(path, split.x_test, split.y_test)
+    lite = host.evaluate(path, split.x_test, split.y_test)
+    # the same quantized inputs; TFLM and LiteRT agreed on top-1 for every test image above
+    assert tflm == lite and tflm["samples"] == len(split.y_test)
+    result, data = lut_result(), clustered_qat()[0]
+    small = result.lut.flatbuffer  # only TFLM runs it: its accuracy is the int8 file's
+    assert (micro.evaluate(small, data.x_test, data.y_test)
+            == micro.evaluate(result.flatbuffer, data.x_test, data.y_test))
+    with pytest.raises(InputError, match=r"x and y must have the same length"):
+        micro.evaluate(path, split.x_test, split.y_test[:3])

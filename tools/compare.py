@@ -282,16 +282,9 @@ def tx_auto(float_model, data, files, budget, model_name, out):
 
 def tflm_accuracy(flatbuffer, x, y):
     """Top-1 accuracy of a .tflite run by TFLite Micro (LiteRT cannot run TFLM_DECODE)."""
-    from tflite_ext import lut
+    from tflite_ext.bench import micro
 
-    interpreter = lut._tflm(flatbuffer)
-    (q,) = lut._inputs(interpreter, x)
-    hits = 0
-    for sample, label in zip(q, y):
-        interpreter.set_input(sample[None], 0)
-        interpreter.invoke()
-        hits += int(np.argmax(interpreter.get_output(0)) == label)
-    return hits / len(y)
+    return micro.evaluate(flatbuffer, x, y)["accuracy"]
 
 
 # --- Report. -------------------------------------------------------------------------------

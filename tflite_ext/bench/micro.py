@@ -377,6 +377,30 @@ def agreement(model, x=None, arena_size=None, samples=100):
             "mean_abs_diff_steps": total_diff / count}
 
 
+def evaluate(model, x, y, arena_size=None):
+    """Top-1 accuracy of a classifier .tflite run by TensorFlow Lite Micro: the runtime that
+    runs a LUT-compressed file (LiteRT has no TFLM_DECODE), with `host.evaluate`'s result.
+
+    Example:
+        >>> micro.evaluate("digits_int8.lut.tflite", x_test, y_test)
+        {'accuracy': 0.9926, 'samples': 540}
+    """
+    data = host.model_bytes(model)
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(x):
+        raise InputError(f"x and y must have the same length. Received: len(x)={len(x)}, "
+                         f"len(y)={len(y)}")
+    tflm = tflm_interpreter(data, arena_size or minimum_arena(data))
+    with host.runtime_errors(model, TFLM):
+        q = _quantized_samples(tflm.get_input_details(0), x, len(x))
+        hits = 0
+        for sample, label in zip(q, y):
+            tflm.set_input(sample[None], 0)
+            tflm.invoke()
+            hits += int(np.argmax(tflm.get_output(0)) == label)
+    return {"accuracy": hits / len(y), "samples": int(len(y))}
+
+
 def latency(model, arena_size, runs=20, warmup=2, x=None, alt=0):
     """Host latency (µs) of single invocations through the TFLM interpreter."""
     tflm = tflm_interpreter(model, arena_size, alt)

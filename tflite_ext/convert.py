@@ -23,7 +23,7 @@ import zipfile
 
 import numpy as np
 
-from tflite_ext import inspect
+from tflite_ext import inspect, native_log
 from tflite_ext.errors import ConversionError, InputError, ModelFileError
 from tflite_ext.files import atomic_write, remove_stale_temps, temp_prefix
 
@@ -233,7 +233,7 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
             samples = _calibration_samples(representative_data, input_specs, num_samples)
             converter.representative_dataset = lambda: iter(samples)
 
-    with _captured_stderr() as log, warnings.catch_warnings():
+    with native_log.captured() as log, warnings.catch_warnings():
         # The converter's Python warnings (e.g. "Statistics for quantized inputs were expected")
         # describe its internals; what matters is checked on the flatbuffer below.
         warnings.filterwarnings("ignore", module=r"tensorflow\.lite")
@@ -348,7 +348,7 @@ def _make_converter(model, batch_size, workdir):
     try:
         archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
                              [signature])
-        with _captured_stderr():
+        with native_log.captured():
             archive.write_out(workdir, verbose=False)
     except Exception as e:  # tracing runs the model's own call code
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -545,19 +545,6 @@ def check_array_file(path, what="Representative data"):
         raise InputError(f"Cannot read {what.lower()} as .npy/.npz (it starts with "
                          f"{head!r}, neither format). Received: {path!r}")
     return path
-
-
-@contextlib.contextmanager
-def _captured_stderr():
-    """Captures C-level stderr (where the MLIR converter writes its errors)."""
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lambda: (tmp.seek(0), tmp.read().decode(errors="replace"))[1]
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def op_errors(text):

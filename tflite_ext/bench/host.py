@@ -28,7 +28,7 @@ import time
 import numpy as np
 from ai_edge_litert import interpreter as litert
 
-from tflite_ext import flatbuffer_check
+from tflite_ext import flatbuffer_check, native_log
 from tflite_ext.errors import (BenchmarkFailed, InputError, ModelFileError, RunTimeout,
                                TfliteExtError)
 
@@ -78,9 +78,10 @@ def load_interpreter(model, num_threads=1, xnnpack=True, reference=False):
                 else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     data = model_bytes(model)
     try:
-        interp = litert.Interpreter(model_content=data, num_threads=int(num_threads),
-                                    experimental_op_resolver_type=resolver)
-        interp.allocate_tensors()
+        with native_log.captured():  # "INFO: Created ... XNNPACK delegate": not for the user
+            interp = litert.Interpreter(model_content=data, num_threads=int(num_threads),
+                                        experimental_op_resolver_type=resolver)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
         raise ModelFileError(f"LiteRT cannot load the model ({_first_line(e)}). "
                              f"Received: {flatbuffer_check.label_of(model)}") from None

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 
-from tflite_ext.errors import InputError
+from tflite_ext.errors import InputError, RunTimeout
 
 VELA_CONFIGS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256",
                 "ethos-u65-256", "ethos-u65-512", "ethos-u85-128", "ethos-u85-256",
@@ -122,9 +122,13 @@ class EthosU(Target):
             path = os.path.join(work, "model.tflite")
             with open(path, "wb") as f:
                 f.write(flatbuffer)
-            run = subprocess.run([self.program, path, "--accelerator-config", self.config,
-                                  "--output-dir", os.path.join(work, "out")],
-                                 capture_output=True, text=True, timeout=600)
+            try:
+                run = subprocess.run([self.program, path, "--accelerator-config", self.config,
+                                      "--output-dir", os.path.join(work, "out")],
+                                     capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                raise RunTimeout(f"vela did not finish compiling the model for {self.config} "
+                                 f"in 600 s. Received: a {len(flatbuffer):,}-byte model") from None
             summaries = glob.glob(os.path.join(work, "out", "*_summary_*.csv"))
             if run.returncode != 0 or not summaries:
                 last = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]

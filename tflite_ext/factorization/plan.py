@@ -173,7 +173,9 @@ def candidates(model, layers=None):
         scheme = scheme_of(layer)
         if scheme not in ("channel", "spatial"):
             if scheme and layer.name in named:
-                raise InputError(f"layer {layer.name!r} cannot be factorized ({scheme}).")
+                why = scheme.removeprefix("not factorized: ")
+                raise InputError(f"Layer {layer.name!r} cannot be factorized ({why}): leave it "
+                                 f"out of layers=. Received: layers={layers!r}")
             continue
         kernel = keras.ops.convert_to_numpy(layer.kernel)
         found.append(_Candidate(

@@ -225,3 +225,16 @@ def test_command_line(tiny, digits, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["measured"]["macs"] <= int(budget)
     assert (tmp_path / "out" / "model.tflite").stat().st_size > 0
+
+
+def test_the_product_rule_is_refitted_on_measured_plans():
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
+    candidates = [search.Candidate(search.Change("prune", f"g{j}", 0.5, f"g{j}"), 0.9,
+                                   {"latency_us": 90.0}) for j in range(3)]
+    plan = search.Plan(tuple(c.change for c in candidates[:2]), 0.0, {})
+    # two changes of 0.9 each measured together at 0.49: the power that makes the product fit
+    base.exponents = search.fit_exponents(base, candidates, [(plan, {"latency_us": 49.0})])
+    assert np.isclose(base.exponents["latency_us"], np.log(0.49) / (2 * np.log(0.9)))
+    _, cost = search._predict(base, candidates[:2], ["latency_us"])
+    assert np.isclose(cost["latency_us"], 49.0)
+    assert search.fit_exponents(base, candidates, []) == {}  # nothing measured: plain product

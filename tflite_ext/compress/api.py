@@ -292,6 +292,7 @@ class _Search:
     qat: bool
     candidates: list = dataclasses.field(default_factory=list)
     seen: list = dataclasses.field(default_factory=list)  # plans previewed, for the flash fit
+    plans: list = dataclasses.field(default_factory=list)  # (plan, measured), for exponents
 
     def preview(self, plan):
         key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
@@ -305,6 +306,8 @@ class _Search:
                                      layers=search.layer_sizes(small)))
         measured = dict(self.cache.get(key))
         layers = measured.pop("layers", None)
+        self.plans.append((plan, measured))
+        self.base.exponents = search.fit_exponents(self.base, self.candidates, self.plans)
         if layers and "flash_bytes" in measured and self.base.flash_fit is not None:
             self.seen.append(({n: tuple(v) for n, v in layers.items()},
                               search.plan_bits(plan), measured["flash_bytes"]))
@@ -333,9 +336,9 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
     for _ in range(4 * count):
         plan = search.solve(base, candidates, margin,
                             exclude=rejected | {p.key for p in found})
-        if plan is None and base.flash_fit is not None and not state.seen:
-            # The flash model was fitted near the base only: measure the far end once (every
-            # change at its strongest, in one shot) and ask again.
+        if plan is None and not state.plans:
+            # The predictions were fitted near the base only: measure the far end once (every
+            # change at its strongest, in one shot), refit, and ask again.
             try:
                 state.preview(search.strongest(base, candidates, list(limits)))
             except InputError:
@@ -361,13 +364,8 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
         if log:
             log(f"  in one shot it measures {_costs(shapes)}"
                 + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
-        if misses:  # the shapes are the plan's: it can never fit
-            rejected.add(plan.key)
-            # A fitted flash model has just learned from this plan; the other metrics ask
-            # for less by the factor they missed by.
-            fitted = {"flash_bytes"} if base.flash_fit is not None else set()
-            margin = {**_tightened(margin, limits, plan.predicted_cost, shapes),
-                      **{m: margin[m] for m in fitted if m in margin}}
+        if misses:  # the shapes are the plan's: it can never fit; the predictions have
+            rejected.add(plan.key)  # just been refitted on it (`_Search.preview`)
             continue
         found.append(plan)
         if len(found) == count:

@@ -56,7 +56,8 @@ def run(args):
 
     # quick: one conv halved or its block removed (2 candidates, not 24), one fine-tune
     # epoch, any accuracy drop accepted. The full run: every group at 25/50/75%, 10 epochs.
-    search = dict(layers="s3a_conv", settings=(0.5,), epochs=1, max_accuracy_drop=100.0) \
+    search = dict(layers="s3a_conv", settings=(0.5,), rank_fractions=(), shortlist=1, epochs=1,
+                  max_accuracy_drop=100.0) \
         if args.quick else dict(epochs=10, max_accuracy_drop=args.max_drop)
     result = compress(model, (x, y), (x_val, y_val), budget, target=target, out_dir=args.out,
                       log=print if args.verbose else None, **search)
@@ -77,7 +78,7 @@ def run(args):
     print(text_table(rows, [("model", "model"), ("latency", "latency µs", "{:,.1f}"),
                             ("flash", "flash bytes", "{:,}"), ("macs", "MACs", "{:,}"),
                             ("val", "val acc", "{:.4f}"), ("test", "test acc", "{:.4f}")]))
-    plan = result.plan["prune"]["group_sparsity"]
+    plan = (result.plan["prune"] or {"group_sparsity": {}})["group_sparsity"]  # None: no pruning
     print("plan (fraction of channels pruned per group; 1 = residual branch removed): "
           + ", ".join(f"{group}: {s:g}" for group, s in plan.items() if group != ".*"))
     print(f"wrote {model_path}, model.keras, plan.json, report.md in {args.out}")

@@ -82,11 +82,12 @@ def compress_file(path, train, val, args, out):
     base_bytes = len(convert.to_tflite(model, calibration).flatbuffer)
     budget = flash_budget(args.flash, base_bytes)
     # quick: each group at 50% only, one fine-tune epoch, any accuracy drop accepted.
-    search = dict(settings=(0.5,), epochs=1, max_accuracy_drop=100.0) if args.quick \
+    search = dict(settings=(0.5,), rank_fractions=(), shortlist=1, epochs=1,
+                  max_accuracy_drop=100.0) if args.quick \
         else dict(epochs=args.epochs, max_accuracy_drop=args.max_drop)
     result = compress(model, train, val, budget, target=args.target, out_dir=out,
                       log=print if args.verbose else None, **search)
-    plan = result.plan["prune"]["group_sparsity"]
+    plan = (result.plan["prune"] or {"group_sparsity": {}})["group_sparsity"]  # None: no pruning
     return {"file": os.path.basename(path), "base": base_bytes, "budget": budget.flash_bytes,
             "bytes": result.measured["flash_bytes"], "macs": result.measured["macs"],
             "base_acc": result.base_accuracy, "acc": result.accuracy,

@@ -87,15 +87,23 @@ def test_time_interleaved_returns_a_median_per_variant(trained):
 
 
 def test_reference_kernels_in_cpu_time(trained):
-    """The reference kernels are plain loops: far slower than XNNPACK's int8 kernels."""
-    models = {"int8": trained["int8"]}
-    x = trained["split"].x_test[:5]
-    fast = host.time_interleaved(models, x, runs=30, warmup=2, cpu_time=True)["int8"]
-    slow = host.time_interleaved(models, x, runs=30, warmup=2, reference=True,
-                                 cpu_time=True)["int8"]
-    assert slow > 2 * fast > 0
+    """The reference kernels are plain loops: far slower than XNNPACK's int8 kernels, on a
+    model with enough arithmetic to show it (a 32x32 conv stack: 3.5 M MACs; on the 8x8
+    digits CNN the per-call overhead hides the kernels and the ratio fell to 1.3 in the
+    full suite)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c2")(x)
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    x_cal = np.random.default_rng(0).random((50, 32, 32, 3), np.float32)
+    models = {"conv": convert.to_tflite(keras.Model(inputs, outputs), x_cal).flatbuffer}
+    fast = host.time_interleaved(models, x_cal[:5], runs=20, warmup=2, cpu_time=True)["conv"]
+    slow = host.time_interleaved(models, x_cal[:5], runs=20, warmup=2, reference=True,
+                                 cpu_time=True)["conv"]
+    assert slow > 3 * fast > 0
     with pytest.raises(InputError, match="cpu_time measures one thread"):
-        host.time_interleaved(models, x, runs=1, num_threads=2, cpu_time=True)
+        host.time_interleaved(models, x_cal[:5], runs=1, num_threads=2, cpu_time=True)
 
 
 def test_bad_inputs(trained, tmp_path):

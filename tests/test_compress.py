@@ -67,7 +67,7 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
     macs = pruning.count_macs(tiny)
     budget = Budget(macs=int(0.6 * macs))
     result = compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path),
-                             epochs=1, settings=(0.5,), rank_fractions=(), log=None)
+                             epochs=1, settings=(0.5,), rank_fractions=(), shortlist=1, log=None)
     assert result.measured["macs"] <= budget.macs
     assert result.measured["macs"] == pruning.count_macs(result.model)
     for name in ("model.keras", "model.tflite", "plan.json", "report.json", "report.md",
@@ -83,7 +83,7 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
     assert len(report["candidates"]) == 2 and report["rounds"][0]["misses"] == []
     lines = (tmp_path / "cache.jsonl").read_text().count("\n")
     compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path), epochs=1,
-                    settings=(0.5,), rank_fractions=(), log=None)
+                    settings=(0.5,), rank_fractions=(), shortlist=1, log=None)
     assert (tmp_path / "cache.jsonl").read_text().count("\n") == lines  # nothing re-measured
 
 

@@ -94,7 +94,7 @@ def main(argv):
                               rank_fractions=tuple(float(f) for f in FLAGS.rank_fractions))
             auto = dict(latency_us=result.measured["latency_us"], macs=result.measured["macs"],
                         test=variants.accuracy(result.flatbuffer, *test),
-                        plan=result.plan["prune"]["group_sparsity"], met=True)
+                        plan=result.report["rounds"][-1]["plan"], met=True)
         except compress.BudgetError as e:
             log(f"{name}: {e}")
             auto = dict(latency_us=float("nan"), macs=0, test=float("nan"), plan=str(e),

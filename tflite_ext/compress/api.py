@@ -231,8 +231,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                            qat, candidates)
     tried, margin, rejected, result, tuned = [], dict(limits), set(), None, 0
     while result is None and tuned < max_rounds:
-        plans, margin = _fitting_plans(search_state, candidates, limits, margin, rejected,
-                                       shortlist, tried, log)
+        plans = _fitting_plans(search_state, candidates, limits, margin, rejected,
+                               shortlist, tried, log)
         if not plans:
             break
         if len(plans) > 1:  # rank by a short real fine-tune, not by one-shot losses alone
@@ -291,8 +291,9 @@ class _Search:
     round_to: int
     qat: bool
     candidates: list = dataclasses.field(default_factory=list)
-    seen: list = dataclasses.field(default_factory=list)  # plans previewed, for the flash fit
-    plans: list = dataclasses.field(default_factory=list)  # (plan, measured), for exponents
+    # {plan key: (plan, measured, layer sizes)} of every plan previewed: what the predictions
+    # are refitted on
+    previewed: dict = dataclasses.field(default_factory=dict)
 
     def preview(self, plan):
         key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
@@ -306,12 +307,14 @@ class _Search:
                                      layers=search.layer_sizes(small)))
         measured = dict(self.cache.get(key))
         layers = measured.pop("layers", None)
-        self.plans.append((plan, measured))
-        self.base.exponents = search.fit_exponents(self.base, self.candidates, self.plans)
-        if layers and "flash_bytes" in measured and self.base.flash_fit is not None:
-            self.seen.append(({n: tuple(v) for n, v in layers.items()},
-                              search.plan_bits(plan), measured["flash_bytes"]))
-            self.base.flash_fit = search.fit_flash(self.base, self.candidates, self.seen)
+        self.previewed[plan.key] = (plan, measured, layers)
+        done = list(self.previewed.values())
+        self.base.exponents = search.fit_exponents(self.base, self.candidates,
+                                                   [(p, m) for p, m, _ in done])
+        if self.base.flash_fit is not None:
+            self.base.flash_fit = search.fit_flash(self.base, self.candidates, [
+                ({n: tuple(v) for n, v in sizes.items()}, search.plan_bits(p), m["flash_bytes"])
+                for p, m, sizes in done if sizes and "flash_bytes" in m])
         return measured
 
     def quick_accuracy(self, plan, *, epochs, learning_rate, log):
@@ -329,14 +332,14 @@ class _Search:
 
 
 def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, log):
-    """([Plan], margin): up to `count` plans of least predicted loss whose shapes, built in
-    one shot, fit the budget on the target; a plan that misses tightens the margin by what
-    the prediction missed by (no fine-tune spent)."""
+    """Up to `count` plans of least predicted loss whose shapes, built in one shot, fit the
+    budget on the target; a plan that misses is rejected, and the predictions refitted on
+    it (no fine-tune spent)."""
     base, found = state.base, []
     for _ in range(4 * count):
         plan = search.solve(base, candidates, margin,
                             exclude=rejected | {p.key for p in found})
-        if plan is None and not state.plans:
+        if plan is None and not state.previewed:
             # The predictions were fitted near the base only: measure the far end once (every
             # change at its strongest, in one shot), refit, and ask again.
             try:
@@ -370,7 +373,7 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
         found.append(plan)
         if len(found) == count:
             break
-    return found, margin
+    return found
 
 
 def _round(stage, plan, measured, accuracy, drop, misses):

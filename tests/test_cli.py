@@ -292,6 +292,14 @@ _CASES = {  # name: (argv with {f} the fixture folder and {ro} an unwritable one
                               "--threads must be integers"),
     "compress missing model": ("compress {f}/missing.keras --data {f}/calib.npy --val "
                                "{f}/calib.npy", "Model path does not exist"),
+    "compress bad settings": ("compress {f}/tiny.keras --data {f}/calib.npy --val {f}/calib.npy "
+                              "--settings 0.5,half",
+                              r"--settings takes comma-separated floats\. Received: "
+                              r"--settings=0\.5,half$"),
+    "compress keep_names on host": ("compress {f}/tiny.keras --data {f}/calib.npy --val "
+                                    "{f}/calib.npy --keep_names",
+                                    r"--keep_names is for --target micro .* Received: "
+                                    r"--target host$"),
 }
 
 

@@ -137,7 +137,7 @@ def test_a_micro_flash_budget_is_met_by_clustering_and_lut(tiny, digits, tmp_pat
     from tflite_ext import lut
 
     train, val = (digits.x_train, digits.y_train), (digits.x_test, digits.y_test)
-    base_bytes = len(search.int8(tiny, digits.x_train))
+    base_bytes = len(get_target("micro").deploy(search.int8(tiny, digits.x_train)))
     budget = Budget(flash_bytes=int(0.85 * base_bytes))
     # no pruning setting, no factorization: only clustering conv2 can fit the flash budget
     result = compress_module(tiny, train, val, budget, target="micro", out_dir=str(tmp_path),
@@ -160,7 +160,8 @@ def test_factorize_candidates_and_their_plan(tiny, digits):
         ("factorize", "conv1"), ("factorize", "conv2"), ("factorize", "logits")}
     assert not [c for c in changes if c.kind == "cluster"]  # LiteRT has no TFLM_DECODE
     plan = search.Plan((search.Change("factorize", "conv2", 0.5, "conv2"),), 0.0, {})
-    small, fb = search.one_shot_plan(tiny, plan, digits.x_train)
+    small, plain, fb = search.one_shot_plan(tiny, plan, digits.x_train)
+    assert plain is fb  # nothing clustered: the int8 file is what ships
     # conv2 3x3 16->16: spatial SVD, full rank 3*16 = 48, half of it 24
     assert small.get_layer("conv2_svd").kernel.shape == (3, 1, 16, 24)
     assert small.get_layer("conv2").kernel.shape == (1, 3, 24, 16)
@@ -185,6 +186,12 @@ def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):
         (dict(val_data="nope.npz"), "does not exist"),
         (dict(budget=Budget(arena_bytes=1000)), "does not measure arena_bytes"),
         (dict(max_accuracy_drop=-1), "max_accuracy_drop=-1"),
+        (dict(settings=(0.5, 1.0)), "settings must be sparsities between 0 and 1. Received: "
+                                    "settings=(0.5, 1.0)"),
+        (dict(rank_fractions=(0,)), "rank_fractions must be fractions between 0 and 1"),
+        (dict(clusters=(16, 1)), "clusters must be integers from 2 to 128. Received: "
+                                 "clusters=(16, 1)"),
+        (dict(shortlist=0), "shortlist must be an integer >= 1. Received: shortlist=0"),
     ]
     for override, text in cases:
         kwargs = dict(val_data=(digits.x_test, digits.y_test), budget=Budget(macs=1000),

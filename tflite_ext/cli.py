@@ -108,6 +108,9 @@ def _convert_flags(fv):
                          upper_bound=7, flag_values=fv)
     flags.DEFINE_string("lut_data", None, "Float samples (.npy/.npz) on which TFLM must give "
                         "identical outputs for both files (default: --data).", flag_values=fv)
+    flags.DEFINE_boolean("strip_names", False, "Leave tensor names, signatures and the "
+                         "description out of the written files: TFLM never reads them, and on "
+                         "a small model they are a sixth of the flash.", flag_values=fv)
 
 
 def _convert_main(fv, args):
@@ -131,7 +134,8 @@ def _convert_main(fv, args):
         result = convert.to_tflite(model_path, fv.data, mode=fv.mode, io_dtype=fv.io,
                                    allow_float=fv.allow_float,
                                    num_calibration_samples=fv.samples,
-                                   lut=fv.lut_bits if fv.lut else False, lut_data=fv.lut_data)
+                                   lut=fv.lut_bits if fv.lut else False, lut_data=fv.lut_data,
+                                   strip_names=fv.strip_names)
         result.save(output)
     lut = result.lut
     if fv.json:
@@ -205,7 +209,35 @@ def _compress_flags(fv):
                          lower_bound=1, flag_values=fv)
     flags.DEFINE_string("binary", None, "benchmark_model for the android target.",
                         flag_values=fv)
+    flags.DEFINE_list("settings", ["0.25", "0.5", "0.75", "0.875"], "Sparsities each "
+                      "dependency group is tried at (removable blocks are also tried removed).",
+                      flag_values=fv)
+    flags.DEFINE_list("rank_fractions", ["0.5", "0.25"], "Fractions of full rank each "
+                      "Dense/Conv layer is tried factorized at (empty: no factorization).",
+                      flag_values=fv)
+    flags.DEFINE_list("clusters", ["16", "8", "4"], "Shared values per kernel each layer is "
+                      "tried clustered at, on targets that run LUT-compressed weights (micro); "
+                      "empty: no clustering.", flag_values=fv)
+    flags.DEFINE_integer("shortlist", 3, "Plans ranked by a short fine-tune before the full "
+                         "ones (1: no ranking).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("max_rounds", 3, "Plans fine-tuned at most.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_boolean("keep_names", False, "micro: keep tensor names and signatures in "
+                         "the deployed file (TFLM never reads them; by default they go).",
+                         flag_values=fv)
     flags.DEFINE_boolean("json", False, "Print the result as JSON.", flag_values=fv)
+
+
+def _numbers(flag, values, kind=float):
+    """The numbers of a comma-separated flag, or a one-line InputError naming the bad one."""
+    out = []
+    for text in values:
+        try:
+            out.append(kind(text))
+        except ValueError:
+            raise InputError(f"--{flag} takes comma-separated {kind.__name__}s. Received: "
+                             f"--{flag}={','.join(values)}") from None
+    return tuple(out)
 
 
 def _compress_main(fv, args):
@@ -217,17 +249,26 @@ def _compress_main(fv, args):
         if value is None:
             raise InputError(f"{name} is required: an .npz with arrays x and y")
         convert.check_array_file(value, what=f"{name} data")
+    if fv.keep_names and fv.target != "micro":
+        raise InputError(f"--keep_names is for --target micro (the other targets keep names). "
+                         f"Received: --target {fv.target}")
+    options = dict(settings=_numbers("settings", fv.settings),
+                   rank_fractions=_numbers("rank_fractions", fv.rank_fractions),
+                   clusters=_numbers("clusters", fv.clusters, int))
     ensure_writable_dir(fv.out)
     with private_tempdir(os.path.dirname(os.path.abspath(fv.out))):
         import_tensorflow()
-        from tflite_ext.compress import Budget, compress
+        from tflite_ext.compress import Budget, compress, get_target, targets
 
         budget = Budget.parse(flash=fv.flash, arena=fv.arena, latency=fv.latency,
                               macs=fv.macs)
+        target = (targets.Micro(strip_names=False) if fv.keep_names and fv.target == "micro"
+                  else get_target(fv.target, binary=fv.binary))
         result = compress(convert.load_model(model_path), fv.data, fv.val, budget,
-                          target=fv.target, max_accuracy_drop=fv.max_drop, out_dir=fv.out,
+                          target=target, max_accuracy_drop=fv.max_drop, out_dir=fv.out,
                           epochs=fv.epochs, qat=fv.qat, round_to=fv.round_to,
-                          binary=fv.binary, log=_stderr if fv.json else print)
+                          shortlist=fv.shortlist, max_rounds=fv.max_rounds,
+                          log=_stderr if fv.json else print, **options)
     summary = {"out": fv.out, "measured": result.measured, "accuracy": result.accuracy,
                "base_accuracy": result.base_accuracy, "plan": result.plan}
     if fv.json:

@@ -23,7 +23,7 @@ import zipfile
 
 import numpy as np
 
-from tflite_ext import inspect, native_log
+from tflite_ext import inspect, names, native_log
 from tflite_ext.errors import ConversionError, InputError, ModelFileError
 from tflite_ext.files import atomic_write, remove_stale_temps, temp_prefix
 
@@ -83,7 +83,7 @@ def lut_path(path):
 
 def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
               allow_float=(), num_calibration_samples=300, batch_size=1, lut=False,
-              lut_data=None):
+              lut_data=None, strip_names=False):
     """Converts a Keras 3 model (object, `.keras` file or SavedModel folder) to TFLite.
 
     Args:
@@ -111,6 +111,9 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
             is kept only if TFLM gives bit-identical outputs to the int8 model on every
             sample of `lut_data`. LiteRT cannot run it (no `TFLM_DECODE` kernel).
         lut_data: float samples for that proof (default: `representative_data`).
+        strip_names: leave out tensor names, signature defs and the description
+            (`tflite_ext.names`): TFLM never reads them, and on a small model they are a
+            sixth of the file. LiteRT still runs it (not through a signature runner).
 
     Returns:
         A `ConversionResult` (with `.lut` when `lut` is set).
@@ -164,7 +167,10 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
     result = ConversionResult(flatbuffer, report)
     if lut:
         result.lut = _lut_copy(flatbuffer, max_bits, lut_data if lut_data is not None
-                               else representative_data)
+                               else representative_data, strip_names)
+    if strip_names:
+        result.flatbuffer = names.strip(flatbuffer)
+        report.update(inspect.summary(result.flatbuffer))  # mode, leaks etc. stay
     return result
 
 
@@ -183,11 +189,13 @@ def _check_lut(lut, mode, data):
     return max_bits
 
 
-def _lut_copy(flatbuffer, max_bits, data):
+def _lut_copy(flatbuffer, max_bits, data, strip_names=False):
     """The verified LUT copy (`tflite_ext.lut`), samples as float arrays."""
     from tflite_ext import lut as lut_lib
 
     compressed, chosen = lut_lib.compress(flatbuffer, max_bits)
+    if strip_names:  # the file proven below is the one written
+        compressed = names.strip(compressed)
     if isinstance(data, (str, os.PathLike)):
         data = load_array_file(data)
     if isinstance(data, dict):  # TFLM numbers its inputs; names cannot be matched there

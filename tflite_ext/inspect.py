@@ -227,7 +227,7 @@ def _tensor(tensor, index, subgraph, buffer_bytes):
     return {
         "subgraph": subgraph,
         "index": index,
-        "name": tensor.Name().decode(errors="replace"),
+        "name": (tensor.Name() or b"").decode(errors="replace"),  # None: names.strip
         "dtype": dtype,
         "shape": [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else [],
         "buffer": int(buffer),

@@ -112,7 +112,7 @@ def plan(flatbuffer, max_bits=MAX_BITS):
             if not options:
                 continue
             bits, lut_axis, values, size = min(options, key=lambda o: o[3])
-            name = tensor.Name().decode(errors="replace")
+            name = (tensor.Name() or b"").decode(errors="replace")
             # The encoded, decoded and ancillary tensors carry its (shortened) name.
             if array.size - size <= DECODE_OVERHEAD + 3 * len(name.split(";")[0]):
                 continue
@@ -178,16 +178,15 @@ def _short_names(flatbuffer, chosen):
     names (the op that made it). The compressor writes the name three times (encoded,
     "_ancillary", "_decoded"); TFLM reads none of them, and on the digits CNN the full
     names cost ~170 bytes a tensor."""
-    import flatbuffers
+    from tflite_ext import names
 
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flatbuffer, 0))
-    for entry in chosen:
-        short = entry["name"].split(";")[0]
-        model.subgraphs[entry["subgraph"]].tensors[entry["tensor"]].name = short.encode()
-        entry["name"] = short
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    def shorten(model):
+        for entry in chosen:
+            short = entry["name"].split(";")[0]
+            model.subgraphs[entry["subgraph"]].tensors[entry["tensor"]].name = short.encode()
+            entry["name"] = short
+
+    return names.rewrite(flatbuffer, shorten)
 
 
 def _tflm(flatbuffer, alt_memory=0):

@@ -210,6 +210,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
     if not 0 <= max_accuracy_drop <= 100:
         raise InputError(f"max_accuracy_drop is in points, 0 to 100. Received: "
                          f"max_accuracy_drop={max_accuracy_drop!r}")
+    _check_options(settings, rank_fractions, clusters, shortlist, max_rounds)
     limits = budget.limits()
     unmeasured = [m for m in limits if m != "macs" and m not in target.metrics]
     if unmeasured:
@@ -276,6 +277,22 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                   converted)
 
 
+def _check_options(settings, rank_fractions, clusters, shortlist, max_rounds):
+    """One-line errors for search settings out of range."""
+    for name, values, ok, what in (
+            ("settings", settings, lambda v: 0 < v < 1, "sparsities between 0 and 1"),
+            ("rank_fractions", rank_fractions, lambda v: 0 < v < 1, "fractions between 0 and 1"),
+            ("clusters", clusters, lambda v: v == int(v) and 2 <= v <= 128,
+             "integers from 2 to 128")):
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not ok(v)]
+        if bad:
+            raise InputError(f"{name} must be {what}. Received: {name}={tuple(values)!r}")
+    for name, value in (("shortlist", shortlist), ("max_rounds", max_rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
+
+
 @dataclasses.dataclass
 class _Search:
     """What previews need: the one-shot plan measured beside the base, cached."""
@@ -299,7 +316,7 @@ class _Search:
         key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
                f"{':qat' if self.qat else ''}")
         if key not in self.cache:
-            small, fb = search.one_shot_plan(self.model, plan, self.train[0],
+            small, _, fb = search.one_shot_plan(self.model, plan, self.train[0],
                                              layers=self.layers, round_to=self.round_to,
                                              qat=self.qat)
             self.cache.put(key, dict(measure_beside(self.target, fb, self.base),
@@ -445,8 +462,10 @@ def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_r
     from tflite_ext import convert
 
     trained = qat or bool(plan.of("cluster"))  # QAT ranges: no calibration data
+    # Written as the target runs them (on `micro`, without names), the LUT copy proven so.
     converted = convert.to_tflite(small, None if trained else train[0][:300],
-                                  lut=bool(plan.of("cluster")), lut_data=val[0][:100])
+                                  lut=bool(plan.of("cluster")), lut_data=val[0][:100],
+                                  strip_names=getattr(target, "strip_names", False))
     deployed = converted.lut.flatbuffer if converted.lut else converted.flatbuffer
     measured = dict(measure_beside(target, deployed, base), macs=pruning.count_macs(small))
     # LiteRT cannot run the LUT copy; it was proven to give the int8 file's outputs

@@ -7,8 +7,8 @@ A change is one of
                TFLite Micro (only on targets that run `TFLM_DECODE`: `Target.lut`).
 
 (a) `measure_candidates`: every change alone, one shot (masks from the trained weights and
-    `strip`, BatchNormalization re-estimated; SVD; k-means without training), its validation
-    accuracy; each one-change model converted to int8 and measured on the target (all host
+    `strip`, BatchNormalization re-estimated; SVD; k-means without training), converted to
+    int8, its validation accuracy in LiteRT and its cost on the target measured (all host
     timings interleaved). Everything is cached.
 (b) `solve`: at most one setting per group or layer and kind, the least predicted accuracy
     loss (the sum of the one-change losses) with the predicted cost (the base cost times the
@@ -70,7 +70,7 @@ class Candidate:
     """A change measured alone (`change` None: the unchanged model)."""
 
     change: Change
-    accuracy: float       # validation accuracy, one shot (no fine-tune)
+    accuracy: float       # int8 validation accuracy, one shot (no fine-tune)
     cost: dict            # {metric: value} on the target, plus "macs"
     tflite: bytes = None  # the int8 flatbuffer (kept for the base only)
     layers: dict = None   # {layer: (kernel weights, output channels)}: `layer_sizes`
@@ -160,8 +160,8 @@ def one_shot(model, group_sparsity, *, layers=None, round_to=8, x=None):
                            group_sparsity={**group_sparsity, ".*": 0.0})
     PruningPlan(pruned).apply(top)
     small = pruning.strip(pruned)
-    if x is not None:
-        pruning.recalibrate_batch_norm(small, x)
+    if x is not None:  # batches of 128: a quarter of the eager calls of 32, same statistics
+        pruning.recalibrate_batch_norm(small, x, batch_size=128)
     return small
 
 
@@ -220,9 +220,9 @@ def with_lut(flatbuffer):
 
 
 def one_shot_plan(model, plan, x, *, layers=None, round_to=8, qat=False):
-    """(Keras model, flatbuffer as deployed) of `plan` applied in one shot: prune and strip,
-    factorize, cluster (then LUT). Its cost on the target is the fine-tuned plan's to within
-    what training changes (nothing for flash and arena)."""
+    """(Keras model, int8 flatbuffer, flatbuffer as deployed) of `plan` applied in one shot:
+    prune and strip, factorize, cluster (then LUT: the deployed file). Its cost on the target
+    is the fine-tuned plan's to within what training changes (nothing for flash and arena)."""
     small = model
     if plan.of("prune"):
         small = one_shot(model, plan.of("prune"), layers=layers, round_to=round_to,
@@ -231,8 +231,10 @@ def one_shot_plan(model, plan, x, *, layers=None, round_to=8, qat=False):
         small = factorized(small, plan.of("factorize"))
     if plan.of("cluster"):
         small = clustered_one_shot(small, plan.of("cluster"))
-        return small, with_lut(int8(small, x, qat=True))  # clustering trains with QAT
-    return small, int8(small, x, qat=qat)
+        plain = int8(small, x, qat=True)  # clustering trains with QAT
+        return small, plain, with_lut(plain)
+    plain = int8(small, x, qat=qat)
+    return small, plain, plain
 
 
 # ------------------------------------------------------------------------ the flash model
@@ -332,16 +334,18 @@ def _progress(total, title, log):
 
 
 def _cache_key(model_key, change, round_to, qat):
+    # "candidate8": accuracy of the int8 file (the first caches' "candidate" held the float
+    # model's, which other entries must not be ranked against)
     way = ":qat" if qat else ""
     if change is None:
-        return f"candidate:{model_key}:None:0:{round_to}{way}"
-    if change.kind == "prune":  # the key of the first caches, kept readable by later ones
-        return f"candidate:{model_key}:{change.key}:{change.setting:g}:{round_to}{way}"
-    return f"candidate:{model_key}:{change.kind}:{change.key}:{change.setting:g}{way}"
+        return f"candidate8:{model_key}:None:0:{round_to}{way}"
+    if change.kind == "prune":
+        return f"candidate8:{model_key}:{change.key}:{change.setting:g}:{round_to}{way}"
+    return f"candidate8:{model_key}:{change.kind}:{change.key}:{change.setting:g}{way}"
 
 
 def _one_change(model, change, x, *, layers, round_to, qat):
-    """(Keras model, deployed flatbuffer) of `model` with one change, or InputError."""
+    """(Keras model, int8, deployed flatbuffer) of `model` with one change, or InputError."""
     changes = () if change is None else (change,)
     return one_shot_plan(model, Plan(changes, 0.0, {}), x, layers=layers, round_to=round_to,
                          qat=qat)
@@ -369,14 +373,15 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
         key = _cache_key(model_key, change, round_to, qat)
         if key not in cache:
             try:
-                small, fb = _one_change(model, change, x_train, layers=layers,
-                                        round_to=round_to, qat=qat)
+                small, plain, fb = _one_change(model, change, x_train, layers=layers,
+                                               round_to=round_to, qat=qat)
             except InputError:
                 cache.put(key, None)  # e.g. 1.0 on a group that is not a residual branch
             else:
                 flatbuffers[fingerprint(fb)] = fb
                 cache.put_blob(fingerprint(fb), fb)
-                cache.put(key, {"accuracy": variants.accuracy(small, x_val, y_val),
+                # LiteRT on the int8 file: what ships, and no Keras trace per candidate
+                cache.put(key, {"accuracy": variants.accuracy(plain, x_val, y_val),
                                 "macs": pruning.count_macs(small), "tflite": fingerprint(fb),
                                 "layers": layer_sizes(small)})
         if cache.get(key) is not None:
@@ -389,7 +394,7 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
         if f"cost:{target.key}:{h}" not in cache and h not in todo:
             todo[h] = (flatbuffers.get(h) or cache.get_blob(h)
                        or _one_change(model, change, x_train, layers=layers,
-                                      round_to=round_to, qat=qat)[1])
+                                      round_to=round_to, qat=qat)[2])
     if todo:
         if log:
             log(f"measuring {len(todo)} models on {target.name}")

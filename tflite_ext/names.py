@@ -1,0 +1,49 @@
+"""Tensor names, signatures and the description: what LiteRT shows and TFLite Micro never reads.
+
+A converted Keras model names every tensor after the layers and ops that made it
+("digits_cnn_1/quant_conv3_1/Relu;digits_cnn_1/quant_conv3_1/add;..."): 1,818 bytes of the
+digits CNN's 13,952-byte LUT file, and its signature def names them again. On a
+microcontroller that is flash spent on nothing: `strip` leaves them out (what TensorFlow's
+`flatbuffer_utils.strip_strings` does; op codes and metadata names stay) and checks that the
+result is still a valid model.
+
+Example:
+    >>> small = strip(open("model.lut.tflite", "rb").read())
+    >>> len(small)
+    11728
+"""
+from ai_edge_litert import schema_py_generated as schema
+
+from tflite_ext import flatbuffer_check
+
+
+def rewrite(flatbuffer, edit):
+    """`flatbuffer` read into the schema's object API, `edit(model)` applied, written back."""
+    import flatbuffers
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flatbuffer, 0))
+    edit(model)
+    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _drop_names(model):
+    model.description = None
+    model.signatureDefs = None  # they map names to tensors: nothing without the names
+    for graph in model.subgraphs or []:
+        graph.name = None
+        for tensor in graph.tensors or []:
+            tensor.name = None
+
+
+def strip(flatbuffer):
+    """`flatbuffer` without tensor and subgraph names, signature defs and description.
+
+    The operators, tensors and buffers are the same, so are the outputs. LiteRT runs it
+    through `get_input_details` / `get_output_details` (not `get_signature_runner`); TFLM
+    never reads names.
+    """
+    out = rewrite(flatbuffer, _drop_names)
+    flatbuffer_check.check(out)
+    return out

@@ -123,6 +123,28 @@ def test_solve_is_the_best_of_every_combination(monkeypatch):
     assert search.solve(base, candidates, limits, exclude={plan.key}).key == second.key
 
 
+def test_a_layer_is_pruned_or_factorized_not_both(monkeypatch):
+    # Layer "a" shrinks when group g0 is pruned (its input channels) and when it is
+    # factorized; together they are the cheapest plan, and refused: their one-shot losses
+    # do not add.
+    layers = {"a": (1000, 10), "b": (1000, 10)}
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0}, layers=layers)
+
+    def change(kind, key, acc, latency, sizes):
+        return search.Candidate(search.Change(kind, key, 0.5, key), acc,
+                                {"latency_us": latency}, layers=sizes)
+
+    prune_a = change("prune", "g0", 0.89, 60.0, {"a": (500, 10), "b": (1000, 10)})
+    factor_a = change("factorize", "a", 0.9, 60.0, {"a": (400, 10), "b": (1000, 10)})
+    prune_b = change("prune", "g1", 0.85, 60.0, {"a": (1000, 10), "b": (500, 5)})
+    limits = {"latency_us": 40.0}
+    for limit in (search.EXHAUSTIVE_LIMIT, 1):  # exhaustive and greedy alike
+        monkeypatch.setattr(search, "EXHAUSTIVE_LIMIT", limit)
+        plan = search.solve(base, [prune_a, factor_a, prune_b], limits)
+        assert plan.key in ("factorize:a=0.5,prune:g1=0.5", "prune:g0=0.5,prune:g1=0.5")
+        assert search.solve(base, [prune_a, factor_a], limits) is None
+
+
 def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):
     base, candidates = _synthetic(slots=8)
     limits = {"latency_us": 45.0, "flash_bytes": 600.0}

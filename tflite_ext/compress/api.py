@@ -311,6 +311,7 @@ class _Search:
     # {plan key: (plan, measured, layer sizes)} of every plan previewed: what the predictions
     # are refitted on
     previewed: dict = dataclasses.field(default_factory=dict)
+    anchored: bool = False  # the all-strongest plan has been measured
 
     def preview(self, plan):
         key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
@@ -356,9 +357,10 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
     for _ in range(4 * count):
         plan = search.solve(base, candidates, margin,
                             exclude=rejected | {p.key for p in found})
-        if plan is None and not state.previewed:
-            # The predictions were fitted near the base only: measure the far end once (every
-            # change at its strongest, in one shot), refit, and ask again.
+        if plan is None and not state.anchored:
+            # The predictions were fitted near the base (or on one plan that missed): measure
+            # the far end once (every change at its strongest, in one shot), refit, ask again.
+            state.anchored = True
             try:
                 state.preview(search.strongest(base, candidates, list(limits)))
             except InputError:

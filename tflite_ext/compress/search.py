@@ -479,13 +479,39 @@ def _saves(base, c, metrics):
     return any(cost[m] < _predict(base, [], [m])[1][m] for m in metrics)
 
 
+def _layer_bits(base, c):
+    """(pruned, factorized): bit masks of the base layers whose kernel `c` shrinks by pruning
+    (its own channels or its inputs) and of the layer it factorizes (indices beyond 63 fold
+    onto lower bits: a false clash only forbids a plan)."""
+    if c.change.kind not in ("prune", "factorize") or not base.layers:
+        return 0, 0
+    names = sorted(base.layers)
+    if c.change.kind == "factorize":
+        return 0, 1 << names.index(c.change.key) % 63 if c.change.key in names else 0
+    sizes = c.layers or {}
+    return sum(1 << i % 63 for i, n in enumerate(names)
+               if sizes.get(n, (0, 0))[0] < base.layers[n][0]), 0
+
+
+def _clashes(pruned, factorized):
+    """A layer both pruned and factorized: their one-shot losses were measured apart and do
+    not add (the digits CNN's plans that did both lost 2-10 points after the fine-tune, the
+    one-shot sum had called the factorizations free), so a plan does one or the other."""
+    return (np.bitwise_and(pruned, factorized) != 0)
+
+
 def _scored(base, slots, metrics):
-    """Every combination of `slots` (option 0 of each: unchanged) as arrays: (drop, cost)."""
+    """Every combination of `slots` (option 0 of each: unchanged) as arrays: (drop, cost
+    logs, per-layer terms, modelled, pruned and factorized layer masks)."""
     modelled = [_modelled(base, m) for m in metrics]
     width = len(base.layers) if any(modelled) else 0
     drop, logs = np.zeros(1), np.zeros((1, len(metrics)))
     terms = np.zeros((1, 3, width))  # per layer: kernel-byte log, channel log, LUT entries
+    pruned, factorized = np.zeros(1, np.int64), np.zeros(1, np.int64)
     for options in slots:
+        bits = np.array([(0, 0)] + [_layer_bits(base, c) for c in options], np.int64)
+        pruned = np.bitwise_or(pruned[:, None], bits[None, :, 0]).ravel()
+        factorized = np.bitwise_or(factorized[:, None], bits[None, :, 1]).ravel()
         d = np.array([0.0] + [max(base.accuracy - c.accuracy, 0.0) for c in options])
         r = np.array([[0.0] * len(metrics)] + [[0.0 if mod else _log_ratio(base, c, m)
                                                 for m, mod in zip(metrics, modelled)]
@@ -496,7 +522,7 @@ def _scored(base, slots, metrics):
             t = np.array([np.zeros((3, width))] + [np.array(_layer_terms(base, c))
                                                    for c in options])
             terms = (terms[:, None] + t[None]).reshape(-1, 3, width)
-    return drop, logs, terms, modelled
+    return drop, logs, terms, modelled, pruned, factorized
 
 
 def _costs_of(base, metrics, logs, terms, modelled):
@@ -524,16 +550,18 @@ def solve(base, candidates, limits, exclude=()):
     while split > 0 and math.prod(sizes[split - 1:]) <= CHUNK:
         split -= 1
     outer, inner = slots[:split], slots[split:]
-    drop_i, logs_i, terms_i, modelled = _scored(base, inner, metrics)
+    drop_i, logs_i, terms_i, modelled, pruned_i, factorized_i = _scored(base, inner, metrics)
     bound = np.array([limits[m] for m in metrics], dtype=float)
     ranked = []
     for picks in itertools.product(*(range(n) for n in sizes[:split])):
         chosen = [outer[j][i - 1] for j, i in enumerate(picks) if i]
-        drop_o, logs_o, terms_o, _ = _scored(base, [[c] for c in chosen], metrics)
+        drop_o, logs_o, terms_o, _, pruned_o, factorized_o = _scored(
+            base, [[c] for c in chosen], metrics)
         # (the outer choice is one combination: its last entry, every option taken)
         cost = _costs_of(base, metrics, logs_i + logs_o[-1], terms_i + terms_o[-1], modelled)
         drop = drop_i + drop_o[-1]
-        fits = np.flatnonzero((cost <= bound).all(axis=1))
+        clash = _clashes(pruned_i | pruned_o[-1], factorized_i | factorized_o[-1])
+        fits = np.flatnonzero((cost <= bound).all(axis=1) & ~clash)
         # Equal predicted losses (one-shot losses are coarse): the plan that changes least,
         # the one nearest the budget, goes first.
         slack = -(cost[fits] / bound).sum(axis=1)
@@ -575,7 +603,12 @@ def _greedy(base, slots, limits, metrics, exclude):
         moves = []
         for j, i in enumerate(state):
             for k in range(i + 1, len(slots[j]) + 1):  # options go from mild to strong
-                trial = _plan(base, chosen_of(state[:j] + [k] + state[j + 1:]), metrics)
+                trial_chosen = chosen_of(state[:j] + [k] + state[j + 1:])
+                bits = [_layer_bits(base, c) for c in trial_chosen]
+                if _clashes(np.bitwise_or.reduce([0] + [p for p, _ in bits]),
+                            np.bitwise_or.reduce([0] + [f for _, f in bits])):
+                    continue
+                trial = _plan(base, trial_chosen, metrics)
                 gain = sum(min(cost[m] - trial.predicted_cost[m], excess[m]) / limits[m]
                            for m in metrics if excess[m] > 0)
                 if gain > 0:

@@ -177,9 +177,11 @@ def test_a_micro_flash_budget_is_met_by_clustering_and_lut(tiny, digits, tmp_pat
 
 def test_factorize_candidates_and_their_plan(tiny, digits):
     target = get_target("host")
-    changes = search.changes_of(tiny, target, settings=(0.5,), rank_fractions=(0.5,))
-    assert {(c.kind, c.key) for c in changes if c.kind == "factorize"} == {
-        ("factorize", "conv1"), ("factorize", "conv2"), ("factorize", "logits")}
+    changes = search.changes_of(tiny, target, settings=(0.5,), rank_fractions=(0.5, 0.25))
+    # conv2 (3x3, 16 -> 16, spatial SVD of a 48 x 48 matrix) at half rank keeps 24 x 96 =
+    # 2,304 weights, its own 48 x 48: nothing saved, not measured
+    assert {(c.key, c.setting) for c in changes if c.kind == "factorize"} == {
+        ("conv1", 0.5), ("conv1", 0.25), ("conv2", 0.25), ("logits", 0.5), ("logits", 0.25)}
     assert not [c for c in changes if c.kind == "cluster"]  # LiteRT has no TFLM_DECODE
     plan = search.Plan((search.Change("factorize", "conv2", 0.5, "conv2"),), 0.0, {})
     small, plain, fb = search.one_shot_plan(tiny, plan, digits.x_train)
@@ -188,6 +190,16 @@ def test_factorize_candidates_and_their_plan(tiny, digits):
     assert small.get_layer("conv2_svd").kernel.shape == (3, 1, 16, 24)
     assert small.get_layer("conv2").kernel.shape == (1, 3, 24, 16)
     assert len(fb) > 0
+
+
+def test_clustering_candidates_pay_for_their_tables():
+    # A 1x1 conv on 16 channels (2,048 weights): 16 values per output channel would save
+    # 16 * 4 / 8 = 8 bytes a channel for a 16-byte table; 4 values save 12 for 4.
+    inputs = keras.Input((4, 4, 16))
+    x = keras.layers.Conv2D(128, 1, name="pointwise")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(16, name="dense")(x))
+    assert search.clusterings(model, (16, 8, 4)) == [("pointwise", 8), ("pointwise", 4),
+                                                      ("dense", 16), ("dense", 8), ("dense", 4)]
 
 
 def test_a_budget_nothing_meets_says_what_was_reached(tiny, digits, tmp_path):

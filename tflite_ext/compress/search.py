@@ -115,22 +115,39 @@ def prunable_groups(model, layers=None):
     return groups
 
 
-def factorizable_layers(model, layers=None):
-    """Names of the layers `factorize` can change (Dense, 1x1 and kxk Conv2D)."""
+def factorizations(model, fractions, layers=None):
+    """[(layer, rank fraction)] that `factorize` can do and that leave fewer kernel weights
+    (Dense, 1x1 and kxk Conv2D): a square layer at half its rank saves nothing, so it is
+    not worth a measurement."""
     try:
-        return [c.name for c in factor_candidates(model, layers)]
+        found = factor_candidates(model, layers)
     except InputError:  # nothing to factorize
         return []
+    return [(c.name, f) for c in found for f in fractions
+            if c.params(min(c.max_rank, max(1, math.ceil(f * c.max_rank)))) < c.params()]
 
 
-def clusterable_layers(model, layers=None):
-    """Names of the Dense/Conv layers with at least MIN_CLUSTER_WEIGHTS kernel weights."""
+def clusterings(model, clusters, layers=None):
+    """[(layer, clusters)] of the Dense/Conv kernels with at least MIN_CLUSTER_WEIGHTS weights
+    whose LUT would save more than its tables: a convolution shares values per output channel
+    (`cluster_arguments`), so a channel of n weights saves n * (8 - bits) / 8 bytes and its
+    table costs 2^bits (a 1x1 conv on 16 channels cannot pay for 16 values)."""
     from tflite_ext.clustering.wrapper import clusterable, kernel_names
     from tflite_ext.functional import layer_matcher
 
     match = layer_matcher(layers)
-    return [layer.name for layer in model.layers if clusterable(layer) and kernel_names(layer)
-            and match(layer) and math.prod(layer.kernel.shape) >= MIN_CLUSTER_WEIGHTS]
+    out = []
+    for layer in model.layers:
+        if not (clusterable(layer) and kernel_names(layer) and match(layer)):
+            continue
+        shape = tuple(layer.kernel.shape)
+        if math.prod(shape) < MIN_CLUSTER_WEIGHTS:
+            continue
+        per_table = math.prod(shape[:-1]) if isinstance(layer, keras.layers.Conv2D) \
+            else math.prod(shape)
+        out += [(layer.name, k) for k in clusters
+                if per_table * (8 - math.ceil(math.log2(k))) / 8 > 2 ** math.ceil(math.log2(k))]
+    return out
 
 
 def changes_of(model, target, *, settings=SETTINGS, rank_fractions=RANK_FRACTIONS,
@@ -138,11 +155,11 @@ def changes_of(model, target, *, settings=SETTINGS, rank_fractions=RANK_FRACTION
     """Every single change the search measures on `model` for `target`."""
     out = [Change("prune", pattern, s, name) for name, pattern in prunable_groups(model, layers)
            for s in (*settings, 1.0)]
-    out += [Change("factorize", name, f, name) for name in factorizable_layers(model, layers)
-            for f in rank_fractions]
+    out += [Change("factorize", name, f, name)
+            for name, f in factorizations(model, rank_fractions, layers)]
     if getattr(target, "lut", False):
-        out += [Change("cluster", name, k, name) for name in clusterable_layers(model, layers)
-                for k in clusters]
+        out += [Change("cluster", name, k, name)
+                for name, k in clusterings(model, clusters, layers)]
     return out
 
 

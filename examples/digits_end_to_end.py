@@ -11,12 +11,14 @@
    4 values per output channel, fc1 8 values); `strip_clustering` gives an ordinary model.
 4. Full-int8 conversion without calibration data (the trained fake-quant ranges are the
    scales), plus a TensorFlow Lite Micro LUT copy whose few-valued weights are stored as 2-3 bit
-   indices, kept only if TFLM gives bit-identical outputs on every test image.
+   indices, kept only if TFLM gives bit-identical outputs on every test image, and that copy
+   without tensor names (`names.strip`: TFLM never reads them), what a microcontroller flashes.
 5. Test accuracy of each file on LiteRT and on TensorFlow Lite Micro, and its bytes.
 
-Writes float32.tflite, digits_int8.tflite and digits_int8.lut.tflite (TFLM only: LiteRT has no
-kernel for its TFLM_DECODE ops) into --out. The full run takes ~2 min on 2 cores; --quick
-(~30-60 s) trains a few epochs only, so its accuracy is not representative.
+Writes float32.tflite, digits_int8.tflite, digits_int8.lut.tflite and digits_micro.tflite (the
+last two TFLM only: LiteRT has no kernel for their TFLM_DECODE ops) into --out. The full run
+takes ~2 min on 2 cores; --quick (~30-60 s) trains a few epochs only, so its accuracy is not
+representative.
 """
 import argparse
 import os
@@ -27,7 +29,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402
 
-from tflite_ext import clustering, convert, distillation, inspect, models, pruning, tasks  # noqa: E402,E501
+from tflite_ext import (clustering, convert, distillation, inspect, models, names,  # noqa: E402
+                        pruning, tasks)
+from tflite_ext.files import atomic_write  # noqa: E402
 from tflite_ext.bench import host, micro  # noqa: E402
 from tflite_ext.bench.report import text_table  # noqa: E402
 from tflite_ext.errors import TfliteExtError  # noqa: E402
@@ -78,6 +82,8 @@ def run(out, quick):
     result = convert.to_tflite(final, lut=True, lut_data=data.x_test)
     int8_path = result.save(os.path.join(out, "digits_int8.tflite"))
     lut_path = convert.lut_path(int8_path)
+    micro_path = atomic_write(os.path.join(out, "digits_micro.tflite"),
+                              names.strip(result.lut.flatbuffer))
     if not inspect.summary(int8_path)["full_integer"]:
         raise SystemExit(f"{int8_path} is not full integer")
 
@@ -94,13 +100,17 @@ def run(out, quick):
         {"file": os.path.basename(lut_path), "what": "the same, LUT-compressed weights",
          "bytes": os.path.getsize(lut_path), "litert": "n/a (no TFLM_DECODE)",
          "tflm": f"{micro.evaluate(result.lut.flatbuffer, x_test, y_test)['accuracy']:.4f}"},
+        {"file": os.path.basename(micro_path), "what": "the same, no tensor names",
+         "bytes": os.path.getsize(micro_path), "litert": "n/a (no TFLM_DECODE)",
+         "tflm": f"{micro.evaluate(micro_path, x_test, y_test)['accuracy']:.4f}"},
     ]
     print(f"\ndigits CNN{' (quick mode)' if quick else ''}: test accuracy on "
           f"{len(y_test)} images; LUT outputs bit-identical to int8 in TFLM on "
           f"{result.lut.report['verified']['samples']} of them")
     print(text_table(rows, [("what", "model"), ("file", "file"), ("bytes", "bytes"),
                             ("litert", "LiteRT acc"), ("tflm", "TFLM acc")]))
-    print(f"float -> LUT file: {rows[0]['bytes'] / rows[2]['bytes']:.1f}x smaller")
+    print(f"float -> LUT file: {rows[0]['bytes'] / rows[2]['bytes']:.1f}x smaller; without "
+          f"names {rows[0]['bytes'] / rows[3]['bytes']:.1f}x")
 
 
 def main(argv=None):

@@ -50,8 +50,12 @@ def test_digits_end_to_end(tmp_path):
         cells = row(out, label)
         assert cells[1] == path.name and number(cells[2]) == path.stat().st_size
     assert lut.stat().st_size < 0.7 * int8.stat().st_size
-    tflm = [number(row(out, label)[4]) for label in ("pruned", "the same")]
-    assert tflm[0] == tflm[1] and tflm[0] > 0.2    # bit-identical outputs: the same accuracy
+    micro_file = tmp_path / "digits_micro.tflite"
+    cells = row(out, "the same, no tensor names")
+    assert cells[1] == micro_file.name and number(cells[2]) == micro_file.stat().st_size
+    assert micro_file.stat().st_size < lut.stat().st_size - 1000  # the names were > 1 KB
+    tflm = [number(row(out, label)[4]) for label in ("pruned", "the same, LUT", "the same, no")]
+    assert tflm[0] == tflm[1] == tflm[2] and tflm[0] > 0.2  # identical outputs, same accuracy
     assert "bit-identical to int8 in TFLM on 540 of them" in out
 
 

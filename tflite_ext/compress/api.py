@@ -112,6 +112,8 @@ def _steps(x, epochs):
 # last of a residual branch vanished at the ramp's end and the fit diverged (ResNet-8 with three
 # blocks removed fell from 0.97 to 0.19 validation accuracy at that step).
 PIPELINE = "v2"  # names the fine-tuned runs and short runs cached: a new pipeline, new runs
+RESOLVE_ABOVE = 0.01  # one-shot losses above a point get a short fine-tune before they count
+RESOLVE_ROUNDS = 6    # solve -> short fine-tunes of its damaging changes -> solve, at most
 
 
 def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, log):
@@ -245,7 +247,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
     search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to,
-                           qat, candidates)
+                           qat, candidates, short_epochs=max(1, epochs // 5),
+                           learning_rate=learning_rate)
     tried, margin, rejected, result, tuned = [], dict(limits), set(), None, 0
     while result is None and tuned < max_rounds:
         plans = _fitting_plans(search_state, candidates, limits, margin, rejected,
@@ -253,9 +256,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         if not plans:
             break
         if len(plans) > 1:  # rank by a short real fine-tune, not by one-shot losses alone
-            score = {p.key: search_state.quick_accuracy(p, epochs=max(1, epochs // 5),
-                                                        learning_rate=learning_rate, log=log)
-                     for p in plans}
+            score = {p.key: search_state.quick_accuracy(p, log=log) for p in plans}
             plans.sort(key=lambda p: -score[p.key])
         for plan in plans[:max_rounds - tuned]:
             if log:
@@ -326,8 +327,11 @@ class _Search:
     candidates: list = dataclasses.field(default_factory=list)
     # {plan key: (plan, measured, layer sizes)} of every plan previewed: what the predictions
     # are refitted on
+    short_epochs: int = 1     # of the short fine-tunes (NetAdapt's short-term fine-tune)
+    learning_rate: float = 5e-4
     previewed: dict = dataclasses.field(default_factory=dict)
     anchored: bool = False  # the all-strongest plan has been measured
+    recovered: dict = dataclasses.field(default_factory=dict)  # {Change: accuracy}
 
     def preview(self, plan):
         key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
@@ -351,33 +355,68 @@ class _Search:
                 for p, m, sizes in done if sizes and "flash_bytes" in m])
         return measured
 
-    def quick_accuracy(self, plan, *, epochs, learning_rate, log):
+    def quick_accuracy(self, plan, log=None):
         """Validation accuracy of `plan` after a short run of the real pipeline (cached)."""
-        key = (f"quick:{PIPELINE}:{fingerprint(self.model)}:{plan.key}:{epochs}:{learning_rate}:"
-               f"{self.qat}:{self.round_to}")
+        key = (f"quick:{PIPELINE}:{fingerprint(self.model)}:{plan.key}:{self.short_epochs}:"
+               f"{self.learning_rate}:{self.qat}:{self.round_to}")
         if key not in self.cache:
-            small = _pipeline(self.model, plan, self.train, epochs=epochs,
-                              learning_rate=learning_rate, qat=self.qat,
+            small = _pipeline(self.model, plan, self.train, epochs=self.short_epochs,
+                              learning_rate=self.learning_rate, qat=self.qat,
                               round_to=self.round_to, layers=self.layers, log=None)
             self.cache.put(key, variants.accuracy(small, *self.val))
         if log:
-            log(f"  {plan.key}: {self.cache.get(key):.4f} after {epochs} epoch(s)")
+            log(f"  {plan.key}: {self.cache.get(key):.4f} after {self.short_epochs} epoch(s)")
         return self.cache.get(key)
+
+    def resolve(self, candidates, plan, log=None):
+        """Gives each damaging change of `plan` (one-shot loss above RESOLVE_ABOVE) its
+        accuracy after a short run of the real pipeline on that change alone (cached);
+        whether any was new. One-shot losses saturate: a removed block or a layer pruned by
+        7/8 is near chance in one shot, whether it recovers or not."""
+        new = [c for c in plan.changes if c not in self.recovered
+               and self.base.accuracy - _accuracy_of(candidates, c) > RESOLVE_ABOVE]
+        for change in new:
+            self.recovered[change] = self.quick_accuracy(search.Plan((change,), 0.0, {}))
+            if log:
+                log(f"  {change.label}: {_accuracy_of(candidates, change):.4f} one shot, "
+                    f"{self.recovered[change]:.4f} after {self.short_epochs} epoch(s)")
+        return bool(new)
+
+    def adjusted(self, candidates):
+        """`candidates`, a resolved change's loss the one after its short run (against the
+        same run of the unchanged model)."""
+        if not self.recovered:
+            return list(candidates)
+        reference = self.quick_accuracy(search.Plan((), 0.0, {}))
+        top = self.base.accuracy
+        return [dataclasses.replace(c, accuracy=min(top, top - reference
+                                                    + self.recovered[c.change]))
+                if c.change in self.recovered else c for c in candidates]
 
 
 def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, log):
     """Up to `count` plans of least predicted loss whose shapes, built in one shot, fit the
     budget on the target; a plan that misses is rejected, and the predictions refitted on
-    it (no fine-tune spent). Each plan found bans its most damaging change (by one-shot loss)
-    from the next ones: the short fine-tunes that rank them then compare different
-    structures, not one plan and its near copies (ResNet-8 on host: three plans removing the
-    same two blocks, one with the stem pruned by a quarter too), which one-shot losses cannot
-    tell apart (a removed block is near chance one shot, whether it recovers or not)."""
+    it (no fine-tune spent). A change whose one-shot loss is above RESOLVE_ABOVE counts by its
+    loss after a short run once a plan holds it (`_Search.resolve`). Each plan found bans its
+    most damaging change from the next ones: the short fine-tunes that rank them then compare
+    different structures, not one plan and its near copies (ResNet-8 on host: three plans
+    removing the same two blocks, one with the stem pruned by a quarter too)."""
     base, found, banned = state.base, [], set()
-    loss = {c.change: base.accuracy - c.accuracy for c in candidates}
+
+    def solved():
+        """The solver's plan, after short runs of its damaging changes (repeated while they
+        change it)."""
+        plan = None
+        for _ in range(RESOLVE_ROUNDS):
+            pool = state.adjusted(c for c in candidates if c.change not in banned)
+            plan = search.solve(base, pool, margin, exclude=rejected | {p.key for p in found})
+            if plan is None or not state.resolve(pool, plan, log):
+                break
+        return plan
+
     for _ in range(4 * count):
-        pool = [c for c in candidates if c.change not in banned]
-        plan = search.solve(base, pool, margin, exclude=rejected | {p.key for p in found})
+        plan = solved()
         if plan is None and not state.anchored:
             # The predictions were fitted near the base (or on one plan that missed): measure
             # the far end once (every change at its strongest, in one shot), refit, ask again.
@@ -386,13 +425,13 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
                 state.preview(search.strongest(base, candidates, list(limits)))
             except InputError:
                 pass
-            plan = search.solve(base, pool, margin, exclude=rejected | {p.key for p in found})
+            plan = solved()
         if plan is None:
             break
         if log:
             log(f"plan {plan.key}; predicted " + ", ".join(
                 f"{k} {v:,.1f}" for k, v in plan.predicted_cost.items())
-                + f", one-shot loss {plan.predicted_drop * 100:.2f} point")
+                + f", predicted loss {plan.predicted_drop * 100:.2f} point")
         try:
             shapes = state.preview(plan)
         except InputError as e:  # e.g. clustered tensors too small for a LUT to pay
@@ -411,10 +450,15 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
             continue
         found.append(plan)
         if plan.changes:
-            banned.add(max(plan.changes, key=lambda c: loss[c]))
+            pool = state.adjusted(candidates)
+            banned.add(min(plan.changes, key=lambda c: _accuracy_of(pool, c)))
         if len(found) == count:
             break
     return found
+
+
+def _accuracy_of(candidates, change):
+    return next(c.accuracy for c in candidates if c.change == change)
 
 
 def _round(stage, plan, measured, accuracy, drop, misses):

@@ -81,6 +81,7 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
     assert [w.shape for w in again.weights] == [w.shape for w in result.model.weights]
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["candidates"]) == 2 and report["rounds"][0]["misses"] == []
+    assert all(c["short_run_accuracy"] is None for c in report["candidates"])  # none lost
     lines = (tmp_path / "cache.jsonl").read_text().count("\n")
     compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path), epochs=1,
                     settings=(0.5,), rank_fractions=(), shortlist=1, log=None)
@@ -143,6 +144,38 @@ def test_a_layer_is_pruned_or_factorized_not_both(monkeypatch):
         plan = search.solve(base, [prune_a, factor_a, prune_b], limits)
         assert plan.key in ("factorize:a=0.5,prune:g1=0.5", "prune:g0=0.5,prune:g1=0.5")
         assert search.solve(base, [prune_a, factor_a], limits) is None
+
+
+def test_damaging_changes_count_by_their_short_run(monkeypatch):
+    from tflite_ext.compress import api
+
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
+
+    def change(kind, key, setting, acc, latency):
+        return search.Candidate(search.Change(kind, key, setting, key), acc,
+                                {"latency_us": latency})
+
+    deep = change("prune", "g0", 0.875, 0.3, 40.0)    # near chance one shot, recovers
+    mild = change("prune", "g1", 0.5, 0.8, 40.0)      # 10 points one shot, does not
+    gone = change("prune", "g2", 1.0, 0.2, 40.0)      # a removed block: one shot it stays
+    short_runs = {"none": 0.88, deep.name: 0.87, mild.name: 0.80}
+    state = api._Search(None, None, None, None, None, base, None, None, 8, False)
+    monkeypatch.setattr(api._Search, "quick_accuracy",
+                        lambda self, plan, log=None: short_runs[plan.key])
+    plan = search.solve(base, [deep, mild, gone], {"latency_us": 50.0})
+    assert plan.key == mild.name                        # one shot, 10 points beat 60
+    assert state.resolve([deep, mild, gone], plan) and not state.resolve([deep, mild], plan)
+    plan = search.solve(base, state.adjusted([deep, mild, gone]), {"latency_us": 50.0})
+    assert not state.resolve(state.adjusted([deep, mild, gone]), plan)  # g0 not asked yet
+    both = search.Plan((deep.change, gone.change), 0.0, {})
+    assert state.resolve([deep, mild, gone], both)
+    assert set(state.recovered) == {mild.change, deep.change}  # never the removed block
+    adjusted = {c.name: c.accuracy for c in state.adjusted([deep, mild, gone])}
+    # against the same short run of the unchanged model (0.88): g0 loses 1 point, g1 8
+    assert np.isclose(adjusted[deep.name], 0.89) and np.isclose(adjusted[mild.name], 0.82)
+    assert adjusted[gone.name] == 0.2
+    assert search.solve(base, state.adjusted([deep, mild, gone]),
+                        {"latency_us": 50.0}).key == deep.name
 
 
 def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):

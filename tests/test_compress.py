@@ -1,6 +1,8 @@
 """Compress to a budget: budgets parse, targets measure with the real tools, the search meets
 a budget it can meet, resumes from its cache, and says what it reached when it cannot."""
 import json
+import subprocess
+import sys
 import os
 
 import keras
@@ -206,6 +208,28 @@ def test_a_micro_flash_budget_is_met_by_clustering_and_lut(tiny, digits, tmp_pat
     assert plan["lut"] and plan["prune"] is None and plan["factorize"] is None
     assert plan["cluster"]["clusters"] == {"conv2(_svd)?": 4}
     assert result.accuracy_drop * 100 <= 1.0
+    # Resumed in a new process, which has not imported the QAT and clustering layers the
+    # fine-tuned run holds: it reloads that run, measures nothing new.
+    tiny.save(tmp_path / "tiny.keras")
+    np.savez(tmp_path / "data.npz", x=train[0], y=train[1], vx=val[0], vy=val[1])
+    lines = (tmp_path / "cache.jsonl").read_text().count("\n")
+    script = f"""
+import json, keras, numpy as np
+from tflite_ext import compress
+d = np.load({str(tmp_path / "data.npz")!r})
+r = compress(keras.saving.load_model({str(tmp_path / "tiny.keras")!r}), (d["x"], d["y"]),
+             (d["vx"], d["vy"]), {{"flash_bytes": {budget.flash_bytes}}}, target="micro",
+             out_dir={str(tmp_path)!r}, epochs=2, settings=(), rank_fractions=(),
+             clusters=(4,), log=None)
+print(json.dumps(r.measured))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    again = json.loads(run.stdout.strip().splitlines()[-1])
+    again.pop("latency_us"), result.measured.pop("latency_us")  # the final file is re-timed
+    assert again == result.measured
+    assert (tmp_path / "cache.jsonl").read_text().count("\n") == lines
 
 
 def test_factorize_candidates_and_their_plan(tiny, digits):

@@ -56,6 +56,25 @@ def pruning_plan(group_sparsity):
                              if s), 0.0, {})
 
 
+def fine_tuned_on_test(model, target, out, base, train, val, test, **build_args):
+    """[(plan, flash bytes, latency µs, validation accuracy, test accuracy)] of every plan the
+    last search fine-tuned (report.json), rebuilt from out/runs/ (nothing is trained again):
+    what a search that ended in a BudgetError came closest with."""
+    import json
+
+    with open(os.path.join(out, "report.json")) as f:
+        rounds = [r for r in json.load(f)["rounds"] if r["stage"] == "fine-tuned"]
+    changes = {c.label: c for c in search.changes_of(model, target)}
+    rows = []
+    for r in rounds:
+        plan = search.Plan(tuple(changes[label] for label in r["plan"].split(",")), 0.0, {})
+        _, converted, _, measured, acc = api._build(model, plan, train, val, target, out, base,
+                                                    log=None, **build_args)
+        rows.append((r["plan"], measured.get("flash_bytes"), measured.get("latency_us"), acc,
+                     variants.accuracy(converted.flatbuffer, *test)))
+    return rows
+
+
 def log(message):
     print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
 
@@ -183,6 +202,13 @@ def digits_flash():
     if result is None:
         print("| compress | no plan met the budget | | | |")
         print(f"  {cost}")
+        print("  the plans it fine-tuned (validation accuracy decided; the float model has "
+              f"{variants.accuracy(model, *val):.4f} there):")
+        for plan, size, _, acc, test_acc in fine_tuned_on_test(
+                model, target, out, base, train, val, test, epochs=FLAGS.epochs,
+                learning_rate=5e-4, qat=True, round_to=8, layers=None):
+            print(f"  | {plan} | {size:,.0f} bytes | validation {acc:.4f} | test {test_acc:.4f} "
+                  f"({(test_acc - float_test) * 100:+.2f}) |")
         return 1
     size = result.measured["flash_bytes"]
     acc = variants.accuracy(result.flatbuffer, *test)

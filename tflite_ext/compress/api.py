@@ -30,7 +30,6 @@ import json
 import os
 import time
 
-import keras
 import numpy as np
 
 from tflite_ext import pruning
@@ -539,14 +538,15 @@ def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_r
     name = fingerprint((plan.key + f"|{epochs}|{learning_rate}|{qat}|{round_to}|{PIPELINE}")
                        .encode())
     path = os.path.join(runs, f"{name}.keras")
-    if os.path.exists(path):
-        small = keras.saving.load_model(path)
+    from tflite_ext import convert
+
+    if os.path.exists(path):  # with tflite_ext's layers registered: a new process resuming
+        small = convert.load_model(path)  # a QAT or clustered run has not imported them
     else:
         small = _pipeline(model, plan, train, epochs=epochs, learning_rate=learning_rate,
                           qat=qat, round_to=round_to, layers=layers, log=log)
         small.save(path + ".part.keras")
         os.replace(path + ".part.keras", path)
-    from tflite_ext import convert
 
     trained = qat or bool(plan.of("cluster"))  # QAT ranges: no calibration data
     # Written as the target runs them (on `micro`, without names), the LUT copy proven so.

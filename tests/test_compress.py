@@ -159,9 +159,10 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
 
     deep = change("prune", "g0", 0.875, 0.3, 40.0)    # near chance one shot, recovers
     mild = change("prune", "g1", 0.5, 0.8, 40.0)      # 10 points one shot, does not
-    gone = change("prune", "g2", 1.0, 0.2, 40.0)      # a removed block: one shot it stays
+    gone = change("prune", "g2", 1.0, 0.2, 40.0)      # a removed block, nothing else of g2
     short_runs = {"none": 0.88, deep.name: 0.87, mild.name: 0.80}
-    state = api._Search(None, None, None, None, None, base, None, None, 8, False)
+    state = api._Search(None, None, None, None, None, base, None, None, 8, False,
+                        [deep, mild, gone])
     monkeypatch.setattr(api._Search, "quick_accuracy",
                         lambda self, plan, log=None: short_runs[plan.key])
     plan = search.solve(base, [deep, mild, gone], {"latency_us": 50.0})
@@ -178,6 +179,12 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     assert adjusted[gone.name] == 0.2
     assert search.solve(base, state.adjusted([deep, mild, gone]),
                         {"latency_us": 50.0}).key == deep.name
+    # A removed block counts as its group at the strongest channel setting after a short run
+    # (a short run of the removal itself falls before it recovers).
+    removed = change("prune", "g0", 1.0, 0.1, 30.0)
+    state.candidates.append(removed)
+    assert state.resolve([deep, mild, gone, removed], search.Plan((removed.change,), 0.0, {}))
+    assert state.recovered[removed.change] == state.recovered[deep.change] == 0.87
 
 
 def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):

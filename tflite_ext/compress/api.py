@@ -372,19 +372,33 @@ class _Search:
         accuracy after a short run of the real pipeline on that change alone (cached);
         whether any was new. One-shot losses saturate: a layer pruned by 7/8 is near chance
         in one shot, whether it recovers or not (the digits CNN's conv2: 0.60 one shot, 0.98
-        after 3 epochs)."""
-        # A removed block keeps its one-shot loss: a short run tells nothing there (ResNet-8
-        # without s2a: 0.37 one shot, 0.16 after one epoch, 0.79 after six; plans without s1a
-        # and s2a reach 0.98 after the full 15).
-        new = [c for c in plan.changes if c not in self.recovered
-               and not (c.kind == "prune" and c.setting >= 1.0)
-               and self.base.accuracy - _accuracy_of(candidates, c) > RESOLVE_ABOVE]
-        for change in new:
-            self.recovered[change] = self.quick_accuracy(search.Plan((change,), 0.0, {}))
+        after 3 epochs).
+
+        A removed block is near chance one shot too, and a short run tells nothing there: it
+        falls before it recovers (ResNet-8 without s2a: 0.37 one shot, 0.16 after one epoch,
+        0.79 after six; plans without s1a and s2a reach 0.98 after the full 15). It counts as
+        its group at the strongest channel setting measured does after its short run."""
+        new = False
+        for change in plan.changes:
+            if change in self.recovered:
+                continue
+            proxy = change
+            if change.kind == "prune" and change.setting >= 1.0:
+                proxy = max((c.change for c in self.candidates if c.change.kind == "prune"
+                             and c.change.key == change.key and c.change.setting < 1.0),
+                            key=lambda c: c.setting, default=None)
+                if proxy is None:
+                    continue
+            elif self.base.accuracy - _accuracy_of(candidates, change) <= RESOLVE_ABOVE:
+                continue
+            if proxy not in self.recovered:
+                self.recovered[proxy] = self.quick_accuracy(search.Plan((proxy,), 0.0, {}))
+            self.recovered[change], new = self.recovered[proxy], True
             if log:
                 log(f"  {change.label}: {_accuracy_of(candidates, change):.4f} one shot, "
-                    f"{self.recovered[change]:.4f} after {self.short_epochs} epoch(s)")
-        return bool(new)
+                    f"{self.recovered[change]:.4f} after {self.short_epochs} epoch(s)"
+                    + (f" (as {proxy.label})" if proxy != change else ""))
+        return new
 
     def adjusted(self, candidates):
         """`candidates`, a resolved change's loss the one after its short run (against the

@@ -212,8 +212,8 @@ def _compress_flags(fv):
     flags.DEFINE_list("settings", ["0.25", "0.5", "0.75", "0.875"], "Sparsities each "
                       "dependency group is tried at (removable blocks are also tried removed).",
                       flag_values=fv)
-    flags.DEFINE_list("rank_fractions", ["0.5", "0.25"], "Fractions of full rank each "
-                      "Dense/Conv layer is tried factorized at (empty: no factorization).",
+    flags.DEFINE_list("rank_fractions", [], "Fractions of full rank each Dense/Conv layer "
+                      "is tried factorized at, e.g. 0.5,0.25 (default: no factorization).",
                       flag_values=fv)
     flags.DEFINE_list("clusters", ["16", "8", "4"], "Shared values per kernel each layer is "
                       "tried clustered at, on targets that run LUT-compressed weights (micro); "

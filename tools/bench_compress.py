@@ -33,8 +33,9 @@ from tflite_ext.compress.cache import Cache  # noqa: E402
 flags.DEFINE_enum("model", "resnet8", ["resnet8", "digits_cnn"], "The reference model.")
 flags.DEFINE_integer("flash", None, "digits_cnn: the flash budget in bytes (default: the float "
                      "model's size / 80).")
-flags.DEFINE_list("rank_fractions", [str(f) for f in search.RANK_FRACTIONS],
-                  "Factorization settings the search tries (empty: none).")
+flags.DEFINE_list("rank_fractions", None, "Factorization settings the search tries (default: "
+                  "0.5,0.25 for digits_cnn, free to combine everything; none for resnet8, "
+                  "compress's default).")
 flags.DEFINE_list("targets", ["host", "reference", "ethos-u55-128"], "Targets to compress for.")
 flags.DEFINE_float("latency_fraction", 0.4, "Budget: latency <= this x the unpruned int8 model.")
 flags.DEFINE_float("max_drop", None, "Accuracy points the result may lose (default 1.0 for "
@@ -75,6 +76,11 @@ def fine_tuned_on_test(model, target, out, base, train, val, test, **build_args)
     return rows
 
 
+def rank_fractions(default):
+    return default if FLAGS.rank_fractions is None else tuple(float(f) for f in
+                                                             FLAGS.rank_fractions)
+
+
 def log(message):
     print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
 
@@ -109,8 +115,7 @@ def main(argv):
         try:
             result = compress(model, train, val, budget, target=target,
                               max_accuracy_drop=max_drop, epochs=FLAGS.epochs,
-                              out_dir=out, log=log,
-                              rank_fractions=tuple(float(f) for f in FLAGS.rank_fractions))
+                              out_dir=out, log=log, rank_fractions=rank_fractions(()))
             auto = dict(latency_us=result.measured["latency_us"], macs=result.measured["macs"],
                         test=variants.accuracy(result.flatbuffer, *test),
                         plan=result.report["rounds"][-1]["plan"], met=True)
@@ -176,7 +181,7 @@ def digits_flash():
     try:
         result = compress(model, train, val, budget, target="micro", max_accuracy_drop=max_drop,
                           epochs=FLAGS.epochs, out_dir=out, log=log,
-                          rank_fractions=tuple(float(f) for f in FLAGS.rank_fractions))
+                          rank_fractions=rank_fractions(search.RANK_FRACTIONS))
     except compress.BudgetError as e:
         log(f"digits_cnn: {e}")
         result = None

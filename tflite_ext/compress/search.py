@@ -42,7 +42,7 @@ from tflite_ext.factorization.plan import candidates as factor_candidates
 from tflite_ext.pruning.plan import PruningPlan, group_members
 
 SETTINGS = (0.25, 0.5, 0.75, 0.875)  # prune: fractions of a group's channels removed
-RANK_FRACTIONS = (0.5, 0.25)       # factorize: fractions of a layer's full rank kept
+RANK_FRACTIONS = (0.5, 0.25)       # factorize, when asked for: fractions of full rank kept
 CLUSTERS = (16, 8, 4)              # cluster: shared values per kernel (per channel for convs)
 MIN_CLUSTER_WEIGHTS = 1024         # smaller kernels: a DECODE costs about what it saves
 EXHAUSTIVE_LIMIT = 200_000_000     # combinations scored exactly; beyond, greedy
@@ -150,7 +150,7 @@ def clusterings(model, clusters, layers=None):
     return out
 
 
-def changes_of(model, target, *, settings=SETTINGS, rank_fractions=RANK_FRACTIONS,
+def changes_of(model, target, *, settings=SETTINGS, rank_fractions=(),
                clusters=CLUSTERS, layers=None):
     """Every single change the search measures on `model` for `target`."""
     out = [Change("prune", pattern, s, name) for name, pattern in prunable_groups(model, layers)
@@ -369,7 +369,7 @@ def _one_change(model, change, x, *, layers, round_to, qat):
 
 
 def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
-                       rank_fractions=RANK_FRACTIONS, clusters=CLUSTERS, layers=None,
+                       rank_fractions=(), clusters=CLUSTERS, layers=None,
                        round_to=8, qat=False, log=print):
     """(base Candidate, [Candidate]) of every change alone (see the module doc).
 

@@ -205,9 +205,10 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         settings: the sparsities each group is tried at (1.0 is added for removable blocks).
         rank_fractions: the fractions of full rank each factorizable layer is tried at,
             e.g. `search.RANK_FRACTIONS` (0.5, 0.25); () (the default) leaves factorization
-            out: in every search measured, plans with factorizations lost more after the
+            out: in the searches measured, plans with factorizations lost more after the
             fine-tune than their one-shot and short-run losses said (ResNet-8 on host: 1.2-5.2
-            points where pruning alone lost 0.8).
+            points where pruning alone lost 0.8; measured before the factorized fit
+            re-estimated BatchNormalization).
         clusters: the shared values per kernel each clusterable layer is tried at, on
             targets that run LUT-compressed weights (`micro`); () leaves clustering out.
         max_rounds: plans fine-tuned at most. Before each, the plan is applied in one shot

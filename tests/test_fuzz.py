@@ -10,12 +10,10 @@ import importlib.util
 import os
 import re
 
-import flatbuffers
 import numpy as np
 import pytest
-from ai_edge_litert import schema_py_generated as schema
 
-from tflite_ext import flatbuffer_check, inspect
+from tflite_ext import flatbuffer_check, inspect, names
 from tflite_ext.bench import host
 from tflite_ext.errors import InvalidModelError, ModelFileError
 
@@ -75,11 +73,7 @@ def test_every_seed_passes_the_check_and_truncations_do_not(seeds_dir):
 
 def _edited(data, edit):
     """The model with one field changed through the schema's object API, re-packed."""
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
-    edit(model)
-    builder = flatbuffers.Builder(len(data) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return names.rewrite(data, edit)
 
 
 def _set(path, value):

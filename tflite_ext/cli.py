@@ -262,7 +262,7 @@ def _compress_main(fv, args):
 
         budget = Budget.parse(flash=fv.flash, arena=fv.arena, latency=fv.latency,
                               macs=fv.macs)
-        target = (targets.Micro(strip_names=False) if fv.keep_names and fv.target == "micro"
+        target = (targets.Micro(strip_names=False) if fv.keep_names  # micro: checked above
                   else get_target(fv.target, binary=fv.binary))
         result = compress(convert.load_model(model_path), fv.data, fv.val, budget,
                           target=target, max_accuracy_drop=fv.max_drop, out_dir=fv.out,

@@ -65,7 +65,8 @@ def fine_tuned_on_test(model, target, out, base, train, val, test, **build_args)
 
     with open(os.path.join(out, "report.json")) as f:
         rounds = [r for r in json.load(f)["rounds"] if r["stage"] == "fine-tuned"]
-    changes = {c.label: c for c in search.changes_of(model, target)}
+    changes = {c.label: c for c in search.changes_of(model, target,
+                                                     rank_fractions=search.RANK_FRACTIONS)}
     rows = []
     for r in rounds:
         plan = search.Plan(tuple(changes[label] for label in r["plan"].split(",")), 0.0, {})

@@ -273,10 +273,15 @@ def _softmax_problems(info):
         scale = (t["quantization"] or {}).get("scale") or [1.0]
         if t["dtype"] == "int8" and scale[0] <= _SOFTMAX_MIN_INPUT_SCALE:
             problems.append(
-                f"SOFTMAX#{op['index']} ('{t['name']}') has input scale {scale[0]:.2g}, below "
+                f"SOFTMAX#{op['index']}{_named(t['name'])} has input scale {scale[0]:.2g}, below "
                 f"the 2^-26 TFLM's kernel needs (it aborts): the logits were all near zero "
                 "when calibrated (an untrained model?); calibrate on real data")
     return problems
+
+
+def _named(name):
+    """" ('name')" for a problem's tensor, or nothing for an unnamed one (`names.strip`)."""
+    return f" ('{name}')" if name else ""
 
 
 def _float_problems(info):
@@ -287,9 +292,9 @@ def _float_problems(info):
         return ["the model computes in float: convert it with "
                 "tflite_ext.convert.to_tflite(model, representative_data) (mode='int8', the "
                 "default)"]
-    problems = [f"{kind} '{t['name']}' is {t['dtype']}: convert with io_dtype='int8' (the "
-                f"default)" for kind in ("input", "output") for t in info[f"{kind}s"]
-                if t["dtype"] in inspect.FLOAT_TYPES]
+    problems = [f"{kind}{' ' + repr(t['name']) if t['name'] else ''} is {t['dtype']}: convert "
+                f"with io_dtype='int8' (the default)" for kind in ("input", "output")
+                for t in info[f"{kind}s"] if t["dtype"] in inspect.FLOAT_TYPES]
     by_type = {}
     for op in info["operators"]:
         # QUANTIZE/DEQUANTIZE only bridge to the float I/O or float ops named here.
@@ -298,7 +303,7 @@ def _float_problems(info):
     for kind, ops in sorted(by_type.items()):
         labels = ", ".join(f"{op['op']}#{op['index']}"
                            + (f" in subgraph {op['subgraph']}" if op["subgraph"] else "")
-                           + (f" ('{op['float_tensors'][-1]}')" if op["float_tensors"] else "")
+                           + (_named(op["float_tensors"][-1]) if op["float_tensors"] else "")
                            for op in ops)
         # to_tflite(mode='int8') refuses a float op unless allow_float names it.
         problems.append(f"{labels} stays float (the converter had no int8 kernel for it and "

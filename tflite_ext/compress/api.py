@@ -26,6 +26,7 @@ Example:
     (38.1, 0.0037)
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -332,16 +333,21 @@ class _Search:
     round_to: int
     qat: bool
     candidates: list = dataclasses.field(default_factory=list)
-    # {plan key: (plan, measured, layer sizes)} of every plan previewed: what the predictions
-    # are refitted on
     short_epochs: int = 1     # of the short fine-tunes (NetAdapt's short-term fine-tune)
     learning_rate: float = 5e-4
+    # {plan key: (plan, measured, layer sizes)} of every plan previewed: what the predictions
+    # are refitted on
     previewed: dict = dataclasses.field(default_factory=dict)
     anchored: bool = False  # the all-strongest plan has been measured
     recovered: dict = dataclasses.field(default_factory=dict)  # {Change: accuracy}
 
+    @functools.cached_property
+    def model_key(self):
+        """The model's fingerprint (its config and every weight hashed): once, not per key."""
+        return fingerprint(self.model)
+
     def preview(self, plan):
-        key = (f"preview:{self.target.key}:{fingerprint(self.model)}:{plan.key}:{self.round_to}"
+        key = (f"preview:{self.target.key}:{self.model_key}:{plan.key}:{self.round_to}"
                f"{':qat' if self.qat else ''}")
         if key not in self.cache:
             small, _, fb = search.one_shot_plan(self.model, plan, self.train[0],
@@ -364,7 +370,7 @@ class _Search:
 
     def quick_accuracy(self, plan, log=None):
         """Validation accuracy of `plan` after a short run of the real pipeline (cached)."""
-        key = (f"quick:{PIPELINE}:{fingerprint(self.model)}:{plan.key}:{self.short_epochs}:"
+        key = (f"quick:{PIPELINE}:{self.model_key}:{plan.key}:{self.short_epochs}:"
                f"{self.learning_rate}:{self.qat}:{self.round_to}")
         if key not in self.cache:
             small = _pipeline(self.model, plan, self.train, epochs=self.short_epochs,

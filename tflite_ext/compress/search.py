@@ -124,7 +124,7 @@ def factorizations(model, fractions, layers=None):
     except InputError:  # nothing to factorize
         return []
     return [(c.name, f) for c in found for f in fractions
-            if c.params(min(c.max_rank, max(1, math.ceil(f * c.max_rank)))) < c.params()]
+            if c.params(rank_at(f, c.max_rank)) < c.params()]
 
 
 def clusterings(model, clusters, layers=None):
@@ -146,7 +146,7 @@ def clusterings(model, clusters, layers=None):
         per_table = math.prod(shape[:-1]) if isinstance(layer, keras.layers.Conv2D) \
             else math.prod(shape)
         out += [(layer.name, k) for k in clusters
-                if per_table * (8 - math.ceil(math.log2(k))) / 8 > 2 ** math.ceil(math.log2(k))]
+                if per_table * (8 - index_bits(k)) / 8 > 2 ** index_bits(k)]
     return out
 
 
@@ -182,13 +182,22 @@ def one_shot(model, group_sparsity, *, layers=None, round_to=8, x=None):
     return small
 
 
+def rank_at(fraction, full, round_to=1):
+    """`fraction` of a full rank, rounded up to `round_to`, between 1 and `full`."""
+    return min(full, max(1, round_to * math.ceil(fraction * full / round_to)))
+
+
 def ranks(model, fractions, round_to=1):
     """{layer: rank} for {layer: fraction of its full rank} on `model` (after strip, the full
     rank is the stripped layer's), rounded up to `round_to`, at least 1."""
     full = {c.name: c.max_rank
             for c in factor_candidates(model, [re.escape(n) for n in fractions])}
-    return {name: min(full[name], max(1, round_to * math.ceil(f * full[name] / round_to)))
-            for name, f in fractions.items()}
+    return {name: rank_at(f, full[name], round_to) for name, f in fractions.items()}
+
+
+def index_bits(clusters):
+    """Bits of a LUT index for `clusters` shared values."""
+    return math.ceil(math.log2(clusters))
 
 
 def factorized(model, fractions, round_to=1):
@@ -279,7 +288,7 @@ def layer_sizes(model):
 
 def _bits(change):
     if change is not None and change.kind == "cluster":
-        return {change.key: math.ceil(math.log2(change.setting))}
+        return {change.key: index_bits(change.setting)}
     return {}
 
 
@@ -311,7 +320,7 @@ def fit_flash(base, candidates, plans=()):
 
 def plan_bits(plan):
     """{layer: index bits} of a plan's clustered layers."""
-    return {k: math.ceil(math.log2(v)) for k, v in plan.of("cluster").items()}
+    return {k: index_bits(v) for k, v in plan.of("cluster").items()}
 
 
 def _layer_terms(base, c):

@@ -245,3 +245,26 @@ def test_evaluate_in_tflm_matches_litert_and_runs_lut_files(digits_int8, tmp_pat
             == micro.evaluate(result.flatbuffer, data.x_test, data.y_test))
     with pytest.raises(InputError, match=r"x and y must have the same length"):
         micro.evaluate(path, split.x_test, split.y_test[:3])
+
+
+def test_the_tflm_child_is_kept_and_replaced_when_it_dies(digits_int8, analysis, monkeypatch):
+    path, _ = digits_int8
+    arena = analysis["arena_bytes"]
+    assert micro._run_worker([path], arena, 1)[0]["ok"]
+    first = micro._child
+    assert micro._run_worker([path], arena - 1, 1) == [dict(micro._run_worker(
+        [path], arena - 1, 1)[0])] and micro._child is first      # one process, job after job
+    assert micro.minimum_arena(path) == arena and micro._child is first
+    first.proc.kill()                                              # died between jobs
+    assert micro._run_worker([path], arena, 1)[0]["ok"] and micro._child is not first
+    # A child that dies inside a job (as TFLM can on a far too small arena): the paths before
+    # it keep their results, the one it died on is marked, and the next job gets a new child.
+    micro._stop_child()
+    monkeypatch.setattr(micro, "_child", None)
+    monkeypatch.setattr(micro, "_WORKER", micro._WORKER.replace(
+        '    for path in job["paths"]:\n',
+        '    for k, path in enumerate(job["paths"]):\n        if k == 1:\n            os._exit(3)\n'))
+    results = micro._run_worker([path, path, path], arena, 1)
+    assert [r["ok"] for r in results] == [True, False] and results[1]["crashed"]
+    assert results[1]["error"] == "TFLM crashed (exit status 3)" and micro._child is None
+    assert micro._run_worker([path], arena, 1)[0]["ok"]

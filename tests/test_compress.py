@@ -187,6 +187,48 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     assert state.recovered[removed.change] == state.recovered[deep.change] == 0.87
 
 
+def test_only_a_plan_that_fits_pays_for_short_runs(monkeypatch):
+    from tflite_ext.compress import api
+
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
+    deep = search.Candidate(search.Change("prune", "g0", 0.875, "g0"), 0.3, {"latency_us": 40.0})
+    mild = search.Candidate(search.Change("prune", "g1", 0.5, "g1"), 0.8, {"latency_us": 40.0})
+    asked = []
+
+    def short_run(self, plan, log=None):
+        asked.append(plan.key)
+        return {"none": 0.88, deep.name: 0.87}[plan.key]
+
+    monkeypatch.setattr(api._Search, "quick_accuracy", short_run)
+    # In one shot, g1's plan measures 60 µs (its shapes miss); g0's 40 µs.
+    monkeypatch.setattr(api._Search, "preview", lambda self, plan: {
+        "latency_us": 60.0 if plan.key == mild.name else 40.0})
+    state = api._Search(None, None, None, None, None, base, Budget(latency_us=50.0), None, 8,
+                        False, [deep, mild])
+    tried, limits = [], {"latency_us": 50.0}
+    plans = api._fitting_plans(state, [deep, mild], limits, dict(limits), set(), 1, tried, None)
+    assert [p.key for p in plans] == [deep.name]
+    assert set(asked) == {deep.name, "none"}  # g0, and the unchanged model's reference
+    assert mild.change not in state.recovered              # it missed: no short run for it
+    assert [(t["plan"], t["misses"] != []) for t in tried] == [(mild.name, True),
+                                                               (deep.name, False)]
+
+
+def test_settings_that_make_the_same_file_are_one_candidate():
+    # Kept channels round to multiples of round_to: 1/2, 3/4 and 7/8 of 16 channels all keep
+    # 8, and a quarter of 8 channels keeps all 8 (the base's file).
+    def made(kind, key, setting, file):
+        return search.Change(kind, key, setting, key), {"tflite": file}
+
+    found = search._distinct([
+        (None, {"tflite": "base"}), made("prune", "stem", 0.875, "8ch"),
+        made("prune", "stem", 0.5, "8ch"), made("prune", "stem", 0.75, "8ch"),
+        made("prune", "stem", 1.0, "gone"), made("prune", "head", 0.25, "base"),
+        made("prune", "head", 0.5, "8ch"), made("cluster", "stem", 8, "8ch")])
+    assert [(c and c.label) for c, _ in found] == [
+        None, "prune:stem=0.5", "prune:stem=1", "prune:head=0.5", "cluster:stem=8"]
+
+
 def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):
     base, candidates = _synthetic(slots=8)
     limits = {"latency_us": 45.0, "flash_bytes": 600.0}
@@ -267,13 +309,17 @@ def test_clustering_candidates_pay_for_their_tables():
 
 
 def test_a_budget_nothing_meets_says_what_was_reached(tiny, digits, tmp_path):
+    logged = []
     with pytest.raises(BudgetError) as info:
         compress_module(tiny, (digits.x_train, digits.y_train), (digits.x_test, digits.y_test),
                         Budget(macs=1000), target="host", out_dir=str(tmp_path), epochs=1,
-                        settings=(0.5,), log=None)
+                        settings=(0.5,), max_accuracy_drop=0.3, log=logged.append)
     message = str(info.value)
     assert "\n" not in message and "MACs <= 1,000" in message and "reaches about" in message
     assert os.path.join(str(tmp_path), "accuracy_vs_latency.png") in message
+    # 0.3 point is less than two of the 540 validation images: said before the search
+    assert any(m.startswith("note: max_accuracy_drop 0.3 point is less than two of the 540 "
+                                "validation images (0.19 point each)") for m in logged), logged
 
 
 def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):

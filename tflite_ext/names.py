@@ -1,16 +1,17 @@
-"""Tensor names, signatures and the description: what LiteRT shows and TFLite Micro never reads.
+"""Tensor names, signatures, the description and the converter's notes: what LiteRT shows
+and TFLite Micro never reads.
 
 A converted Keras model names every tensor after the layers and ops that made it
 ("digits_cnn_1/quant_conv3_1/Relu;digits_cnn_1/quant_conv3_1/add;..."): 1,818 bytes of the
 digits CNN's 13,952-byte LUT file, and its signature def names them again. On a
 microcontroller that is flash spent on nothing: `strip` leaves them out (what TensorFlow's
-`flatbuffer_utils.strip_strings` does; op codes and metadata names stay) and checks that the
-result is still a valid model.
+`flatbuffer_utils.strip_strings` does; op codes stay), with the converter's metadata
+(`CONVERTER_METADATA`), and checks that the result is still a valid model.
 
 Example:
     >>> small = strip(open("model.lut.tflite", "rb").read())
     >>> len(small)
-    11728
+    10664
 """
 from ai_edge_litert import schema_py_generated as schema
 
@@ -28,6 +29,11 @@ def rewrite(flatbuffer, edit):
     return bytes(builder.Output())
 
 
+# The converter's notes: the TFLite version it wants and how it converted. TFLM reads
+# neither (it reads OFFLINE_MEMORY_ALLOCATION, kept like every other metadata entry).
+CONVERTER_METADATA = (b"min_runtime_version", b"CONVERSION_METADATA")
+
+
 def _drop_names(model):
     model.description = None
     model.signatureDefs = None  # they map names to tensors: nothing without the names
@@ -35,10 +41,18 @@ def _drop_names(model):
         graph.name = None
         for tensor in graph.tensors or []:
             tensor.name = None
+    kept = []
+    for entry in model.metadata or []:
+        if entry.name in CONVERTER_METADATA:
+            model.buffers[entry.buffer].data = None  # an empty buffer keeps the numbering
+        else:
+            kept.append(entry)
+    model.metadata = kept or None
 
 
 def strip(flatbuffer):
-    """`flatbuffer` without tensor and subgraph names, signature defs and description.
+    """`flatbuffer` without tensor and subgraph names, signature defs, description and the
+    converter's metadata.
 
     The operators, tensors and buffers are the same, so are the outputs. LiteRT runs it
     through `get_input_details` / `get_output_details` (not `get_signature_runner`); TFLM

@@ -113,7 +113,7 @@ def _steps(x, epochs):
 # blocks removed fell from 0.97 to 0.19 validation accuracy at that step).
 PIPELINE = "v3"  # names the fine-tuned runs and short runs cached: a new pipeline, new runs
 RESOLVE_ABOVE = 0.01  # one-shot losses above a point get a short fine-tune before they count
-RESOLVE_ROUNDS = 6    # solve -> short fine-tunes of its damaging changes -> solve, at most
+RESOLVE_ROUNDS = 6    # fitting plan -> short runs of its damaging changes -> solve, at most
 
 
 def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, log):
@@ -243,6 +243,11 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         raise InputError(f"Target {target.name} does not measure {', '.join(unmeasured)}; "
                          f"it measures {', '.join(target.metrics)}")
     ensure_writable_dir(out_dir)
+    per_image = 100 / len(val[1])
+    if log and max_accuracy_drop < 2 * per_image:
+        log(f"note: max_accuracy_drop {max_accuracy_drop:g} point is less than two of the "
+            f"{len(val[1])} validation images ({per_image:.2f} point each): one or two images "
+            f"decide every plan; a larger validation split decides better")
     cache = Cache(os.path.join(out_dir, "cache.jsonl"))
     # Clustering trains with QAT; where it is a candidate every plan does, so that every file
     # measured is converted the way the result will be.
@@ -429,26 +434,25 @@ class _Search:
 def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, log):
     """Up to `count` plans of least predicted loss whose shapes, built in one shot, fit the
     budget on the target; a plan that misses is rejected, and the predictions refitted on
-    it (no fine-tune spent). A change whose one-shot loss is above RESOLVE_ABOVE counts by its
-    loss after a short run once a plan holds it (`_Search.resolve`). Each plan found bans its
-    most damaging change from the next ones: the short fine-tunes that rank them then compare
-    different structures, not one plan and its near copies (ResNet-8 on host: three plans
-    removing the same two blocks, one with the stem pruned by a quarter too)."""
+    it (no fine-tune spent).
+
+    Only a plan that fits pays for short runs: a change of it whose one-shot loss is above
+    RESOLVE_ABOVE then counts by its loss after a short run (`_Search.resolve`), and the
+    solver asks again (at most RESOLVE_ROUNDS times). Resolving before the cost check spent
+    four of ResNet-8's short runs (90 s on host) on plans that then missed the latency.
+
+    Each plan found bans its most damaging change from the next ones: the short fine-tunes
+    that rank them then compare different structures, not one plan and its near copies
+    (ResNet-8 on host: three plans removing the same two blocks, one with the stem pruned by
+    a quarter too)."""
     base, found, banned, spare = state.base, [], set(), []
+    resolved, recorded = 0, set()
 
     def solved():
-        """The solver's plan, after short runs of its damaging changes (repeated while they
-        change it)."""
-        plan = None
-        for _ in range(RESOLVE_ROUNDS):
-            pool = state.adjusted(c for c in candidates if c.change not in banned)
-            plan = search.solve(base, pool, margin,
-                                exclude=rejected | {p.key for p in found + spare})
-            if plan is None or not state.resolve(pool, plan, log):
-                break
-        return plan
+        pool = state.adjusted(c for c in candidates if c.change not in banned)
+        return search.solve(base, pool, margin, exclude=rejected | {p.key for p in found + spare})
 
-    for _ in range(4 * count):
+    for _ in range(4 * count + RESOLVE_ROUNDS):
         plan = solved()
         if plan is None and not state.anchored:
             # The predictions were fitted near the base (or on one plan that missed): measure
@@ -474,13 +478,19 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
                 log(f"  refused: {e}")
             continue
         misses = state.budget.misses(shapes)
-        tried.append(_round("preview", plan, shapes, None, None, misses))
+        if plan.key not in recorded:  # a plan can come back after a short run: once
+            recorded.add(plan.key)
+            tried.append(_round("preview", plan, shapes, None, None, misses))
         if log:
             log(f"  in one shot it measures {_costs(shapes)}"
                 + (f"; misses {'; '.join(misses)}" if misses else "; fits"))
         if misses:  # the shapes are the plan's: it can never fit; the predictions have
             rejected.add(plan.key)  # just been refitted on it (`_Search.preview`)
             continue
+        pool = state.adjusted(c for c in candidates if c.change not in banned)
+        if resolved < RESOLVE_ROUNDS and state.resolve(pool, plan, log):
+            resolved += 1  # its damaging changes count by their short runs now: ask again
+            continue       # (its measurement is cached if it comes back)
         # The predictions were just refitted on this plan: if they now find a plan of less
         # predicted loss (this one was needed only by a cost prediction that was too high:
         # ResNet-8 on host added two factorizations for 61.2 predicted, 53.9 measured), that

@@ -367,7 +367,9 @@ def _cache_key(model_key, change, round_to, qat):
         return f"candidate8:{model_key}:None:0:{round_to}{way}"
     if change.kind == "prune":
         return f"candidate8:{model_key}:{change.key}:{change.setting:g}:{round_to}{way}"
-    return f"candidate8:{model_key}:{change.kind}:{change.key}:{change.setting:g}{way}"
+    # ":lut2": a clustered candidate's LUT file, its indices without the copied quantization
+    lut = ":lut2" if change.kind == "cluster" else ""
+    return f"candidate8:{model_key}:{change.kind}:{change.key}:{change.setting:g}{way}{lut}"
 
 
 def _one_change(model, change, x, *, layers, round_to, qat):
@@ -414,6 +416,7 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
             made.append((change, cache.get(key)))
         if bar:
             bar.update(i + 1)
+    made = _distinct(made)
     todo = {}
     for change, info in made:  # every model this target has not measured yet
         h = info["tflite"]
@@ -434,6 +437,22 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
     # later measurements are timed beside the base: its file, kept or converted once more
     out[0].tflite = cache.get_blob(made[0][1]["tflite"]) or int8(model, x_train, qat=qat)
     return out[0], out[1:]
+
+
+def _distinct(made):
+    """`made` ([(change, info)], the base first) without the changes whose file is the base's
+    or a weaker setting's of the same group or layer: kept channels are rounded to multiples
+    of `round_to`, so ResNet-8's 16-channel stem pruned by 1/2, 3/4 or 7/8 keeps 8 channels
+    each time (21 distinct files of its 30 candidates), and the solver would preview each
+    plan that differs only there."""
+    base_file = made[0][1]["tflite"]
+    weakest = {}
+    for change, info in made[1:]:
+        same = (change.kind, change.key, info["tflite"])
+        weakest[same] = min(weakest.get(same, change.setting), change.setting)
+    return made[:1] + [(change, info) for change, info in made[1:]
+                       if info["tflite"] != base_file
+                       and weakest[change.kind, change.key, info["tflite"]] == change.setting]
 
 
 def _sizes(stored):

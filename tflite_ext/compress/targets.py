@@ -92,7 +92,8 @@ class Micro(Target):
 
     @property
     def key(self):
-        return "micro:stripped" if self.strip_names else "micro"
+        # "2": the converter's metadata stripped too, LUT indices without quantization
+        return "micro:stripped2" if self.strip_names else "micro2"
 
     def deploy(self, flatbuffer):
         """TFLM never reads tensor names or signatures: on a small model they are a sixth of

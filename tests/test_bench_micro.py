@@ -263,7 +263,8 @@ def test_the_tflm_child_is_kept_and_replaced_when_it_dies(digits_int8, analysis,
     monkeypatch.setattr(micro, "_child", None)
     monkeypatch.setattr(micro, "_WORKER", micro._WORKER.replace(
         '    for path in job["paths"]:\n',
-        '    for k, path in enumerate(job["paths"]):\n        if k == 1:\n            os._exit(3)\n'))
+        '    for k, path in enumerate(job["paths"]):\n'
+        '        if k == 1:\n            os._exit(3)\n'))
     results = micro._run_worker([path, path, path], arena, 1)
     assert [r["ok"] for r in results] == [True, False] and results[1]["crashed"]
     assert results[1]["error"] == "TFLM crashed (exit status 3)" and micro._child is None

@@ -2,9 +2,9 @@
 and TFLite Micro never reads.
 
 A converted Keras model names every tensor after the layers and ops that made it
-("digits_cnn_1/quant_conv3_1/Relu;digits_cnn_1/quant_conv3_1/add;..."): 1,818 bytes of the
-digits CNN's 13,952-byte LUT file, and its signature def names them again. On a
-microcontroller that is flash spent on nothing: `strip` leaves them out (what TensorFlow's
+("digits_cnn_1/quant_conv3_1/Relu;digits_cnn_1/quant_conv3_1/add;..."), its signature def
+names them again, and the converter leaves its notes: 2,456 bytes of the digits CNN's
+13,120-byte LUT file. On a microcontroller that is flash spent on nothing: `strip` leaves them out (what TensorFlow's
 `flatbuffer_utils.strip_strings` does; op codes stay), with the converter's metadata
 (`CONVERTER_METADATA`), and checks that the result is still a valid model.
 

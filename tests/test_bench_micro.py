@@ -248,19 +248,40 @@ def test_evaluate_in_tflm_matches_litert_and_runs_lut_files(digits_int8, tmp_pat
 
 
 def test_the_tflm_child_is_kept_and_replaced_when_it_dies(digits_int8, analysis, monkeypatch):
+    import select
+
     path, _ = digits_int8
     arena = analysis["arena_bytes"]
+    micro._stop_child()
     assert micro._run_worker([path], arena, 1)[0]["ok"]
     first = micro._child
-    assert micro._run_worker([path], arena - 1, 1) == [dict(micro._run_worker(
-        [path], arena - 1, 1)[0])] and micro._child is first      # one process, job after job
-    assert micro.minimum_arena(path) == arena and micro._child is first
+    assert not micro._run_worker([path], arena - 1, 1)[0]["ok"] and micro._child is first
+    assert micro.minimum_arena(path) == arena and micro._child is first  # one process
     first.proc.kill()                                              # died between jobs
     assert micro._run_worker([path], arena, 1)[0]["ok"] and micro._child is not first
+    # Every attempt TFLM refuses leaves a copy of the model in the child: past the bound, a
+    # new child.
+    monkeypatch.setattr(micro._Child, "MAX_REFUSED_BYTES", os.path.getsize(path))
+    grown = micro._child
+    assert not micro._run_worker([path], arena - 1, 1)[0]["ok"] and micro._child is grown
+    assert micro._run_worker([path], arena, 1)[0]["ok"] and micro._child is not grown
+    assert grown.proc.poll() is not None
+    # Interrupted while waiting (Ctrl-C): the child may still answer that job later, into the
+    # next one's reading, so it goes.
+    kept, real_select = micro._child, select.select
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(select, "select", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        micro._run_worker([path], arena, 1)
+    monkeypatch.setattr(select, "select", real_select)
+    assert micro._child is None and kept.proc.poll() is not None
+    assert micro._run_worker([path], arena, 1)[0]["ok"]
     # A child that dies inside a job (as TFLM can on a far too small arena): the paths before
     # it keep their results, the one it died on is marked, and the next job gets a new child.
     micro._stop_child()
-    monkeypatch.setattr(micro, "_child", None)
     monkeypatch.setattr(micro, "_WORKER", micro._WORKER.replace(
         '    for path in job["paths"]:\n',
         '    for k, path in enumerate(job["paths"]):\n'
@@ -269,3 +290,4 @@ def test_the_tflm_child_is_kept_and_replaced_when_it_dies(digits_int8, analysis,
     assert [r["ok"] for r in results] == [True, False] and results[1]["crashed"]
     assert results[1]["error"] == "TFLM crashed (exit status 3)" and micro._child is None
     assert micro._run_worker([path], arena, 1)[0]["ok"]
+    micro._stop_child()

@@ -224,9 +224,13 @@ def test_settings_that_make_the_same_file_are_one_candidate():
         (None, {"tflite": "base"}), made("prune", "stem", 0.875, "8ch"),
         made("prune", "stem", 0.5, "8ch"), made("prune", "stem", 0.75, "8ch"),
         made("prune", "stem", 1.0, "gone"), made("prune", "head", 0.25, "base"),
-        made("prune", "head", 0.5, "8ch"), made("cluster", "stem", 8, "8ch")])
+        made("prune", "head", 0.5, "8ch"), made("cluster", "stem", 8, "8ch"),
+        made("cluster", "stem", 16, "8ch"), made("factorize", "fc", 0.25, "r4"),
+        made("factorize", "fc", 0.5, "r4")])
+    # the mildest of each: least sparsity, most values, most rank
     assert [(c and c.label) for c, _ in found] == [
-        None, "prune:stem=0.5", "prune:stem=1", "prune:head=0.5", "cluster:stem=8"]
+        None, "prune:stem=0.5", "prune:stem=1", "prune:head=0.5", "cluster:stem=16",
+        "factorize:fc=0.5"]
 
 
 def test_solve_is_greedy_beyond_the_exhaustive_limit(monkeypatch):

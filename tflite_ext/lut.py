@@ -188,8 +188,9 @@ def _unquantized_encodings(flatbuffer):
         for graph in model.subgraphs or []:
             for op in graph.operators or []:
                 if op.opcodeIndex in decode:
-                    for i in op.inputs:
-                        graph.tensors[i].quantization = None
+                    for i in op.inputs if op.inputs is not None else ():
+                        if i >= 0:  # -1: an optional input left out
+                            graph.tensors[i].quantization = None
 
     return names.rewrite(flatbuffer, drop)
 

@@ -4,9 +4,10 @@ and TFLite Micro never reads.
 A converted Keras model names every tensor after the layers and ops that made it
 ("digits_cnn_1/quant_conv3_1/Relu;digits_cnn_1/quant_conv3_1/add;..."), its signature def
 names them again, and the converter leaves its notes: 2,456 bytes of the digits CNN's
-13,120-byte LUT file. On a microcontroller that is flash spent on nothing: `strip` leaves them out (what TensorFlow's
-`flatbuffer_utils.strip_strings` does; op codes stay), with the converter's metadata
-(`CONVERTER_METADATA`), and checks that the result is still a valid model.
+13,120-byte LUT file. On a microcontroller that is flash spent on nothing: `strip` leaves
+them out (what TensorFlow's `flatbuffer_utils.strip_strings` does; op codes stay), with the
+converter's metadata (`CONVERTER_METADATA`), and checks that the result is still a valid
+model.
 
 Example:
     >>> small = strip(open("model.lut.tflite", "rb").read())
@@ -41,12 +42,12 @@ def _drop_names(model):
         graph.name = None
         for tensor in graph.tensors or []:
             tensor.name = None
-    kept = []
+    kept = [m for m in model.metadata or [] if m.name not in CONVERTER_METADATA]
+    used = {m.buffer for m in kept} | {t.buffer for g in model.subgraphs or []
+                                       for t in g.tensors or []}
     for entry in model.metadata or []:
-        if entry.name in CONVERTER_METADATA:
+        if entry.name in CONVERTER_METADATA and entry.buffer not in used:
             model.buffers[entry.buffer].data = None  # an empty buffer keeps the numbering
-        else:
-            kept.append(entry)
     model.metadata = kept or None
 
 

@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import flatbuffers
@@ -63,8 +64,9 @@ def captured(fn):
         return value, error, log.read().decode("utf-8", "replace")
 
 def run(path, arena, n_inputs, report, alt):
-    data = open(path, "rb").read()
     def go():
+        with open(path, "rb") as f:
+            data = f.read()
         it = runtime.Interpreter.from_bytes(data, arena_size=arena,
                                             alt_decompression_memory_size=alt)
         for i in range(n_inputs):
@@ -87,16 +89,27 @@ for line in iter(sys.stdin.readline, ""):
 
 class _Child:
     """The TFLM worker process, kept between jobs: a start costs ~0.3 s, and finding one
-    model's exact arena takes a dozen jobs. A crash ends it; the next job starts another."""
+    model's exact arena takes a dozen jobs. A crash ends it; the next job starts another.
+
+    Every attempt TFLM refuses (an arena too small) keeps a copy of the model in the child
+    (measured: its memory grows by the file's size each time), so after MAX_REFUSED_BYTES of
+    them the child is replaced."""
+
+    MAX_REFUSED_BYTES = 64 << 20
 
     def __init__(self):
         self.log = tempfile.TemporaryFile()  # what the child writes to fd 2 outside a run
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log)
-        self.buffer = b""
+        self.pid, self.buffer, self.refused = os.getpid(), b"", 0
+
+    def usable(self):
+        """Alive, this process's own (not inherited through a fork), and not grown too big."""
+        return (self.pid == os.getpid() and self.proc.poll() is None
+                and self.refused < self.MAX_REFUSED_BYTES)
 
     def ask(self, job, timeout):
-        """The child's result lines for `job`, and whether it is still alive after it."""
+        """The child's results for `job`, and whether it is still alive after it."""
         results = []
         try:
             self.proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -109,6 +122,12 @@ class _Child:
             if line is None:  # end of output: the child died
                 return results, False
             if line == b"END":
+                if len(results) != len(job["paths"]):
+                    raise TfliteExtError(f"The TFLM child answered {len(results)} of "
+                                         f"{len(job['paths'])} models")
+                for path, result in zip(job["paths"], results):
+                    if not result["ok"]:
+                        self.refused += os.path.getsize(path)
                 return results, True
             if line.startswith(b"{"):
                 results.append(json.loads(line))
@@ -118,7 +137,6 @@ class _Child:
             remaining = deadline - time.monotonic()
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, remaining))
             if not ready:
-                self.close()
                 raise TimeoutError
             chunk = os.read(self.proc.stdout.fileno(), 65536)
             if not chunk:
@@ -127,19 +145,27 @@ class _Child:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line.strip()
 
-    def crash_log(self):
-        self.proc.wait()
-        self.log.seek(0)
-        return self.proc.returncode, self.log.read().decode("utf-8", "replace")[-2000:]
-
     def close(self):
+        """Ends the child (if still running) and returns (exit status, the end of its log)."""
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # unkillable: leave it to the OS
+            pass
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self.log.seek(0)
+        tail = self.log.read().decode("utf-8", "replace")[-2000:]
         self.log.close()
+        return self.proc.returncode, tail
 
 
 _child = None
+_child_lock = threading.Lock()  # one job at a time on the shared pipes
 
 
 def _run_worker(paths, arena, n_inputs, report=False, timeout=120, alt=0):
@@ -148,24 +174,32 @@ def _run_worker(paths, arena, n_inputs, report=False, timeout=120, alt=0):
     `alt`: TFLM's alt_decompression_memory_size (bytes DECODE outputs may use outside the
     arena; 0: none)."""
     global _child
-    job = {"paths": list(paths), "arena": int(arena), "inputs": int(n_inputs),
-           "report": report, "alt": int(alt)}
-    for attempt in range(2):
-        if _child is None or _child.proc.poll() is not None:
-            _child = _Child()
-        try:
-            results, alive = _child.ask(job, timeout)
-        except TimeoutError:
+    job = {"paths": [os.path.abspath(p) for p in paths], "arena": int(arena),
+           "inputs": int(n_inputs), "report": report, "alt": int(alt)}
+    with _child_lock:
+        while True:
+            reused = _child is not None and _child.usable()
+            if not reused:
+                if _child is not None and _child.pid == os.getpid():
+                    _child.close()
+                _child = _Child()
+            try:
+                results, alive = _child.ask(job, timeout)
+            except BaseException as e:
+                # Interrupted (a timeout, Ctrl-C, SIGTERM) or garbled: the child may still
+                # answer this job later, into the next one's reading. It goes.
+                _child.close()
+                _child = None
+                if isinstance(e, TimeoutError):
+                    raise TfliteExtError(f"TFLM did not finish within {timeout}s. "
+                                         f"Received: arena_size={arena}") from None
+                raise
+            if alive:
+                return results
+            status, log = _child.close()
             _child = None
-            raise TfliteExtError(f"TFLM did not finish within {timeout}s. "
-                                 f"Received: arena_size={arena}") from None
-        if alive:
-            return results
-        status, log = _child.crash_log()
-        _child.close()
-        _child = None
-        if results or attempt:  # else it may have died before this job: once more, anew
-            break
+            if results or not reused:  # a kept child may have died before this job: anew
+                break
     if len(results) < len(paths):   # the child crashed on the next path
         results.append({"ok": False, "crashed": True, "error": f"TFLM crashed "
                         f"(exit status {status})", "log": log})
@@ -174,8 +208,10 @@ def _run_worker(paths, arena, n_inputs, report=False, timeout=120, alt=0):
 
 @atexit.register
 def _stop_child():
-    if _child is not None:
+    global _child
+    if _child is not None and _child.pid == os.getpid():
         _child.close()
+    _child = None
 
 
 def _op_name(model, opcode_index):

@@ -113,7 +113,7 @@ def _steps(x, epochs):
 # blocks removed fell from 0.97 to 0.19 validation accuracy at that step).
 PIPELINE = "v3"  # names the fine-tuned runs and short runs cached: a new pipeline, new runs
 RESOLVE_ABOVE = 0.01  # one-shot losses above a point get a short fine-tune before they count
-RESOLVE_ROUNDS = 6    # fitting plan -> short runs of its damaging changes -> solve, at most
+RESOLVE_ROUNDS = 6    # fitting plan -> short runs of its damaging changes -> solve, per shortlist
 
 
 def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, log):
@@ -398,6 +398,20 @@ class _Search:
         0.79 after six; plans without s1a and s2a reach 0.98 after the full 15). It counts as
         its group at the strongest channel setting measured does after its short run."""
         new = False
+        for change, proxy in self.unresolved(candidates, plan):
+            if proxy not in self.recovered:
+                self.recovered[proxy] = self.quick_accuracy(search.Plan((proxy,), 0.0, {}))
+            self.recovered[change], new = self.recovered[proxy], True
+            if log:
+                log(f"  {change.label}: {_accuracy_of(candidates, change):.4f} one shot, "
+                    f"{self.recovered[change]:.4f} after {self.short_epochs} epoch(s)"
+                    + (f" (as {proxy.label})" if proxy != change else ""))
+        return new
+
+    def unresolved(self, candidates, plan):
+        """[(change, the change whose short run stands for it)] of `plan`'s damaging changes
+        that have no short run yet (`resolve`)."""
+        out = []
         for change in plan.changes:
             if change in self.recovered:
                 continue
@@ -410,14 +424,8 @@ class _Search:
                     continue
             elif self.base.accuracy - _accuracy_of(candidates, change) <= RESOLVE_ABOVE:
                 continue
-            if proxy not in self.recovered:
-                self.recovered[proxy] = self.quick_accuracy(search.Plan((proxy,), 0.0, {}))
-            self.recovered[change], new = self.recovered[proxy], True
-            if log:
-                log(f"  {change.label}: {_accuracy_of(candidates, change):.4f} one shot, "
-                    f"{self.recovered[change]:.4f} after {self.short_epochs} epoch(s)"
-                    + (f" (as {proxy.label})" if proxy != change else ""))
-        return new
+            out.append((change, proxy))
+        return out
 
     def adjusted(self, candidates):
         """`candidates`, a resolved change's loss the one after its short run (against the
@@ -495,9 +503,12 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
         # predicted loss (this one was needed only by a cost prediction that was too high:
         # ResNet-8 on host added two factorizations for 61.2 predicted, 53.9 measured), that
         # one is previewed first and this one kept in reserve.
+        # (Only a plan whose losses are all known that way: one still to be resolved may
+        # look better for its one-shot losses alone, and a spared plan is not asked again.)
         better = solved()
         if better is not None and better.key != plan.key and len(spare) < count \
-                and better.predicted_drop < plan.predicted_drop - 1e-9:
+                and better.predicted_drop < plan.predicted_drop - 1e-9 \
+                and not state.unresolved(pool, better):
             spare.append(plan)
             continue
         found.append(plan)

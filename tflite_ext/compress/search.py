@@ -439,20 +439,25 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
     return out[0], out[1:]
 
 
+def _strength(change):
+    """Orders one slot's settings from mild to strong: more sparsity, less rank, fewer values."""
+    return change.setting if change.kind == "prune" else -change.setting
+
+
 def _distinct(made):
     """`made` ([(change, info)], the base first) without the changes whose file is the base's
-    or a weaker setting's of the same group or layer: kept channels are rounded to multiples
+    or a milder setting's of the same group or layer: kept channels are rounded to multiples
     of `round_to`, so ResNet-8's 16-channel stem pruned by 1/2, 3/4 or 7/8 keeps 8 channels
     each time (21 distinct files of its 30 candidates), and the solver would preview each
     plan that differs only there."""
     base_file = made[0][1]["tflite"]
-    weakest = {}
+    mildest = {}
     for change, info in made[1:]:
         same = (change.kind, change.key, info["tflite"])
-        weakest[same] = min(weakest.get(same, change.setting), change.setting)
+        mildest[same] = min(mildest.get(same, change), change, key=_strength)
     return made[:1] + [(change, info) for change, info in made[1:]
                        if info["tflite"] != base_file
-                       and weakest[change.kind, change.key, info["tflite"]] == change.setting]
+                       and mildest[change.kind, change.key, info["tflite"]] == change]
 
 
 def _sizes(stored):

@@ -111,6 +111,8 @@ class _Child:
     def ask(self, job, timeout):
         """The child's results for `job`, and whether it is still alive after it."""
         results = []
+        self.log.seek(0)
+        self.log.truncate()  # a crash's log is this job's, not an earlier one's
         try:
             self.proc.stdin.write(json.dumps(job).encode() + b"\n")
             self.proc.stdin.flush()

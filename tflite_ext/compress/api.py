@@ -456,9 +456,13 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
     base, found, banned, spare = state.base, [], set(), []
     resolved, recorded = 0, set()
 
+    def allowed():
+        """The candidates not banned, each at its loss after a short run where it has one."""
+        return state.adjusted(c for c in candidates if c.change not in banned)
+
     def solved():
-        pool = state.adjusted(c for c in candidates if c.change not in banned)
-        return search.solve(base, pool, margin, exclude=rejected | {p.key for p in found + spare})
+        return search.solve(base, allowed(), margin,
+                            exclude=rejected | {p.key for p in found + spare})
 
     for _ in range(4 * count + RESOLVE_ROUNDS):
         plan = solved()
@@ -495,7 +499,7 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
         if misses:  # the shapes are the plan's: it can never fit; the predictions have
             rejected.add(plan.key)  # just been refitted on it (`_Search.preview`)
             continue
-        pool = state.adjusted(c for c in candidates if c.change not in banned)
+        pool = allowed()
         if resolved < RESOLVE_ROUNDS and state.resolve(pool, plan, log):
             resolved += 1  # its damaging changes count by their short runs now: ask again
             continue       # (its measurement is cached if it comes back)

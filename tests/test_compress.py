@@ -76,7 +76,7 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
                  "accuracy_vs_size.png", "accuracy_vs_latency.png", "cache.jsonl"):
         assert (tmp_path / name).stat().st_size > 0, name
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert plan["prune"]["group_sparsity"][".*"] == 0.0
+    assert plan["prune"]["group_sparsity"][".*"] == 0.0 and plan["fine_tune"]["seed"] == 0
     # the plan reproduces the architecture: prune with it, apply, strip
     again = search.one_shot(tiny, {k: v for k, v in plan["prune"]["group_sparsity"].items()
                                    if k != ".*"}, round_to=plan["prune"]["round_to"])
@@ -187,19 +187,33 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     assert state.recovered[removed.change] == state.recovered[deep.change] == 0.87
 
 
-def test_only_a_plan_that_fits_pays_for_short_runs(monkeypatch):
-    from tflite_ext.compress import api
-
+def _deep_and_mild():
+    """A base and two prune candidates of 40 µs: g0 near chance one shot, g1 ten points off."""
     base = search.Candidate(None, 0.9, {"latency_us": 100.0})
     deep = search.Candidate(search.Change("prune", "g0", 0.875, "g0"), 0.3, {"latency_us": 40.0})
     mild = search.Candidate(search.Change("prune", "g1", 0.5, "g1"), 0.8, {"latency_us": 40.0})
+    return base, deep, mild
+
+
+def _short_runs(monkeypatch, accuracies):
+    """Short runs that score {plan key: accuracy}; returns the list of the keys asked."""
+    from tflite_ext.compress import api
+
     asked = []
 
     def short_run(self, plan, log=None):
         asked.append(plan.key)
-        return {"none": 0.88, deep.name: 0.87}[plan.key]
+        return accuracies[plan.key]
 
     monkeypatch.setattr(api._Search, "quick_accuracy", short_run)
+    return asked
+
+
+def test_only_a_plan_that_fits_pays_for_short_runs(monkeypatch):
+    from tflite_ext.compress import api
+
+    base, deep, mild = _deep_and_mild()
+    asked = _short_runs(monkeypatch, {"none": 0.88, deep.name: 0.87})
     # In one shot, g1's plan measures 60 µs (its shapes miss); g0's 40 µs.
     monkeypatch.setattr(api._Search, "preview", lambda self, plan: {
         "latency_us": 60.0 if plan.key == mild.name else 40.0})
@@ -340,6 +354,8 @@ def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):
         (dict(clusters=(16, 1)), "clusters must be integers from 2 to 128. Received: "
                                  "clusters=(16, 1)"),
         (dict(shortlist=0), "shortlist must be an integer >= 1. Received: shortlist=0"),
+        (dict(seed=-1), "seed must be an integer >= 0. Received: seed=-1"),
+        (dict(seed=1.5), "seed must be an integer >= 0. Received: seed=1.5"),
     ]
     for override, text in cases:
         kwargs = dict(val_data=(digits.x_test, digits.y_test), budget=Budget(macs=1000),
@@ -393,3 +409,54 @@ def test_the_product_rule_is_refitted_on_measured_plans():
     _, cost = search._predict(base, candidates[:2], ["latency_us"])
     assert np.isclose(cost["latency_us"], 49.0)
     assert search.fit_exponents(base, candidates, []) == {}  # nothing measured: plain product
+
+
+def test_only_the_first_plan_of_a_shortlist_pays_for_short_runs_of_its_changes(monkeypatch):
+    from tflite_ext.compress import api
+
+    base, deep, mild = _deep_and_mild()
+    asked = _short_runs(monkeypatch, {"none": 0.88, mild.name: 0.80, deep.name: 0.87})
+    monkeypatch.setattr(api._Search, "preview", lambda self, plan: {"latency_us": 40.0})
+    state = api._Search(None, None, None, None, None, base, Budget(latency_us=50.0), None, 8,
+                        False, [deep, mild])
+    limits = {"latency_us": 50.0}
+    plans = api._fitting_plans(state, [deep, mild], limits, dict(limits), set(), 2, [], None)
+    # g1 (10 points one shot, 8 after its short run) first; then g0, banned from nothing but
+    # g1, is ranked by its own short run in compress, not resolved here
+    assert [p.key for p in plans] == [mild.name, deep.name]
+    assert set(asked) == {mild.name, "none"}
+    assert deep.change not in state.recovered
+
+
+def test_of_equal_predicted_losses_the_plan_furthest_under_the_budget_goes_first():
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
+
+    def change(key, setting, acc, latency):
+        return search.Candidate(search.Change("prune", key, setting, key), acc,
+                                {"latency_us": latency})
+
+    # g0 at 1/2 and at 3/4 lose nothing; g1 loses a point. Under 70 µs both g0 settings fit.
+    candidates = [change("g0", 0.5, 0.9, 60.0), change("g0", 0.75, 0.9, 40.0),
+                  change("g1", 0.5, 0.89, 50.0)]
+    plan = search.solve(base, candidates, {"latency_us": 70.0})
+    assert (plan.key, plan.predicted_drop) == ("prune:g0=0.75", 0.0)
+    assert search.solve(base, candidates, {"latency_us": 70.0},
+                        exclude={plan.key}).key == "prune:g0=0.5"
+
+
+def test_a_plan_run_again_from_its_seed_is_the_same_model(tiny, digits):
+    from tflite_ext.compress import api
+
+    train = (digits.x_train[:256], digits.y_train[:256])
+    plan = search.Plan((search.Change("prune", "conv1", 0.5, "conv1"),), 0.0, {})
+
+    def weights(seed):
+        small = api._pipeline(tiny, plan, train, epochs=1, learning_rate=5e-4, qat=False,
+                              round_to=8, layers=None, log=None, seed=seed)
+        return [w.numpy() for w in small.weights]
+
+    first, again, other = weights(0), weights(0), weights(1)
+    assert [w.shape for w in first] == [w.shape for w in again]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other))

@@ -84,7 +84,11 @@ def test_resnet8_latency_budget(tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["target"] == "reference" and plan["budget"]["latency_us"] > 0
     base, small = row(out, "unpruned int8"), row(out, "compressed int8")
-    assert number(small[1]) <= plan["budget"]["latency_us"] < number(base[1])
+    # The budget is a fraction of the example's own measurement of the unpruned model; the
+    # table's is compress's, a second measurement (reference kernels on a loaded 2-core
+    # machine differed by 11% between the two).
+    measured = number(re.search(r"unpruned int8 on reference: ([\d,.]+) µs", out).group(1))
+    assert number(small[1]) <= plan["budget"]["latency_us"] < measured
     assert number(small[2]) == model.stat().st_size and number(small[3]) < number(base[3])
     command = next(line.strip() for line in out.splitlines()
                    if line.strip().startswith("tflite-ext android"))

@@ -433,6 +433,14 @@ def test_recalibrate_batch_norm_gives_the_exact_data_statistics():
     np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(axis=1).mean(0), rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), feats.var(axis=1).mean(0), rtol=1e-4)
     assert bn.momentum == 0.99
+    # A last, smaller batch counts as one batch (batches of 32, 32 and 16).
+    assert recalibrate_batch_norm(model, data[:80], batch_size=32) == 1
+    batches = [keras.ops.convert_to_numpy(model.get_layer("c")(data[i:j])).reshape(-1, 5)
+               for i, j in ((0, 32), (32, 64), (64, 80))]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean([b.mean(0) for b in batches], 0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(),
+                               np.mean([b.var(0) for b in batches], 0), rtol=1e-4)
     with pytest.raises(InputError, match=r"^recalibrate_batch_norm needs samples and "
                                          r"batch_size >= 1\. Received: len\(x\)=96, "
                                          r"batch_size=0$"):

@@ -222,6 +222,8 @@ def _compress_flags(fv):
                          "ones (1: no ranking).", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max_rounds", 3, "Plans fine-tuned at most.", lower_bound=1,
                          flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Every fine-tune starts from this seed.", lower_bound=0,
+                         flag_values=fv)
     flags.DEFINE_boolean("keep_names", False, "micro: keep tensor names and signatures in "
                          "the deployed file (TFLM never reads them; by default they go).",
                          flag_values=fv)
@@ -267,7 +269,7 @@ def _compress_main(fv, args):
         result = compress(convert.load_model(model_path), fv.data, fv.val, budget,
                           target=target, max_accuracy_drop=fv.max_drop, out_dir=fv.out,
                           epochs=fv.epochs, qat=fv.qat, round_to=fv.round_to,
-                          shortlist=fv.shortlist, max_rounds=fv.max_rounds,
+                          shortlist=fv.shortlist, max_rounds=fv.max_rounds, seed=fv.seed,
                           log=_stderr if fv.json else print, **options)
     summary = {"out": fv.out, "measured": result.measured, "accuracy": result.accuracy,
                "base_accuracy": result.base_accuracy, "plan": result.plan}

@@ -10,6 +10,8 @@ Example:
 import keras
 from keras import layers
 
+from tflite_ext import tracing
+
 
 def digits_cnn(input_shape=(8, 8, 1), num_classes=10):
     """Conv64-BN-ReLU, Conv128-BN-ReLU, MaxPool, Conv128-ReLU, GAP, Dense256, Dense(logits)."""
@@ -84,10 +86,11 @@ def ds_cnn(input_shape=(49, 10, 1), num_classes=12, filters=64, blocks=4):
 
 
 def compile_classifier(model, learning_rate=1e-3):
-    """Compiles a logits classifier with Adam and sparse categorical cross-entropy."""
+    """Compiles a logits classifier with Adam and sparse categorical cross-entropy, its
+    optimizer built (`tracing`): set `trainable` flags before, not after."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        metrics=[tracing.accuracy()],
     )
-    return model
+    return tracing.build_optimizer(model)  # `fit` then traces its train step once

@@ -163,9 +163,16 @@ def _quantization_aware(model, teacher, train, epochs, log, clusters=None):
     return clustering.strip_clustering(qat) if clusters else qat
 
 
-def _pipeline(model, plan, train, *, epochs, learning_rate, qat, round_to, layers, log):
+def _pipeline(model, plan, train, *, epochs, learning_rate, qat, round_to, layers, log,
+              seed=0):
     """The real pipeline for one plan: prune (distilled fine-tune) -> strip -> factorize ->
-    QAT and cluster (one distilled fit) -> an ordinary or QAT Keras model."""
+    QAT and cluster (one distilled fit) -> an ordinary or QAT Keras model.
+
+    Every run starts from `seed`: plans are compared on the same batch order (their short
+    runs differ by the plan, not by the shuffle), and a search run again repeats itself."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
     small = model
     if plan.of("prune"):
         small = _fine_tune(model, plan, train, epochs=epochs, learning_rate=learning_rate,
@@ -187,7 +194,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
              out_dir="build/compress", epochs=10, learning_rate=5e-4, qat=False, round_to=8,
              settings=search.SETTINGS, rank_fractions=(),
              clusters=search.CLUSTERS, layers=None, max_rounds=3, shortlist=3, binary=None,
-             log=print):
+             seed=0, log=print):
     """Finds and builds the compressed model that meets `budget` on `target`.
 
     Args:
@@ -217,6 +224,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             fine-tune.
         shortlist: plans that fit in one shot ranked by a short fine-tune (epochs / 5)
             before the full ones (NetAdapt's short-term fine-tune); 1 skips the ranking.
+        seed: every fine-tune, short or full, starts from `keras.utils.set_random_seed(seed)`
+            (which sets Python's, NumPy's and the backend's global seeds).
 
     Returns:
         A `Result`; `out_dir` holds model.keras, model.tflite (model.lut.tflite when
@@ -236,7 +245,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
     if not 0 <= max_accuracy_drop <= 100:
         raise InputError(f"max_accuracy_drop is in points, 0 to 100. Received: "
                          f"max_accuracy_drop={max_accuracy_drop!r}")
-    _check_options(settings, rank_fractions, clusters, shortlist, max_rounds)
+    _check_options(settings, rank_fractions, clusters, shortlist, max_rounds, seed)
     limits = budget.limits()
     unmeasured = [m for m in limits if m != "macs" and m not in target.metrics]
     if unmeasured:
@@ -261,7 +270,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
     search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to,
                            qat, candidates, short_epochs=max(1, epochs // 5),
-                           learning_rate=learning_rate)
+                           learning_rate=learning_rate, seed=seed)
     tried, margin, rejected, result, tuned = [], dict(limits), set(), None, 0
     while result is None and tuned < max_rounds:
         plans = _fitting_plans(search_state, candidates, limits, margin, rejected,
@@ -277,7 +286,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             small, converted, _, measured, acc = _build(
                 model, plan, train, val, target, out_dir, base, epochs=epochs,
                 learning_rate=learning_rate, qat=qat, round_to=round_to, layers=layers,
-                log=log)
+                seed=seed, log=log)
             tuned += 1
             misses = budget.misses(measured)
             drop = (base_accuracy - acc) * 100
@@ -299,7 +308,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                                         out_dir))
     plan, small, converted, measured, acc = result
     plan_json = _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target,
-                           budget)
+                           budget, seed)
     small.save(os.path.join(out_dir, "model.keras"))
     converted.save(os.path.join(out_dir, "model.tflite"))
     atomic_write(os.path.join(out_dir, "plan.json"), json.dumps(plan_json, indent=2).encode())
@@ -307,7 +316,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                   converted)
 
 
-def _check_options(settings, rank_fractions, clusters, shortlist, max_rounds):
+def _check_options(settings, rank_fractions, clusters, shortlist, max_rounds, seed=0):
     """One-line errors for search settings out of range."""
     for name, values, ok, what in (
             ("settings", settings, lambda v: 0 < v < 1, "sparsities between 0 and 1"),
@@ -321,6 +330,8 @@ def _check_options(settings, rank_fractions, clusters, shortlist, max_rounds):
     for name, value in (("shortlist", shortlist), ("max_rounds", max_rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be an integer >= 0. Received: seed={seed!r}")
 
 
 @dataclasses.dataclass
@@ -340,6 +351,7 @@ class _Search:
     candidates: list = dataclasses.field(default_factory=list)
     short_epochs: int = 1     # of the short fine-tunes (NetAdapt's short-term fine-tune)
     learning_rate: float = 5e-4
+    seed: int = 0
     # {plan key: (plan, measured, layer sizes)} of every plan previewed: what the predictions
     # are refitted on
     previewed: dict = dataclasses.field(default_factory=dict)
@@ -376,11 +388,12 @@ class _Search:
     def quick_accuracy(self, plan, log=None):
         """Validation accuracy of `plan` after a short run of the real pipeline (cached)."""
         key = (f"quick:{PIPELINE}:{self.model_key}:{plan.key}:{self.short_epochs}:"
-               f"{self.learning_rate}:{self.qat}:{self.round_to}")
+               f"{self.learning_rate}:{self.qat}:{self.round_to}:seed{self.seed}")
         if key not in self.cache:
             small = _pipeline(self.model, plan, self.train, epochs=self.short_epochs,
                               learning_rate=self.learning_rate, qat=self.qat,
-                              round_to=self.round_to, layers=self.layers, log=None)
+                              round_to=self.round_to, layers=self.layers, log=None,
+                              seed=self.seed)
             self.cache.put(key, variants.accuracy(small, *self.val))
         if log:
             log(f"  {plan.key}: {self.cache.get(key):.4f} after {self.short_epochs} epoch(s)")
@@ -444,10 +457,11 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
     budget on the target; a plan that misses is rejected, and the predictions refitted on
     it (no fine-tune spent).
 
-    Only a plan that fits pays for short runs: a change of it whose one-shot loss is above
-    RESOLVE_ABOVE then counts by its loss after a short run (`_Search.resolve`), and the
-    solver asks again (at most RESOLVE_ROUNDS times). Resolving before the cost check spent
-    four of ResNet-8's short runs (90 s on host) on plans that then missed the latency.
+    Only a plan that fits pays for short runs, and only the first found: a change of it whose
+    one-shot loss is above RESOLVE_ABOVE then counts by its loss after a short run
+    (`_Search.resolve`), and the solver asks again (at most RESOLVE_ROUNDS times). Resolving
+    before the cost check spent four of ResNet-8's short runs (90 s on host) on plans that then
+    missed the latency.
 
     Each plan found bans its most damaging change from the next ones: the short fine-tunes
     that rank them then compare different structures, not one plan and its near copies
@@ -500,7 +514,11 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
             rejected.add(plan.key)  # just been refitted on it (`_Search.preview`)
             continue
         pool = allowed()
-        if resolved < RESOLVE_ROUNDS and state.resolve(pool, plan, log):
+        # Only the first plan's changes get short runs of their own: each other plan of the
+        # shortlist is ranked by one short run of itself below, which costs one run, not one
+        # per damaging change (ResNet-8 on host: 73 s on the four changes of a second plan
+        # whose own short run then scored 0.77 against the first's 0.96).
+        if not found and resolved < RESOLVE_ROUNDS and state.resolve(pool, plan, log):
             resolved += 1  # its damaging changes count by their short runs now: ask again
             continue       # (its measurement is cached if it comes back)
         # The predictions were just refitted on this plan: if they now find a plan of less
@@ -557,7 +575,8 @@ def _arguments(plan):
     return out
 
 
-def _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target, budget):
+def _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target, budget,
+               seed):
     """plan.json: prune(...), factorize(...) and cluster(...) arguments that reproduce it."""
     out = {"prune": None, "factorize": None, "cluster": None}
     if plan.of("prune"):
@@ -573,6 +592,7 @@ def _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target
     if plan.of("cluster"):
         out["cluster"] = search.cluster_arguments(small, plan.of("cluster"))
     out.update(fine_tune={"epochs": epochs, "learning_rate": learning_rate, "distilled": True,
+                          "seed": seed,
                           "qat": qat or bool(plan.of("cluster")),
                           # stripped before the fine-tune, the other groups ramped in it
                           "removed_first": sorted(k for k, v in plan.of("prune").items()
@@ -582,14 +602,14 @@ def _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target
 
 
 def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_rate, qat,
-           round_to, layers, log):
+           round_to, layers, log, seed=0):
     """Fine-tunes (or reloads from out_dir/runs/) one plan; converts; measures on target.
 
     Returns (Keras model, conversion result, deployed flatbuffer, measured, accuracy)."""
     runs = os.path.join(out_dir, "runs")
     os.makedirs(runs, exist_ok=True)
-    name = fingerprint((plan.key + f"|{epochs}|{learning_rate}|{qat}|{round_to}|{PIPELINE}")
-                       .encode())
+    name = fingerprint((plan.key + f"|{epochs}|{learning_rate}|{qat}|{round_to}|{PIPELINE}"
+                        f"|seed{seed}").encode())
     path = os.path.join(runs, f"{name}.keras")
     from tflite_ext import convert
 
@@ -597,7 +617,7 @@ def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_r
         small = convert.load_model(path)  # a QAT or clustered run has not imported them
     else:
         small = _pipeline(model, plan, train, epochs=epochs, learning_rate=learning_rate,
-                          qat=qat, round_to=round_to, layers=layers, log=log)
+                          qat=qat, round_to=round_to, layers=layers, log=log, seed=seed)
         small.save(path + ".part.keras")
         os.replace(path + ".part.keras", path)
 

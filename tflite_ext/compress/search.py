@@ -612,11 +612,14 @@ def solve(base, candidates, limits, exclude=()):
         drop = drop_i + drop_o[-1]
         clash = _clashes(pruned_i | pruned_o[-1], factorized_i | factorized_o[-1])
         fits = np.flatnonzero((cost <= bound).all(axis=1) & ~clash)
-        # Equal predicted losses (one-shot losses are coarse): the plan that changes least,
-        # the one nearest the budget, goes first.
-        slack = -(cost[fits] / bound).sum(axis=1)
-        for k in fits[np.lexsort((slack, drop[fits]))][:len(exclude) + 1]:
-            ranked.append((drop[k], -(cost[k] / bound).sum(), picks, k))
+        # Equal predicted losses (losses count validation images: ties are common): the
+        # plan furthest under the budget goes first. It is the faster (or smaller) result,
+        # and a plan at the budget's edge is the one whose measurement misses: on reference,
+        # the two ResNet-8 plans of 1.59 predicted point asked first, nearest the budget
+        # (1% and 8% under), both measured over it (two previews spent).
+        used = (cost[fits] / bound).sum(axis=1)
+        for k in fits[np.lexsort((used, drop[fits]))][:len(exclude) + 1]:
+            ranked.append((drop[k], (cost[k] / bound).sum(), picks, k))
     inner_shape = sizes[split:]
     for _, _, picks, k in sorted(ranked, key=lambda r: r[:2]):
         chosen = [outer[j][i - 1] for j, i in enumerate(picks) if i]

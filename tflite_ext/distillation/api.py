@@ -9,7 +9,7 @@ import numbers
 
 import keras
 
-from tflite_ext import wrapping
+from tflite_ext import tracing, wrapping
 from tflite_ext.distillation import hints as hints_lib
 from tflite_ext.distillation.distiller import Distiller, LogitsDistillation
 from tflite_ext.errors import InputError
@@ -102,7 +102,8 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
             smaller copy).
         temperature: softmax temperature T > 0 for the soft targets.
         alpha: weight in [0, 1] of the ground-truth loss; 1 - alpha weighs the teacher's.
-        optimizer: optimizer instance or name.
+        optimizer: optimizer instance or name; its variables are made here, for the
+            student's trainable variables (set `trainable` flags before).
         loss: ground-truth loss; default sparse categorical cross-entropy on logits.
         metrics: metrics on the student's predictions.
         hints: feature pairs `{teacher layer: student layer}` or `[(teacher, student), ...]`,
@@ -142,9 +143,12 @@ def distill(teacher, student, *, temperature=4.0, alpha=0.5, optimizer="adam", l
     distiller.compile(
         optimizer=optimizer,
         loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=list(metrics) if metrics else None,
+        # "accuracy" as an object: the string is built inside fit's first trace, which then
+        # traces again (`tracing`)
+        metrics=[tracing.accuracy() if m == "accuracy" and loss is None else m
+                 for m in metrics] if metrics else None,
     )
-    return distiller
+    return tracing.build_optimizer(distiller)  # then fit traces its train step once, not twice
 
 
 def needed_callbacks(student, callbacks):

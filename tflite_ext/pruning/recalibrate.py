@@ -28,8 +28,9 @@ def _batch_norms(model):
 def recalibrate_batch_norm(model, x, batch_size=32):
     """Replaces every BatchNormalization's moving mean/variance by the average over `x`.
 
-    Batch k of n is given momentum (k - 1) / k, so after the pass each statistic is the plain
-    mean of the n batch statistics. Returns the number of BatchNormalization layers updated.
+    After the pass each statistic is the plain mean of the batch statistics (every batch
+    counts once, a last smaller one too). Returns the number of BatchNormalization layers
+    updated.
 
     Args:
         model: a float Keras model (e.g. the result of `strip`).
@@ -41,13 +42,40 @@ def recalibrate_batch_norm(model, x, batch_size=32):
         raise InputError("recalibrate_batch_norm needs samples and batch_size >= 1. "
                          f"Received: len(x)={len(x)}, batch_size={batch_size!r}")
     layers = _batch_norms(model)
+    if not layers:
+        return 0
     momenta = [layer.momentum for layer in layers]
+    totals = [[0.0, 0.0] for _ in layers]
     try:
-        for k, start in enumerate(range(0, len(x), batch_size), start=1):
-            for layer in layers:
-                layer.momentum = (k - 1) / k
-            model(x[start:start + batch_size], training=True)
+        # Momentum 0: each training-mode pass leaves its batch's statistics in the moving ones,
+        # which are summed here. A momentum that changed per batch would be traced once as a
+        # constant. Eager calls took 2.5-3.4 s after a ResNet-8 fine-tune, one traced pass 1.0 s.
+        for layer in layers:
+            layer.momentum = 0.0
+        forward = _compiled(model, x)
+        batches = range(0, len(x), batch_size)
+        for start in batches:
+            forward(x[start:start + batch_size])
+            for total, layer in zip(totals, layers):
+                total[0] = total[0] + keras.ops.convert_to_numpy(layer.moving_mean)
+                total[1] = total[1] + keras.ops.convert_to_numpy(layer.moving_variance)
+        for (mean, variance), layer in zip(totals, layers):
+            layer.moving_mean.assign(mean / len(batches))
+            layer.moving_variance.assign(variance / len(batches))
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return len(layers)
+
+
+def _compiled(model, x):
+    """`model(batch, training=True)`, traced once for batches of `x` of any size on the
+    TensorFlow backend; eager elsewhere."""
+    def forward(batch):
+        model(batch, training=True)
+
+    if keras.backend.backend() != "tensorflow":
+        return forward
+    import tensorflow as tf
+
+    return tf.function(forward, input_signature=[tf.TensorSpec((None, *x.shape[1:]), x.dtype)])

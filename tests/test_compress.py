@@ -26,10 +26,26 @@ def test_budget_parses_units_and_refuses_bad_ones():
     assert Budget(macs=10).misses({"macs": 5}) == []
     for kwargs, text in [(dict(flash="12XB"), "flash='12XB'"), (dict(latency="-1ms"), "-1ms"),
                          (dict(latency="0ms"), "latency must be > 0"), (dict(), "Received: none"),
-                         (dict(arena=True), "arena=True")]:
+                         (dict(arena=True), "arena=True"),
+                         (dict(latency="1.5x"), "latency as a fraction of the unchanged model "
+                                                "must be > 0 and <= 1 (e.g. 0.5x). Received: "
+                                                "latency='1.5x'"),
+                         (dict(flash="0x"), "flash='0x'")]:
         with pytest.raises(InputError) as info:
             Budget.parse(**kwargs)
         assert text in str(info.value) and "\n" not in str(info.value)
+    # Fractions of the unchanged model, made bounds once it is measured
+    relative = Budget.parse(latency="0.4x", flash="64KB", macs="0.5X")
+    assert relative.metrics() == ["flash_bytes", "latency_us", "macs"]
+    assert str(relative) == ("flash <= 65,536 bytes, latency <= 0.4x the unchanged model, "
+                             "MACs <= 0.5x the unchanged model")
+    with pytest.raises(InputError, match="relative to the unchanged model: make it absolute"):
+        relative.limits()
+    made = relative.of({"latency_us": 150.0, "flash_bytes": 9000, "macs": 1001})
+    assert made.limits() == {"flash_bytes": 65536, "latency_us": 60.0, "macs": 500}
+    with pytest.raises(InputError, match="^A latency budget relative to the unchanged model "
+                                         "needs the target to measure latency_us"):
+        Budget.parse(latency="0.5x").of({"flash_bytes": 9000})
 
 
 def test_targets_by_name():
@@ -88,6 +104,17 @@ def test_compress_meets_a_mac_budget_and_resumes(tiny, digits, tmp_path):
     compress_module(tiny, train, val, budget, target="host", out_dir=str(tmp_path), epochs=1,
                     settings=(0.5,), rank_fractions=(), shortlist=1, log=None)
     assert (tmp_path / "cache.jsonl").read_text().count("\n") == lines  # nothing re-measured
+
+
+def test_a_budget_relative_to_the_unchanged_model(tiny, digits, tmp_path):
+    train, val = (digits.x_train, digits.y_train), (digits.x_test, digits.y_test)
+    logged = []
+    result = compress_module(tiny, train, val, Budget.parse(macs="0.6x"), target="host",
+                             out_dir=str(tmp_path), epochs=1, settings=(0.5,), rank_fractions=(),
+                             shortlist=1, log=logged.append)
+    bound = int(0.6 * pruning.count_macs(tiny))
+    assert result.report["budget"] == {"macs": bound} and result.measured["macs"] <= bound
+    assert f"budget: MACs <= 0.6x the unchanged model: MACs <= {bound:,}" in logged
 
 
 def _synthetic(seed=0, slots=5, options=3):

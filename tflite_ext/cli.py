@@ -193,10 +193,12 @@ def _compress_flags(fv):
     flags.DEFINE_string("target", "host", "Where the budget holds: host[:THREADS], reference, "
                         "micro, ethos-u55-128 (any vela configuration), android[:SERIAL].",
                         flag_values=fv)
-    flags.DEFINE_string("flash", None, "Flash budget, e.g. 64KB.", flag_values=fv)
-    flags.DEFINE_string("arena", None, "RAM (tensor arena) budget, e.g. 32KB.", flag_values=fv)
-    flags.DEFINE_string("latency", None, "Latency budget on the target, e.g. 5ms or 400us.",
+    flags.DEFINE_string("flash", None, "Flash budget, e.g. 64KB. Each budget may instead be "
+                        "a fraction of the unchanged model's, as measured: 0.5x.",
                         flag_values=fv)
+    flags.DEFINE_string("arena", None, "RAM (tensor arena) budget, e.g. 32KB.", flag_values=fv)
+    flags.DEFINE_string("latency", None, "Latency budget on the target, e.g. 5ms, 400us or "
+                        "0.4x (of the unchanged model).", flag_values=fv)
     flags.DEFINE_string("macs", None, "MAC budget, e.g. 3M.", flag_values=fv)
     flags.DEFINE_float("max_drop", 1.0, "Accuracy points the result may lose.", flag_values=fv)
     flags.DEFINE_string("out", "build/compress", "Output folder (and the resumable cache).",

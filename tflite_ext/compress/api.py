@@ -201,7 +201,8 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         model: the trained float Keras model (functional or Sequential), logits out.
         train_data, val_data: (x, y) arrays or .npz paths with 'x' and 'y'. Choices are made
             on `val_data`; keep a test split apart to report.
-        budget: a `Budget` (or a dict of its fields).
+        budget: a `Budget` (or a dict of its fields); `Budget.parse(latency="0.4x")` bounds
+            it by the unchanged model's cost as this search measures it.
         target: a `Target` or its name (`targets.get_target`): "host", "host:2",
             "reference", "micro", "ethos-u55-128", ..., "android[:SERIAL]" (with `binary`).
         max_accuracy_drop: points of int8 validation accuracy the result may lose against
@@ -246,8 +247,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         raise InputError(f"max_accuracy_drop is in points, 0 to 100. Received: "
                          f"max_accuracy_drop={max_accuracy_drop!r}")
     _check_options(settings, rank_fractions, clusters, shortlist, max_rounds, seed)
-    limits = budget.limits()
-    unmeasured = [m for m in limits if m != "macs" and m not in target.metrics]
+    unmeasured = [m for m in budget.metrics() if m != "macs" and m not in target.metrics]
     if unmeasured:
         raise InputError(f"Target {target.name} does not measure {', '.join(unmeasured)}; "
                          f"it measures {', '.join(target.metrics)}")
@@ -268,6 +268,12 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
     if log:
         log(f"base: int8 accuracy {base_accuracy:.4f}, " + ", ".join(
             f"{k} {v:,.1f}" for k, v in base.cost.items() if isinstance(v, (int, float))))
+    if budget.fractions:  # bounds from this measurement, the one the search predicts from
+        relative = budget
+        budget = budget.of(base.cost)
+        if log:
+            log(f"budget: {relative}: {budget}")
+    limits = budget.limits()
     search_state = _Search(model, train, val, target, cache, base, budget, layers, round_to,
                            qat, candidates, short_epochs=max(1, epochs // 5),
                            learning_rate=learning_rate, seed=seed)

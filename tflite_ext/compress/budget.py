@@ -1,11 +1,16 @@
 """What the user can afford: flash, RAM (the tensor arena), latency and MACs on the target.
 
 Sizes take "64KB" / "64KiB" / "1.5MB" / "20000" (bytes; K and KB are 1024 as on
-microcontroller datasheets), times "5ms" / "500us" / "0.4s" (stored in µs).
+microcontroller datasheets), times "5ms" / "500us" / "0.4s" (stored in µs). Any of them may be
+a fraction of the unchanged model's own cost on the target instead, "0.4x": `compress`
+measures that model first and sets the bound from that measurement, so the budget and the
+search share one (timed apart, reference kernels measured the same file up to 25% apart).
 
 Example:
     >>> Budget.parse(flash="64KB", arena="32KB", latency="5ms")
-    Budget(flash_bytes=65536, arena_bytes=32768, latency_us=5000.0, macs=None)
+    Budget(flash_bytes=65536, arena_bytes=32768, latency_us=5000.0, macs=None, fractions=())
+    >>> Budget.parse(latency="0.4x").of({"latency_us": 150.0}).latency_us
+    60.0
     >>> Budget(latency_us=100).misses({"latency_us": 120.0})
     ['latency 120.0 µs > 100.0 µs']
 """
@@ -22,6 +27,18 @@ METRICS = {"flash_bytes": ("flash", "bytes"), "arena_bytes": ("arena", "bytes"),
            "latency_us": ("latency", "µs"), "macs": ("MACs", "")}
 
 
+def _fraction(text, flag):
+    """The fraction of "0.4x", or None when `text` is not of that form."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[xX]\s*", str(text))
+    if match is None:
+        return None
+    value = float(match.group(1))
+    if not 0 < value <= 1:
+        raise InputError(f"{flag} as a fraction of the unchanged model must be > 0 and <= 1 "
+                         f"(e.g. 0.5x). Received: {flag}={text!r}")
+    return value
+
+
 def _parse(text, units, flag):
     if isinstance(text, bool):
         raise InputError(f"{flag} must be a number with a unit. Received: {flag}={text!r}")
@@ -33,8 +50,8 @@ def _parse(text, units, flag):
         unit = match and match.group(2).lower()
         if not match or unit not in units:
             raise InputError(f"{flag} must be a number with one of the units "
-                             f"{', '.join(u for u in units if u) or 'none'}. "
-                             f"Received: {flag}={text!r}")
+                             f"{', '.join(u for u in units if u) or 'none'}, or a fraction "
+                             f"of the unchanged model such as 0.5x. Received: {flag}={text!r}")
         value = float(match.group(1))
     value *= units[unit] if unit is not None else 1
     if not value > 0:
@@ -44,12 +61,16 @@ def _parse(text, units, flag):
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Upper bounds on the target; None means unconstrained. At least one must be set."""
+    """Upper bounds on the target; None means unconstrained. At least one must be set.
+
+    `fractions`: ((metric, fraction), ...) bounds relative to the unchanged model, made
+    absolute by `of` once it is measured (`compress` does)."""
 
     flash_bytes: int = None
     arena_bytes: int = None
     latency_us: float = None
     macs: int = None
+    fractions: tuple = ()
 
     def __post_init__(self):
         for name in METRICS:
@@ -57,21 +78,59 @@ class Budget:
             if value is not None and (isinstance(value, bool)
                                       or not isinstance(value, (int, float)) or value <= 0):
                 raise InputError(f"{name} must be a number > 0. Received: {name}={value!r}")
-        if all(getattr(self, name) is None for name in METRICS):
+        for name, fraction in self.fractions:
+            if name not in METRICS or getattr(self, name) is not None \
+                    or isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                    or not 0 < fraction <= 1:
+                raise InputError(f"fractions are (metric, 0 < fraction <= 1) of metrics not "
+                                 f"bounded otherwise. Received: ({name!r}, {fraction!r})")
+        if all(getattr(self, name) is None for name in METRICS) and not self.fractions:
             raise InputError("A budget needs at least one of flash_bytes, arena_bytes, "
                              "latency_us, macs. Received: none")
 
     @classmethod
     def parse(cls, flash=None, arena=None, latency=None, macs=None):
-        """A Budget from strings with units (the CLI's --flash 64KB --latency 5ms)."""
-        return cls(
-            flash_bytes=None if flash is None else int(_parse(flash, _SIZE, "flash")),
-            arena_bytes=None if arena is None else int(_parse(arena, _SIZE, "arena")),
-            latency_us=None if latency is None else _parse(latency, _TIME, "latency"),
-            macs=None if macs is None else int(_parse(macs, _COUNT, "macs")))
+        """A Budget from strings with units (the CLI's --flash 64KB --latency 5ms), or
+        fractions of the unchanged model ("0.4x")."""
+        given = {"flash_bytes": (flash, _SIZE, "flash", int),
+                 "arena_bytes": (arena, _SIZE, "arena", int),
+                 "latency_us": (latency, _TIME, "latency", float),
+                 "macs": (macs, _COUNT, "macs", int)}
+        values, fractions = {}, []
+        for name, (text, units, flag, kind) in given.items():
+            if text is None:
+                continue
+            fraction = None if isinstance(text, (int, float)) else _fraction(text, flag)
+            if fraction is None:
+                values[name] = kind(_parse(text, units, flag))
+            else:
+                fractions.append((name, fraction))
+        return cls(**values, fractions=tuple(fractions))
+
+    def metrics(self):
+        """The constrained metrics, absolute or relative."""
+        return [k for k in METRICS if getattr(self, k) is not None
+                or k in dict(self.fractions)]
+
+    def of(self, base_cost):
+        """This budget with its fractions made bounds on the unchanged model's `base_cost`
+        ({metric: value}, as measured on the target)."""
+        values = {k: getattr(self, k) for k in METRICS}
+        for name, fraction in self.fractions:
+            if name not in base_cost:
+                label = METRICS[name][0]
+                raise InputError(f"A {label} budget relative to the unchanged model needs "
+                                 f"the target to measure {name}. Received: a target that "
+                                 f"measures {', '.join(sorted(base_cost))}")
+            value = fraction * base_cost[name]
+            values[name] = value if name == "latency_us" else max(1, int(value))
+        return Budget(**values)
 
     def limits(self):
-        """{metric: bound} of the constrained metrics."""
+        """{metric: bound} of the constrained metrics (after `of`, for relative ones)."""
+        if self.fractions:
+            raise InputError(f"budget {self} is relative to the unchanged model: make it "
+                             f"absolute with .of(its measured cost) first")
         return {k: getattr(self, k) for k in METRICS if getattr(self, k) is not None}
 
     def misses(self, cost):
@@ -89,7 +148,12 @@ class Budget:
 
     def __str__(self):
         parts = []
-        for key, bound in self.limits().items():
+        fractions = dict(self.fractions)
+        for key in self.metrics():
             label, unit = METRICS[key]
-            parts.append(f"{label} <= {bound:,.0f}" + (f" {unit}" if unit else ""))
+            if key in fractions:
+                parts.append(f"{label} <= {fractions[key]:g}x the unchanged model")
+            else:
+                parts.append(f"{label} <= {getattr(self, key):,.0f}" + (f" {unit}" if unit
+                                                                        else ""))
         return ", ".join(parts)

@@ -153,6 +153,45 @@ def test_solve_is_the_best_of_every_combination(monkeypatch):
     assert search.solve(base, candidates, limits, exclude={plan.key}).key == second.key
 
 
+def test_solve_with_the_flash_model_is_the_best_of_every_combination(monkeypatch):
+    import itertools
+
+    # Flash from the fitted model (bytes, channels and LUT tables per layer), as on `micro`:
+    # prune groups shrink layers a, b and c, clustering shares values in a and b.
+    rng = np.random.default_rng(3)
+    layers = {"a": (4000, 40), "b": (8000, 80), "c": (2000, 20)}
+    base = search.Candidate(None, 0.95, {"flash_bytes": 15000.0}, layers=layers)
+    base.flash_fit = np.array([600.0, 1.0, 6.0, 400.0, 1.0])
+
+    def shrunk(scale):
+        return {n: (int(w * scale.get(n, 1.0)), int(c * min(1.0, 2 * scale.get(n, 1.0))))
+                for n, (w, c) in layers.items()}
+
+    candidates = [search.Candidate(search.Change("prune", g, s, g), 0.95 - rng.uniform(0, 0.1),
+                                   {"flash_bytes": 0.0}, layers=shrunk({n: 1 - s for n in ns}))
+                  for g, ns in (("g0", "ab"), ("g1", "bc")) for s in (0.25, 0.5, 0.75)]
+    candidates += [search.Candidate(search.Change("cluster", n, k, n),
+                                    0.95 - rng.uniform(0, 0.05), {"flash_bytes": 0.0})
+                   for n in "ab" for k in (16, 4)]
+    slots = search._slots(candidates).values()
+    for bound in (9000.0, 6000.0, 4000.0):
+        fitting = []
+        for combo in itertools.product(*([None, *s] for s in slots)):
+            chosen = [c for c in combo if c is not None]
+            drop, cost = search._predict(base, chosen, ["flash_bytes"])
+            if cost["flash_bytes"] <= bound:
+                fitting.append((drop, ",".join(sorted(c.change.label for c in chosen))))
+        fitting.sort()
+        for chunk in (search.CHUNK, 4):  # the last slots vectorized, or most of them looped
+            monkeypatch.setattr(search, "CHUNK", chunk)
+            asked = set()
+            for drop, key in fitting[:8]:  # the best, then the next best, ... in order
+                plan = search.solve(base, candidates, {"flash_bytes": bound}, exclude=asked)
+                assert plan.key == key and np.isclose(plan.predicted_drop, drop)
+                assert plan.predicted_cost["flash_bytes"] <= bound
+                asked.add(key)
+
+
 def test_a_layer_is_pruned_or_factorized_not_both(monkeypatch):
     # Layer "a" shrinks when group g0 is pruned (its input channels) and when it is
     # factorized; together they are the cheapest plan, and refused: their one-shot losses

@@ -53,3 +53,56 @@ def test_lut_copy_stripped_is_proven_in_tflm_and_measured_so():
     assert both["arena_bytes"] == micro.minimum_arena(named.lut.flatbuffer, 1)
     assert kept.measure({"lut": named.lut.flatbuffer})["lut"]["flash_bytes"] == \
         len(named.lut.flatbuffer)
+
+
+def _residual_qat(x):
+    """Conv-BN-ReLU with a residual add, quantization-aware and calibrated on `x`."""
+    import keras
+
+    from tflite_ext.quantization import calibrate, quantize_model
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 1), name="pixels")
+    h = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Add()([h, keras.layers.Conv2D(8, 1)(inputs)])
+    outputs = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h))
+    return calibrate(quantize_model(keras.Model(inputs, outputs)), x)
+
+
+def test_a_traced_conversion_is_the_saved_model_file_without_its_signature(trained_tiny, digits):
+    import keras
+
+    x = digits.x_train[:64]
+    sequential = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                                   keras.layers.Dense(10)])
+    for model, data in ((trained_tiny, x), (_residual_qat(x), None), (sequential, x)):
+        signed = convert.to_tflite(model, data).flatbuffer
+        traced = convert.to_tflite(model, data, signature=False).flatbuffer
+        assert _all_names(signed)[1] == 1 and _all_names(traced)[1] == 0
+        assert len(signed) - len(traced) in range(64, 256)  # the signature def, I/O names
+        # the same operators, tensors and buffers: what names.strip leaves is the same bytes
+        assert names.strip(traced) == names.strip(signed)
+        # strip_names converts that way too (its names go anyway)
+        assert convert.to_tflite(model, data, strip_names=True).flatbuffer == names.strip(signed)
+        assert np.array_equal(host.predict(traced, x), host.predict(signed, x))
+
+
+def test_signature_false_needs_a_model_in_memory_with_one_input(tmp_path):
+    import keras
+    import pytest
+
+    from tflite_ext.errors import InputError
+
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    two = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
+    with pytest.raises(InputError, match=r"^signature=False .* one input\. Received: "
+                                         r"model=.* with 2 input\(s\)$"):
+        convert.to_tflite(two, mode="float32", signature=False)
+    path = str(tmp_path / "m.keras")
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    with pytest.raises(InputError, match=r"in memory .* Received: model='.*m\.keras'$"):
+        convert.to_tflite(path, mode="float32", signature=False)
+    # strip_names on them takes the SavedModel route, the names stripped after
+    assert _all_names(convert.to_tflite(two, mode="float32", strip_names=True)
+                      .flatbuffer)[1] == 0

@@ -83,7 +83,7 @@ def lut_path(path):
 
 def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
               allow_float=(), num_calibration_samples=300, batch_size=1, lut=False,
-              lut_data=None, strip_names=False):
+              lut_data=None, strip_names=False, signature=True):
     """Converts a Keras 3 model (object, `.keras` file or SavedModel folder) to TFLite.
 
     Args:
@@ -114,6 +114,12 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
         strip_names: leave out tensor names, signature defs and the description
             (`tflite_ext.names`): TFLM never reads them, and on a small model they are a
             sixth of the file. LiteRT still runs it (not through a signature runner).
+        signature: False converts a traced call of the model instead of the SavedModel the
+            converter otherwise reads (3.5-7x faster: 0.36 s against 2.5 s for QAT ResNet-8):
+            the file has no signature def and its input and output tensors keep the traced
+            graph's names; `names.strip` of it is byte for byte `names.strip` of the other.
+            For a Keras model in memory with one input. With `strip_names` (the names go
+            anyway) such a model is always converted this way.
 
     Returns:
         A `ConversionResult` (with `.lut` when `lut` is set).
@@ -139,12 +145,17 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
         raise InputError(f"num_calibration_samples must be an integer >= 1. Received: "
                          f"num_calibration_samples={num_calibration_samples!r}")
 
-    # The converter reads Keras models from a SavedModel written here; a SIGKILL leaves it
-    # (.tmp-tflite_ext-<pid>-savedmodel), so the next conversion removes dead processes' ones.
+    traced = _traceable(model)
+    if not signature and not traced:
+        raise InputError(f"signature=False converts a traced call: it needs a Keras model in "
+                         f"memory with one input. Received: model={_describe(model)}")
+    traced = traced and (strip_names or not signature)
+    # The converter reads other Keras models from a SavedModel written here; a SIGKILL leaves
+    # it (.tmp-tflite_ext-<pid>-savedmodel), so the next conversion removes dead processes' ones.
     remove_stale_temps(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix=temp_prefix(), suffix="-savedmodel") as workdir:
         flatbuffer = _convert(model, representative_data, mode, io_dtype, allow_float,
-                              num_calibration_samples, batch_size, workdir)
+                              num_calibration_samples, batch_size, None if traced else workdir)
 
     report = inspect.summary(flatbuffer)
     allowed = list(allow_float)
@@ -239,6 +250,8 @@ def _convert(model, representative_data, mode, io_dtype, allow_float, num_sample
         converter.inference_output_type = getattr(tf, io_dtype)
         if representative_data is not None:
             samples = _calibration_samples(representative_data, input_specs, num_samples)
+            if workdir is None:  # a traced call has no signature to match names by: its
+                samples = [list(s.values()) for s in samples]  # one input, in a list
             converter.representative_dataset = lambda: iter(samples)
 
     with native_log.captured() as log, warnings.catch_warnings():
@@ -335,8 +348,24 @@ def _register_custom_objects():
             __import__(module)
 
 
+def _traceable(model):
+    """Whether `to_tflite` can convert a traced call of `model` (`signature=False`)."""
+    import keras
+
+    return isinstance(model, keras.Model) and len(getattr(model, "inputs", None) or ()) == 1
+
+
+def _describe(model):
+    if isinstance(model, (str, os.PathLike)):
+        return repr(os.fspath(model))
+    inputs = getattr(model, "inputs", None)
+    return (f"{getattr(model, 'name', type(model).__name__)} with "
+            f"{len(inputs) if inputs else 'no known'} input(s)")
+
+
 def _make_converter(model, batch_size, workdir):
-    """A TFLiteConverter for a model object or path, and the model's input specs."""
+    """A TFLiteConverter for a model object or path, and the model's input specs; with no
+    `workdir`, of a traced call of the model (`_traceable`)."""
     import keras
     import tensorflow as tf
 
@@ -349,14 +378,21 @@ def _make_converter(model, batch_size, workdir):
         raise InputError(f"Expected a keras.Model or a model path. Received: "
                          f"{type(model).__name__}")
     specs, signature = _input_specs(model, batch_size)
-    # Through a SavedModel written by Keras' own ExportArchive with an inference-mode endpoint:
-    # the converter freezes Keras 3 variables reliably only from there.
-    archive = keras.export.ExportArchive()
-    archive.track(model)
+    call = functools.partial(model.__call__, training=False)
     try:
-        archive.add_endpoint("serve", functools.partial(model.__call__, training=False),
-                             [signature])
         with native_log.captured():
+            if workdir is None:
+                # Given no trackable object, the converter freezes the variables the trace
+                # captured into constants (given the model, it keeps READ_VARIABLE ops that
+                # nothing initializes). No signature: the SavedModel is what defines one.
+                traced = tf.function(call, input_signature=[signature])
+                return (tf.lite.TFLiteConverter.from_concrete_functions(
+                    [traced.get_concrete_function()]), specs)
+            # Else through a SavedModel written by Keras' own ExportArchive with an
+            # inference-mode endpoint, which gives the file its serving signature.
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint("serve", call, [signature])
             archive.write_out(workdir, verbose=False)
     except Exception as e:  # tracing runs the model's own call code
         first = (str(e).strip().splitlines() or [""])[0][:200]

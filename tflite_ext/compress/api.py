@@ -370,14 +370,16 @@ class _Search:
         return fingerprint(self.model)
 
     def preview(self, plan):
-        key = (f"preview:{self.target.key}:{self.model_key}:{plan.key}:{self.round_to}"
+        # "preview2": of the file without a signature (`search.int8`), its flash corrected
+        key = (f"preview2:{self.target.key}:{self.model_key}:{plan.key}:{self.round_to}"
                f"{':qat' if self.qat else ''}")
         if key not in self.cache:
             small, _, fb = search.one_shot_plan(self.model, plan, self.train[0],
                                              layers=self.layers, round_to=self.round_to,
                                              qat=self.qat)
-            self.cache.put(key, dict(measure_beside(self.target, fb, self.base),
-                                     macs=pruning.count_macs(small),
+            cost = search.with_signature(measure_beside(self.target, fb, self.base),
+                                         self.base.signature_bytes)
+            self.cache.put(key, dict(cost, macs=pruning.count_macs(small),
                                      layers=search.layer_sizes(small)))
         measured = dict(self.cache.get(key))
         layers = measured.pop("layers", None)

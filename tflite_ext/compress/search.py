@@ -75,6 +75,7 @@ class Candidate:
     tflite: bytes = None  # the int8 flatbuffer (kept for the base only)
     layers: dict = None   # {layer: (kernel weights, output channels)}: `layer_sizes`
     flash_fit: object = None  # the base's: coefficients of `flash_features` (`fit_flash`)
+    signature_bytes: float = 0  # the base's: flash its signature def adds on the target
     exponents: dict = dataclasses.field(default_factory=dict)  # the base's: `fit_exponents`
 
     @property
@@ -226,18 +227,25 @@ def clustered_one_shot(model, clusters):
         model, clusters)))
 
 
-def int8(model, x_calibration, qat=False):
+def int8(model, x_calibration, qat=False, signature=False):
     """The int8 flatbuffer, calibrated on `x_calibration`; with `qat`, converted the way a
     QAT model is (ranges observed on it by `calibrate`, no training): the same tensors and
     sizes as the QAT fine-tune will give, which PTQ does not (25,624 against 23,968 bytes for
-    the digits CNN pruned by 3/4)."""
+    the digits CNN pruned by 3/4).
+
+    Without a `signature` (`to_tflite(signature=False)`, 3.5-7x faster): the file the
+    SavedModel route gives, less its signature def and I/O tensor names (`names.strip` of
+    both is the same bytes), so the same math and, on the target, the same time; its flash
+    is corrected by the base's difference (`Candidate.signature_bytes`)."""
     if not qat:
-        return convert.to_tflite(model, x_calibration[:100]).flatbuffer
+        return convert.to_tflite(model, x_calibration[:100], signature=signature).flatbuffer
     from tflite_ext.quantization import calibrate, quantize_model
 
     wrapped = quantize_model(model)
-    calibrate(wrapped, x_calibration[:512])
-    return convert.to_tflite(wrapped).flatbuffer
+    # One pass of 256 (the ranges: their extremes), not 16 eager batches (0.9 s of a digits
+    # candidate's 2.2 s) whose moving average the first batch's extremes dominated
+    calibrate(wrapped, x_calibration[:256], batch_size=256)
+    return convert.to_tflite(wrapped, signature=signature).flatbuffer
 
 
 def with_lut(flatbuffer):
@@ -360,16 +368,17 @@ def _progress(total, title, log):
 
 
 def _cache_key(model_key, change, round_to, qat):
-    # "candidate8": accuracy of the int8 file (the first caches' "candidate" held the float
-    # model's, which other entries must not be ranked against)
+    # "candidate9": accuracy of the int8 file converted without a signature (`int8`); the
+    # first caches' "candidate" held the float model's, which other entries must not be
+    # ranked against, and "candidate8" files had signatures
     way = ":qat" if qat else ""
     if change is None:
-        return f"candidate8:{model_key}:None:0:{round_to}{way}"
+        return f"candidate9:{model_key}:None:0:{round_to}{way}"
     if change.kind == "prune":
-        return f"candidate8:{model_key}:{change.key}:{change.setting:g}:{round_to}{way}"
+        return f"candidate9:{model_key}:{change.key}:{change.setting:g}:{round_to}{way}"
     # ":lut2": a clustered candidate's LUT file, its indices without the copied quantization
     lut = ":lut2" if change.kind == "cluster" else ""
-    return f"candidate8:{model_key}:{change.kind}:{change.key}:{change.setting:g}{way}{lut}"
+    return f"candidate9:{model_key}:{change.kind}:{change.key}:{change.setting:g}{way}{lut}"
 
 
 def _one_change(model, change, x, *, layers, round_to, qat):
@@ -417,26 +426,49 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
         if bar:
             bar.update(i + 1)
     made = _distinct(made)
+    # The unchanged model as it ships, signature def and all (the candidates have none):
+    # its flash against its unsigned file's is what a signature adds on this target.
+    signed_key = _cache_key(model_key, None, round_to, qat) + ":signed"
+    if signed_key not in cache:
+        fb = int8(model, x_train, qat=qat, signature=True)
+        flatbuffers[fingerprint(fb)] = fb
+        cache.put_blob(fingerprint(fb), fb)
+        cache.put(signed_key, fingerprint(fb))
     todo = {}
-    for change, info in made:  # every model this target has not measured yet
-        h = info["tflite"]
+    files = [(change, info["tflite"]) for change, info in made] + [(True, cache.get(signed_key))]
+    for change, h in files:  # every model this target has not measured yet
         if f"cost:{target.key}:{h}" not in cache and h not in todo:
             todo[h] = (flatbuffers.get(h) or cache.get_blob(h)
-                       or _one_change(model, change, x_train, layers=layers,
-                                      round_to=round_to, qat=qat)[2])
+                       or (int8(model, x_train, qat=qat, signature=True) if change is True else
+                           _one_change(model, change, x_train, layers=layers,
+                                       round_to=round_to, qat=qat)[2]))
     if todo:
         if log:
             log(f"measuring {len(todo)} models on {target.name}")
         for h, cost in target.measure(todo).items():
             cache.put(f"cost:{target.key}:{h}", cost)
+    signed = cache.get(f"cost:{target.key}:{cache.get(signed_key)}")
+    unsigned = cache.get(f"cost:{target.key}:{made[0][1]['tflite']}")
+    extra = signed.get("flash_bytes", 0) - unsigned.get("flash_bytes", 0)
     out = [Candidate(change, info["accuracy"],
-                     dict(cache.get(f"cost:{target.key}:{info['tflite']}"), macs=info["macs"]),
+                     with_signature(dict(cache.get(f"cost:{target.key}:{info['tflite']}"),
+                                         macs=info["macs"]), extra),
                      layers=_sizes(info.get("layers")))
            for change, info in made]
+    out[0].signature_bytes = extra
     out[0].flash_fit = fit_flash(out[0], out[1:])
     # later measurements are timed beside the base: its file, kept or converted once more
     out[0].tflite = cache.get_blob(made[0][1]["tflite"]) or int8(model, x_train, qat=qat)
     return out[0], out[1:]
+
+
+def with_signature(cost, extra):
+    """`cost` of a file converted without a signature (`int8`) as its signed file's: flash
+    plus `extra`, the bytes the base's signature def takes on the target (0 on `micro`,
+    which strips it; about 150 in a host file). Names and signatures take no time."""
+    if "flash_bytes" in cost:
+        cost = dict(cost, flash_bytes=cost["flash_bytes"] + extra)
+    return cost
 
 
 def _strength(change):
@@ -575,11 +607,35 @@ def _scored(base, slots, metrics):
     return drop, logs, terms, modelled, pruned, factorized
 
 
-def _costs_of(base, metrics, logs, terms, modelled):
+def _flash_parts(base, terms):
+    """The flash model's per-layer parts of many combinations (`_scored` terms): kernel bytes,
+    output channels, channels x LUT entries (each (N, layers)) and LUT entries."""
+    names = sorted(base.layers)
+    weights = np.array([base.layers[n][0] for n in names], dtype=float)
+    channels = np.array([base.layers[n][1] for n in names], dtype=float) * np.exp(terms[:, 1])
+    table = terms[:, 2]
+    return (weights * np.exp(terms[:, 0]), channels, channels * table, table,
+            (table > 0).sum(-1))
+
+
+def _costs_of(base, metrics, logs, parts, outer, modelled):
+    """Costs of the inner combinations (`logs`, flash `parts`) with one outer choice (its
+    log terms `outer`). The flash model is linear in per-layer bytes and channels, and the
+    outer choice scales each layer's: matrix-vector products, not an exp per layer and
+    combination (the digits CNN's 26 million combinations: 0.6 s, against 4.2 s)."""
     cost = np.array([base.cost[m] for m in metrics], dtype=float) * np.exp(logs)
-    for j, mod in enumerate(modelled):
-        if mod:
-            cost[:, j] = _flash(base, terms[:, 0], terms[:, 1], terms[:, 2])
+    if any(modelled):
+        kernel_bytes, channels, channel_entries, entries, luts = parts
+        lw, lc, table = outer
+        scale_w, scale_c = np.exp(lw), np.exp(lc)
+        luts = luts + (entries[:, table > 0] == 0).sum(-1)  # the outer choice's new tables
+        fixed, per_byte, per_channel, per_lut, per_entry = base.flash_fit
+        flash = (fixed + per_byte * (kernel_bytes @ scale_w) + per_channel * (channels @ scale_c)
+                 + per_lut * luts
+                 + per_entry * (channel_entries @ scale_c + channels @ (scale_c * table)))
+        for j, mod in enumerate(modelled):
+            if mod:
+                cost[:, j] = flash
     return cost
 
 
@@ -601,6 +657,7 @@ def solve(base, candidates, limits, exclude=()):
         split -= 1
     outer, inner = slots[:split], slots[split:]
     drop_i, logs_i, terms_i, modelled, pruned_i, factorized_i = _scored(base, inner, metrics)
+    parts = _flash_parts(base, terms_i) if any(modelled) else None
     bound = np.array([limits[m] for m in metrics], dtype=float)
     ranked = []
     for picks in itertools.product(*(range(n) for n in sizes[:split])):
@@ -608,7 +665,7 @@ def solve(base, candidates, limits, exclude=()):
         drop_o, logs_o, terms_o, _, pruned_o, factorized_o = _scored(
             base, [[c] for c in chosen], metrics)
         # (the outer choice is one combination: its last entry, every option taken)
-        cost = _costs_of(base, metrics, logs_i + logs_o[-1], terms_i + terms_o[-1], modelled)
+        cost = _costs_of(base, metrics, logs_i + logs_o[-1], parts, terms_o[-1], modelled)
         drop = drop_i + drop_o[-1]
         clash = _clashes(pruned_i | pruned_o[-1], factorized_i | factorized_o[-1])
         fits = np.flatnonzero((cost <= bound).all(axis=1) & ~clash)

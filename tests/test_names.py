@@ -96,9 +96,19 @@ def test_signature_false_needs_a_model_in_memory_with_one_input(tmp_path):
 
     a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
     two = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
-    with pytest.raises(InputError, match=r"^signature=False .* one input\. Received: "
-                                         r"model=.* with 2 input\(s\)$"):
+    with pytest.raises(InputError, match=r"^signature=False .* one input and one output\. "
+                                         r"Received: model=.* with 2 input\(s\) and 1 "
+                                         r"output\(s\)$"):
         convert.to_tflite(two, mode="float32", signature=False)
+    # Several outputs: the trace orders them otherwise than the signature, so strip_names
+    # takes the SavedModel route there (its stripped file is the ordinary one's)
+    inputs = keras.Input((4,), name="x")
+    outputs = {"zeta": keras.layers.Dense(3)(inputs), "alpha": keras.layers.Dense(5)(inputs)}
+    several = keras.Model(inputs, outputs)
+    with pytest.raises(InputError, match=r"with 1 input\(s\) and 2 output\(s\)$"):
+        convert.to_tflite(several, mode="float32", signature=False)
+    assert convert.to_tflite(several, mode="float32", strip_names=True).flatbuffer == \
+        names.strip(convert.to_tflite(several, mode="float32").flatbuffer)
     path = str(tmp_path / "m.keras")
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
     with pytest.raises(InputError, match=r"in memory .* Received: model='.*m\.keras'$"):

@@ -118,8 +118,8 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
             converter otherwise reads (3.5-7x faster: 0.36 s against 2.5 s for QAT ResNet-8):
             the file has no signature def and its input and output tensors keep the traced
             graph's names; `names.strip` of it is byte for byte `names.strip` of the other.
-            For a Keras model in memory with one input. With `strip_names` (the names go
-            anyway) such a model is always converted this way.
+            For a Keras model in memory with one input and one output. With `strip_names`
+            (the names go anyway) such a model is always converted this way.
 
     Returns:
         A `ConversionResult` (with `.lut` when `lut` is set).
@@ -148,14 +148,16 @@ def to_tflite(model, representative_data=None, *, mode="int8", io_dtype=None,
     traced = _traceable(model)
     if not signature and not traced:
         raise InputError(f"signature=False converts a traced call: it needs a Keras model in "
-                         f"memory with one input. Received: model={_describe(model)}")
+                         f"memory with one input and one output. Received: "
+                         f"model={_describe(model)}")
     traced = traced and (strip_names or not signature)
     # The converter reads other Keras models from a SavedModel written here; a SIGKILL leaves
     # it (.tmp-tflite_ext-<pid>-savedmodel), so the next conversion removes dead processes' ones.
     remove_stale_temps(tempfile.gettempdir())
-    with tempfile.TemporaryDirectory(prefix=temp_prefix(), suffix="-savedmodel") as workdir:
+    with (contextlib.nullcontext() if traced else
+          tempfile.TemporaryDirectory(prefix=temp_prefix(), suffix="-savedmodel")) as workdir:
         flatbuffer = _convert(model, representative_data, mode, io_dtype, allow_float,
-                              num_calibration_samples, batch_size, None if traced else workdir)
+                              num_calibration_samples, batch_size, workdir)
 
     report = inspect.summary(flatbuffer)
     allowed = list(allow_float)
@@ -349,18 +351,22 @@ def _register_custom_objects():
 
 
 def _traceable(model):
-    """Whether `to_tflite` can convert a traced call of `model` (`signature=False`)."""
+    """Whether `to_tflite` can convert a traced call of `model` (`signature=False`): one input
+    and one output (with several outputs the trace orders them otherwise than the signature
+    does, so stripped files would differ: a dict-output model's did)."""
     import keras
 
-    return isinstance(model, keras.Model) and len(getattr(model, "inputs", None) or ()) == 1
+    return isinstance(model, keras.Model) and all(
+        len(getattr(model, side, None) or ()) == 1 for side in ("inputs", "outputs"))
 
 
 def _describe(model):
     if isinstance(model, (str, os.PathLike)):
         return repr(os.fspath(model))
-    inputs = getattr(model, "inputs", None)
-    return (f"{getattr(model, 'name', type(model).__name__)} with "
-            f"{len(inputs) if inputs else 'no known'} input(s)")
+    count = {side: len(getattr(model, side, None) or ()) or "no known"
+             for side in ("inputs", "outputs")}
+    return (f"{getattr(model, 'name', type(model).__name__)} with {count['inputs']} input(s) "
+            f"and {count['outputs']} output(s)")
 
 
 def _make_converter(model, batch_size, workdir):

@@ -27,6 +27,7 @@ Example:
     'cluster:fc1=8,prune:conv2|bn2=0.5'
 """
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -429,19 +430,23 @@ def measure_candidates(model, train, val, target, cache, *, settings=SETTINGS,
     # The unchanged model as it ships, signature def and all (the candidates have none):
     # its flash against its unsigned file's is what a signature adds on this target.
     signed_key = _cache_key(model_key, None, round_to, qat) + ":signed"
+
+    def signed_file():
+        return int8(model, x_train, qat=qat, signature=True)
+
     if signed_key not in cache:
-        fb = int8(model, x_train, qat=qat, signature=True)
+        fb = signed_file()
         flatbuffers[fingerprint(fb)] = fb
         cache.put_blob(fingerprint(fb), fb)
         cache.put(signed_key, fingerprint(fb))
+    remake = {info["tflite"]: functools.partial(_one_change, model, change, x_train,
+                                                layers=layers, round_to=round_to, qat=qat)
+              for change, info in made}
+    remake[cache.get(signed_key)] = lambda: (None, None, signed_file())
     todo = {}
-    files = [(change, info["tflite"]) for change, info in made] + [(True, cache.get(signed_key))]
-    for change, h in files:  # every model this target has not measured yet
-        if f"cost:{target.key}:{h}" not in cache and h not in todo:
-            todo[h] = (flatbuffers.get(h) or cache.get_blob(h)
-                       or (int8(model, x_train, qat=qat, signature=True) if change is True else
-                           _one_change(model, change, x_train, layers=layers,
-                                       round_to=round_to, qat=qat)[2]))
+    for h, make in remake.items():  # every model this target has not measured yet
+        if f"cost:{target.key}:{h}" not in cache:
+            todo[h] = flatbuffers.get(h) or cache.get_blob(h) or make()[2]
     if todo:
         if log:
             log(f"measuring {len(todo)} models on {target.name}")

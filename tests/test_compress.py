@@ -13,7 +13,6 @@ from tflite_ext import compress as compress_module, convert, pruning
 from tflite_ext.compress import Budget, BudgetError, get_target
 from tflite_ext.compress import search
 from tflite_ext.compress.cache import Cache
-from tflite_ext.compress.targets import Host
 from tflite_ext.errors import InputError
 
 
@@ -116,37 +115,6 @@ def test_a_budget_relative_to_the_unchanged_model(tiny, digits, tmp_path):
     bound = int(0.6 * pruning.count_macs(tiny))
     assert result.report["budget"] == {"macs": bound} and result.measured["macs"] <= bound
     assert f"budget: MACs <= 0.6x the unchanged model: MACs <= {bound:,}" in logged
-
-
-class _Counted(Host):
-    """The real host target, counting the measurements it is asked for."""
-
-    def __init__(self, timed=True):
-        super().__init__(runs=20)
-        self.timed, self.calls = timed, 0
-
-    def measure(self, flatbuffers):
-        self.calls += 1
-        return super().measure(flatbuffers)
-
-
-def test_a_latency_near_its_bound_is_measured_again(tiny, digits):
-    from tflite_ext.compress.api import REMEASURE, measure_beside
-
-    fb = convert.to_tflite(tiny, digits.x_train[:50]).flatbuffer
-    target = _Counted()
-    first = target.measure({"base": fb})["base"]
-    base = search.Candidate(None, 1.0, first, tflite=fb)
-    # the base beside itself: its latency scaled to the first measurement, within 10% of it
-    for bound, calls in ((None, 1), (first["latency_us"] * 100, 1),
-                         (first["latency_us"], 1 + REMEASURE)):
-        target.calls = 0
-        cost = measure_beside(target, fb, base, bound)
-        assert target.calls == calls and cost["flash_bytes"] == len(fb), bound
-        assert 0.5 < cost["latency_us"] / first["latency_us"] < 2
-    estimated = _Counted(timed=False)  # an estimate (vela) is the same figure every time
-    measure_beside(estimated, fb, base, first["latency_us"])
-    assert estimated.calls == 1
 
 
 def _synthetic(seed=0, slots=5, options=3):
@@ -436,6 +404,11 @@ def test_a_budget_nothing_meets_says_what_was_reached(tiny, digits, tmp_path):
     # 0.3 point is less than two of the 540 validation images: said before the search
     assert any(m.startswith("note: max_accuracy_drop 0.3 point is less than two of the 540 "
                                 "validation images (0.19 point each)") for m in logged), logged
+    with pytest.raises(BudgetError) as info:  # a flash budget's plot is accuracy vs size
+        compress_module(tiny, (digits.x_train, digits.y_train), (digits.x_test, digits.y_test),
+                        Budget(flash_bytes=100), target="host", out_dir=str(tmp_path), epochs=1,
+                        settings=(0.5,), log=None)
+    assert str(info.value).endswith(os.path.join(str(tmp_path), "accuracy_vs_size.png"))
 
 
 def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):

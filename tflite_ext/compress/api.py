@@ -114,8 +114,6 @@ def _steps(x, epochs):
 PIPELINE = "v3"  # names the fine-tuned runs and short runs cached: a new pipeline, new runs
 RESOLVE_ABOVE = 0.01  # one-shot losses above a point get a short fine-tune before they count
 RESOLVE_ROUNDS = 6    # fitting plan -> short runs of its damaging changes -> solve, per shortlist
-NEAR_BOUND = 0.1      # a latency this close to its bound (relative) is measured again...
-REMEASURE = 2         # ...this many times more (`measure_beside`)
 
 
 def _fine_tune(model, plan, train, *, epochs, learning_rate, round_to, layers, log):
@@ -294,7 +292,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
             small, converted, _, measured, acc = _build(
                 model, plan, train, val, target, out_dir, base, epochs=epochs,
                 learning_rate=learning_rate, qat=qat, round_to=round_to, layers=layers,
-                seed=seed, log=log, latency_bound=limits.get("latency_us"))
+                seed=seed, log=log)
             tuned += 1
             misses = budget.misses(measured)
             drop = (base_accuracy - acc) * 100
@@ -372,17 +370,15 @@ class _Search:
         return fingerprint(self.model)
 
     def preview(self, plan):
-        # "preview3": of the file without a signature (`search.int8`), its flash corrected,
-        # its latency measured again near the bound
-        key = (f"preview3:{self.target.key}:{self.model_key}:{plan.key}:{self.round_to}"
+        # "preview2": of the file without a signature (`search.int8`), its flash corrected
+        key = (f"preview2:{self.target.key}:{self.model_key}:{plan.key}:{self.round_to}"
                f"{':qat' if self.qat else ''}")
         if key not in self.cache:
             small, _, fb = search.one_shot_plan(self.model, plan, self.train[0],
                                              layers=self.layers, round_to=self.round_to,
                                              qat=self.qat)
-            cost = search.with_signature(measure_beside(
-                self.target, fb, self.base, self.budget.limits().get("latency_us")),
-                self.base.signature_bytes)
+            cost = search.with_signature(measure_beside(self.target, fb, self.base),
+                                         self.base.signature_bytes)
             self.cache.put(key, dict(cost, macs=pruning.count_macs(small),
                                      layers=search.layer_sizes(small)))
         measured = dict(self.cache.get(key))
@@ -614,9 +610,8 @@ def _plan_json(plan, small, epochs, learning_rate, qat, round_to, layers, target
 
 
 def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_rate, qat,
-           round_to, layers, log, seed=0, latency_bound=None):
-    """Fine-tunes (or reloads from out_dir/runs/) one plan; converts; measures on target
-    (`measure_beside`, more precisely near `latency_bound`).
+           round_to, layers, log, seed=0):
+    """Fine-tunes (or reloads from out_dir/runs/) one plan; converts; measures on target.
 
     Returns (Keras model, conversion result, deployed flatbuffer, measured, accuracy)."""
     runs = os.path.join(out_dir, "runs")
@@ -640,37 +635,25 @@ def _build(model, plan, train, val, target, out_dir, base, *, epochs, learning_r
                                   lut=bool(plan.of("cluster")), lut_data=val[0][:100],
                                   strip_names=getattr(target, "strip_names", False))
     deployed = converted.lut.flatbuffer if converted.lut else converted.flatbuffer
-    measured = dict(measure_beside(target, deployed, base, latency_bound),
-                    macs=pruning.count_macs(small))
+    measured = dict(measure_beside(target, deployed, base), macs=pruning.count_macs(small))
     # LiteRT cannot run the LUT copy; it was proven to give the int8 file's outputs
     return small, converted, deployed, measured, variants.accuracy(converted.flatbuffer, *val)
 
 
-def measure_beside(target, flatbuffer, base, latency_bound=None):
+def measure_beside(target, flatbuffer, base):
     """`flatbuffer`'s cost on `target`, its latency timed beside the base model's and scaled to
-    the base's first measurement: host load changes between measurements, the ratio holds.
-
-    A latency within NEAR_BOUND of `latency_bound` is measured REMEASURE more times, each
-    in new interpreters, and the median counts: one measurement is not precise enough to
-    decide there (ResNet-8 on host, AMD EPYC: one plan's file measured 214.8 µs in one shot
-    and 225.1 µs fine-tuned, same shapes, against a 220.8 µs bound)."""
-    def once():
-        both = target.measure({"final": flatbuffer, "base": base.tflite})
-        cost = dict(both["final"])
-        if "latency_us" in cost and both["base"].get("latency_us"):
-            cost["latency_us"] *= base.cost["latency_us"] / both["base"]["latency_us"]
-        return cost
-
-    cost = once()
-    if latency_bound and target.timed and "latency_us" in cost \
-            and abs(cost["latency_us"] / latency_bound - 1) <= NEAR_BOUND:
-        cost["latency_us"] = float(np.median([cost["latency_us"]] + [
-            once()["latency_us"] for _ in range(REMEASURE)]))
+    the base's first measurement: host load changes between measurements, the ratio holds."""
+    both = target.measure({"final": flatbuffer, "base": base.tflite})
+    cost = dict(both["final"])
+    if "latency_us" in cost and both["base"].get("latency_us"):
+        cost["latency_us"] *= base.cost["latency_us"] / both["base"]["latency_us"]
     return cost
 
 
 def _miss_message(budget, base, candidates, tried, max_drop, out_dir):
-    plot = os.path.join(out_dir, "accuracy_vs_latency.png")
+    # the plot of the bound missed: a flash budget's is accuracy against size
+    size = budget.flash_bytes is not None and budget.latency_us is None
+    plot = os.path.join(out_dir, "accuracy_vs_size.png" if size else "accuracy_vs_latency.png")
     tuned = [t for t in tried if t["stage"] == "fine-tuned"]
     if tuned:
         best = min(tuned, key=lambda t: (len(t["misses"]), t["drop_points"]))

@@ -40,7 +40,6 @@ class Target:
     name = "target"
     metrics = ()          # the Budget metrics it measures
     lut = False           # runs TFLM's TFLM_DECODE (LUT-compressed weights)
-    timed = True          # its latency is a timing (noisy), not a compiler's estimate
 
     @property
     def key(self):
@@ -128,7 +127,6 @@ def _vela_program():
 
 class EthosU(Target):
     metrics = ("latency_us", "flash_bytes", "arena_bytes")
-    timed = False  # vela's estimate: the same file, the same figure
 
     def __init__(self, config="ethos-u55-128"):
         if config not in VELA_CONFIGS:

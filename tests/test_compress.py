@@ -30,7 +30,11 @@ def test_budget_parses_units_and_refuses_bad_ones():
                          (dict(latency="1.5x"), "latency as a fraction of the unchanged model "
                                                 "must be > 0 and <= 1 (e.g. 0.5x). Received: "
                                                 "latency='1.5x'"),
-                         (dict(flash="0x"), "flash='0x'")]:
+                         (dict(flash="0x"), "flash='0x'"),
+                         (dict(flash=0.5), "flash is a whole count. Received: flash=0.5 (a "
+                                           "fraction of the unchanged model is written "
+                                           "\"0.5x\")"),
+                         (dict(macs="0.5"), "macs='0.5'")]:
         with pytest.raises(InputError) as info:
             Budget.parse(**kwargs)
         assert text in str(info.value) and "\n" not in str(info.value)
@@ -399,7 +403,9 @@ def test_a_budget_nothing_meets_says_what_was_reached(tiny, digits, tmp_path):
                         Budget(macs=1000), target="host", out_dir=str(tmp_path), epochs=1,
                         settings=(0.5,), max_accuracy_drop=0.3, log=logged.append)
     message = str(info.value)
-    assert "\n" not in message and "MACs <= 1,000" in message and "reaches about" in message
+    # the plan with every change at its strongest was measured: what it reached, not a guess
+    assert "\n" not in message and "MACs <= 1,000" in message
+    assert "the closest measured in one shot reached macs " in message
     assert os.path.join(str(tmp_path), "accuracy_vs_latency.png") in message
     # 0.3 point is less than two of the 540 validation images: said before the search
     assert any(m.startswith("note: max_accuracy_drop 0.3 point is less than two of the 540 "
@@ -427,6 +433,19 @@ def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):
         (dict(shortlist=0), "shortlist must be an integer >= 1. Received: shortlist=0"),
         (dict(seed=-1), "seed must be an integer >= 0. Received: seed=-1"),
         (dict(seed=1.5), "seed must be an integer >= 0. Received: seed=1.5"),
+        (dict(val_data=(digits.x_test, digits.y_test + 5)), "val_data labels must be whole "
+         "class indices 0 to 9 (the model's 10 outputs). Received: val_data y values 5 to 14"),
+        (dict(val_data=(digits.x_test, digits.y_test - 1)), "y values -1 to 8"),
+        (dict(val_data=(digits.x_test, digits.y_test + 0.5)), "y values 0.5 to 9.5"),
+        (dict(val_data=(digits.x_test, np.eye(10)[digits.y_test])), "val_data labels must be "
+         "class indices, not one-hot rows: pass y.argmax(-1). Received: val_data y of shape "
+         "(540, 10)"),
+        (dict(val_data=(np.full_like(digits.x_test, np.nan), digits.y_test)),
+         f"val_data x must be finite. Received: {digits.x_test.size} NaN or infinite values"),
+        (dict(budget={"flash": "64KB", "ram": "1KB"}), "budget keys are flash_bytes, "
+         "arena_bytes, latency_us, macs (numbers), or flash, arena, latency, macs (strings "
+         "such as '64KB', '5ms', '0.4x'). Received: 'flash', 'ram'"),
+        (dict(budget="64KB"), "budget must be a Budget or a dict. Received: budget of type str"),
     ]
     for override, text in cases:
         kwargs = dict(val_data=(digits.x_test, digits.y_test), budget=Budget(macs=1000),
@@ -435,6 +454,13 @@ def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):
         with pytest.raises(InputError) as info:
             compress_module(tiny, train, **kwargs)
         assert text in str(info.value) and "\n" not in str(info.value), str(info.value)
+    # a softmax head is refused before anything is measured (it teaches every fine-tune)
+    probabilities = keras.Model(tiny.inputs, keras.layers.Softmax(name="probs")(tiny.outputs[0]))
+    with pytest.raises(InputError, match="^The compress\\(\\) model must output logits, but "
+                                         "its output layer 'probs' ends in softmax"):
+        compress_module(probabilities, train, train, Budget(macs=1000), out_dir=str(tmp_path),
+                        log=None)
+    assert Budget.of_any({"flash": "64KB"}) == Budget(flash_bytes=65536)
 
 
 def test_cache_survives_a_cut_last_line(tmp_path):

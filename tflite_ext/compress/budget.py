@@ -102,10 +102,36 @@ class Budget:
                 continue
             fraction = None if isinstance(text, (int, float)) else _fraction(text, flag)
             if fraction is None:
-                values[name] = kind(_parse(text, units, flag))
+                value = _parse(text, units, flag)
+                if kind is int and value != int(value):  # 0.5 bytes: a fraction meant?
+                    raise InputError(f"{flag} is a whole count. Received: {flag}={text!r} (a "
+                                     f"fraction of the unchanged model is written \"{text}x\")")
+                values[name] = kind(value)
             else:
                 fractions.append((name, fraction))
         return cls(**values, fractions=tuple(fractions))
+
+    @classmethod
+    def of_any(cls, budget):
+        """`budget` as a Budget: one already, or a dict of its fields (flash_bytes=65536) or
+        of `parse`'s (flash="64KB").
+
+        Example:
+            >>> Budget.of_any({"flash": "64KB", "latency": "0.4x"})
+        """
+        if isinstance(budget, cls):
+            return budget
+        if not isinstance(budget, dict):
+            raise InputError(f"budget must be a Budget or a dict. Received: budget of type "
+                             f"{type(budget).__name__}")
+        if set(budget) <= {"flash", "arena", "latency", "macs"}:
+            return cls.parse(**budget)
+        unknown = sorted(set(budget) - set(METRICS) - {"fractions"})
+        if unknown:
+            raise InputError(f"budget keys are flash_bytes, arena_bytes, latency_us, macs "
+                             f"(numbers), or flash, arena, latency, macs (strings such as "
+                             f"'64KB', '5ms', '0.4x'). Received: {', '.join(map(repr, unknown))}")
+        return cls(**budget)
 
     def metrics(self):
         """The constrained metrics, absolute or relative."""

@@ -17,7 +17,8 @@ Example:
 """
 from tflite_ext.distillation.distiller import Distiller, LogitsDistillation, student_of
 from tflite_ext.distillation.schedule import DistillationSchedule
-from tflite_ext.distillation.api import distill, fit, needed_callbacks  # noqa: E402,I001
+from tflite_ext.distillation.api import (check_logits, distill, fit,  # noqa: E402,I001
+                                         needed_callbacks)
 
-__all__ = ["Distiller", "DistillationSchedule", "LogitsDistillation", "distill", "fit",
-           "needed_callbacks", "student_of"]
+__all__ = ["Distiller", "DistillationSchedule", "LogitsDistillation", "check_logits", "distill",
+           "fit", "needed_callbacks", "student_of"]

@@ -39,10 +39,20 @@ def _check_pair(teacher, student):
     if t_in != s_in:
         raise InputError("teacher and student must take the same inputs. Received: teacher "
                          f"inputs {t_in}, student inputs {s_in}")
-    head = _softmax_head(teacher)
+    check_logits(teacher)
+
+
+def check_logits(model, role="teacher"):
+    """Raises a one-line InputError if `model`'s output layer applies a softmax: distillation
+    reads its outputs as logits.
+
+    Example:
+        >>> check_logits(keras.applications.MobileNetV2(weights=None))  # raises
+    """
+    head = _softmax_head(model)
     if head:
         raise InputError(
-            f"The teacher must output logits, but its output layer {head!r} ends in softmax: "
+            f"The {role} must output logits, but its output layer {head!r} ends in softmax: "
             "the soft targets and the from_logits loss would read probabilities as logits. "
             "Build it with activation=None (keras.applications: classifier_activation=None) "
             "and apply softmax after conversion")

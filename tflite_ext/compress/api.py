@@ -493,7 +493,7 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
     (ResNet-8 on host: three plans removing the same two blocks, one with the stem pruned by
     a quarter too)."""
     base, found, banned, spare = state.base, [], set(), []
-    resolved, recorded = 0, set()
+    resolved, recorded, fitting_anchor = 0, set(), None
 
     def allowed():
         """The candidates not banned, each at its loss after a short run where it has one."""
@@ -509,17 +509,23 @@ def _fitting_plans(state, candidates, limits, margin, rejected, count, tried, lo
             # The predictions were fitted near the base (or on one plan that missed): measure
             # the far end once (every change at its strongest, in one shot), refit, ask again.
             state.anchored = True
-            anchor, shapes = search.strongest(base, candidates, list(limits)), None
+            anchor = search.strongest(base, candidates, list(limits))
             try:
                 shapes = state.preview(anchor)
             except InputError:
-                pass
+                shapes = None
+            if shapes is not None:
+                misses = state.budget.misses(shapes)
+                recorded.add(anchor.key)
+                tried.append(_round("preview", anchor, shapes, None, None, misses))
+                fitting_anchor = None if misses else anchor
             plan = solved()
-            if plan is None and shapes is not None and anchor.key not in rejected:
-                # Measured, the far end is itself a plan: it may fit where the products of
-                # noisy one-change ratios said nothing could (MobileNetV2 on `reference`:
-                # 615 µs measured, 2,672 predicted, against 889)
-                plan = anchor
+        if plan is None and fitting_anchor is not None and fitting_anchor.key not in (
+                rejected | {p.key for p in found + spare}):
+            # Measured, the far end is itself a plan: it may fit where the products of noisy
+            # one-change ratios said nothing could (MobileNetV2 on `reference`: 615 µs
+            # measured, 2,672 predicted, against 889)
+            plan = fitting_anchor
         if plan is None:
             break
         if log:

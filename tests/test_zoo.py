@@ -1,5 +1,6 @@
 """The model matrix's fast rows: the shapes users bring go through every stage, or get the
 library's one-line answer (never a traceback). `tools/model_zoo.py` runs every row."""
+import keras
 import pytest
 
 from tflite_ext.bench import zoo
@@ -10,6 +11,10 @@ ALL_PASS = ["softmax head", "Softmax layer", "sigmoid head", "dict outputs", "li
 
 @pytest.mark.parametrize("name", ALL_PASS)
 def test_every_stage_passes(name):
+    # Untrained rows: their weights come from the global seed, which the tests run before
+    # would set otherwise (the squeeze-excitation row's int8 file failed XNNPACK's prepare
+    # once, after another file's tests in the same process: see the issue note)
+    keras.utils.set_random_seed(0)
     row = zoo.check(zoo.ROWS[name]())
     assert {stage: cell.text for stage, cell in row.items() if not cell.ok} == {}
     for stage in ("prune_strip", "qat_strip"):  # exact: the stated bound, and the figure

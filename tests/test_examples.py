@@ -78,18 +78,22 @@ def test_keyword_spotting(tmp_path):
 
 
 def test_resnet8_latency_budget(tmp_path):
-    out = run_example("resnet8_latency_budget.py", tmp_path)
+    # On vela's estimate, not the default reference kernels' CPU time: with the suite on both
+    # cores, the same one-shot file timed 3,572 µs as a candidate and 3,908 µs as the plan,
+    # over the quick mode's halfway budget (3,906). An estimate repeats exactly, so this
+    # asserts the search, not the neighbours' load.
+    out = run_example("resnet8_latency_budget.py", tmp_path, "--target", "ethos-u55-128")
     model = tmp_path / "model.tflite"
     assert inspect.summary(model)["full_integer"]
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert plan["target"] == "reference" and plan["budget"]["latency_us"] > 0
+    assert plan["target"] == "ethos-u55-128" and plan["budget"]["latency_us"] > 0
     base, small = row(out, "unpruned int8"), row(out, "compressed int8")
-    # The budget is a fraction of the example's own measurement of the unpruned model; the
-    # table's is compress's, a second measurement (reference kernels on a loaded 2-core
-    # machine differed by 11% between the two).
-    measured = number(re.search(r"unpruned int8 on reference: ([\d,.]+) µs", out).group(1))
+    measured = number(re.search(r"unpruned int8 on ethos-u55-128: ([\d,.]+) µs", out).group(1))
     assert number(small[1]) <= plan["budget"]["latency_us"] < measured
-    assert number(small[2]) == model.stat().st_size and number(small[3]) < number(base[3])
+    # flash is vela's (command stream and encoded weights), as the report measured it
+    final = json.loads((tmp_path / "report.json").read_text())["rounds"][-1]
+    assert number(small[2]) == final["measured"]["flash_bytes"] < number(base[2])
+    assert number(small[3]) == final["measured"]["macs"] < number(base[3])
     command = next(line.strip() for line in out.splitlines()
                    if line.strip().startswith("tflite-ext android"))
     assert command.split()[2] == str(model)

@@ -502,9 +502,11 @@ def test_command_line(tiny, digits, tmp_path, capsys):
     assert cli.main(["compress", str(tmp_path / "nope.keras"), "--data", "x", "--val", "y"]) == 2
     assert "Model path does not exist" in capsys.readouterr().err
     budget = str(int(0.6 * pruning.count_macs(tiny)))
-    assert cli.main(["compress", *common, "--macs", budget, "--epochs", "1", "--json"]) == 0
+    assert cli.main(["compress", *common, "--macs", budget, "--epochs", "1", "--json",
+                     "--learning_rate", "2e-3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["measured"]["macs"] <= int(budget)
+    assert out["plan"]["fine_tune"]["learning_rate"] == 2e-3  # the flag reached the fine-tune
     assert (tmp_path / "out" / "model.tflite").stat().st_size > 0
 
 

@@ -205,6 +205,8 @@ def _compress_flags(fv):
                         flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Fine-tune epochs of each plan.", lower_bound=1,
                          flag_values=fv)
+    flags.DEFINE_float("learning_rate", None, "Adam's rate in each plan's fine-tune (default: "
+                       "compress's, 1e-3).", lower_bound=0, flag_values=fv)
     flags.DEFINE_boolean("qat", False, "Quantization-aware fine-tune before conversion.",
                          flag_values=fv)
     flags.DEFINE_integer("round_to", 8, "Kept channel counts are multiples of this.",
@@ -259,6 +261,8 @@ def _compress_main(fv, args):
     options = dict(settings=_numbers("settings", fv.settings),
                    rank_fractions=_numbers("rank_fractions", fv.rank_fractions),
                    clusters=_numbers("clusters", fv.clusters, int))
+    if fv.learning_rate is not None:
+        options["learning_rate"] = fv.learning_rate
     ensure_writable_dir(fv.out)
     with private_tempdir(os.path.dirname(os.path.abspath(fv.out))):
         import_tensorflow()

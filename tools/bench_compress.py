@@ -44,6 +44,8 @@ flags.DEFINE_float("max_drop", None, "Accuracy points the result may lose (defau
                    "resnet8, 0.5 for digits_cnn).")
 flags.DEFINE_integer("epochs", 15, "Fine-tune epochs of every plan (and the hand recipe).",
                      lower_bound=1)
+flags.DEFINE_float("learning_rate", api.LEARNING_RATE, "Adam's rate in the fine-tune of "
+                   "every plan and the hand recipe (compress's default).")
 flags.DEFINE_integer("float_epochs", 30, "Float training epochs (Adam 1e-3).", lower_bound=1)
 flags.DEFINE_float("val_fraction", 0.2, "Validation split of the training images.")
 flags.DEFINE_integer("seed", 0, "Seed of the float model and the split.")
@@ -122,7 +124,8 @@ def main(argv):
             result = compress(model, train, val,
                               Budget.parse(latency=f"{FLAGS.latency_fraction:g}x"),
                               target=target, max_accuracy_drop=max_drop, epochs=FLAGS.epochs,
-                              out_dir=out, log=log, rank_fractions=rank_fractions(()))
+                              learning_rate=FLAGS.learning_rate, out_dir=out, log=log,
+                              rank_fractions=rank_fractions(()))
             auto = dict(latency_us=result.measured["latency_us"], macs=result.measured["macs"],
                         test=variants.accuracy(result.flatbuffer, *test),
                         plan=result.report["rounds"][-1]["plan"], met=True)
@@ -139,8 +142,9 @@ def main(argv):
         began = time.perf_counter()
         plan = pruning_plan(HAND)
         small, _, fb, measured, _ = api._build(model, plan, train, val, target, out, base,
-                                            epochs=FLAGS.epochs, learning_rate=5e-4, qat=False,
-                                            round_to=16, layers=None, log=log)
+                                               epochs=FLAGS.epochs,
+                                               learning_rate=FLAGS.learning_rate, qat=False,
+                                               round_to=16, layers=None, log=log)
         one_run = time.perf_counter() - began  # ~0 when the hand model was built before
         hand = dict(latency_us=measured["latency_us"], macs=measured["macs"],
                     test=variants.accuracy(fb, *test))
@@ -194,8 +198,8 @@ def digits_flash():
     began = time.perf_counter()
     try:
         result = compress(model, train, val, budget, target="micro", max_accuracy_drop=max_drop,
-                          epochs=FLAGS.epochs, out_dir=out, log=log,
-                          rank_fractions=rank_fractions(search.RANK_FRACTIONS))
+                          epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate, out_dir=out,
+                          log=log, rank_fractions=rank_fractions(search.RANK_FRACTIONS))
     except compress.BudgetError as e:
         log(f"digits_cnn: {e}")
         result = None
@@ -209,7 +213,7 @@ def digits_flash():
                                         clusters=(), qat=True, log=None)
     began = time.perf_counter()
     api._build(model, hand, train, val, target, out, base, epochs=FLAGS.epochs,
-               learning_rate=5e-4, qat=False, round_to=8, layers=None, log=log)
+               learning_rate=FLAGS.learning_rate, qat=False, round_to=8, layers=None, log=log)
     one_run = time.perf_counter() - began
     print(f"\ndigits CNN, seed {FLAGS.seed}; {host.describe_cpu()}; validation "
           f"{FLAGS.val_fraction:.0%} of the training images; test split accuracy (LiteRT int8; "
@@ -239,7 +243,7 @@ def digits_flash():
               f"{', '.join(map(str, seeds))}:")
         for plan, size, _, acc, tests in fine_tuned_on_test(
                 model, target, out, base, train, val, test, seeds=seeds, epochs=FLAGS.epochs,
-                learning_rate=5e-4, qat=True, round_to=8, layers=None):
+                learning_rate=FLAGS.learning_rate, qat=True, round_to=8, layers=None):
             print(f"  | {plan} | {size:,.0f} bytes | validation {acc:.4f} | test " + ", ".join(
                 f"{t:.4f} ({(t - float_test) * 100:+.2f})" for t in tests) + " |")
     return 1 if result is None else 0

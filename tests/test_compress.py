@@ -572,3 +572,35 @@ def test_a_plan_run_again_from_its_seed_is_the_same_model(tiny, digits):
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_the_rest_of_a_shortlist_is_ranked_only_when_its_first_plan_falls_short(
+        tiny, digits, tmp_path, monkeypatch):
+    from tflite_ext.compress import api
+
+    train, val = (digits.x_train, digits.y_train), (digits.x_test, digits.y_test)
+    plans = [search.Plan((search.Change("prune", f"g{j}", 0.5, f"g{j}"),), 0.0, {"macs": 1.0})
+             for j in range(3)]
+    monkeypatch.setattr(api, "_fitting_plans", lambda *args: list(plans))
+    ranked, tuned = [], []
+    short_run = {plans[1].key: 0.5, plans[2].key: 0.9}
+    monkeypatch.setattr(api._Search, "quick_accuracy",
+                        lambda self, plan, log=None: ranked.append(plan.key) or short_run[plan.key])
+    converted = convert.to_tflite(tiny, digits.x_train[:64])
+
+    def build(model, plan, *args, **kwargs):  # the full fine-tune: plans[0] may fall short
+        tuned.append(plan.key)
+        accuracy = 0.0 if plan.key == plans[0].key and first_falls_short else 1.0
+        return tiny, converted, converted.flatbuffer, {"macs": 10}, accuracy
+
+    monkeypatch.setattr(api, "_build", build)
+    for first_falls_short, expect_ranked, expect_tuned in [
+            (False, [], [plans[0]]),
+            (True, [plans[1], plans[2]], [plans[0], plans[2]])]:  # plans[2]: 0.9 > 0.5
+        ranked.clear(), tuned.clear()
+        result = compress_module(tiny, train, val, Budget(macs=10**9), target="host",
+                                 out_dir=str(tmp_path / str(first_falls_short)), epochs=1,
+                                 settings=(0.5,), shortlist=3, log=None)
+        assert ranked == [p.key for p in expect_ranked]
+        assert tuned == [p.key for p in expect_tuned]
+        assert result.report["rounds"][-1]["plan"] == expect_tuned[-1].key

@@ -222,8 +222,9 @@ def _compress_flags(fv):
     flags.DEFINE_list("clusters", ["16", "8", "4"], "Shared values per kernel each layer is "
                       "tried clustered at, on targets that run LUT-compressed weights (micro); "
                       "empty: no clustering.", flag_values=fv)
-    flags.DEFINE_integer("shortlist", 3, "Plans ranked by a short fine-tune before the full "
-                         "ones (1: no ranking).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("shortlist", 3, "Plans kept for the full fine-tunes: the first is "
+                         "fine-tuned; if it falls short, the others are ranked by a short "
+                         "fine-tune first.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("max_rounds", 3, "Plans fine-tuned at most.", lower_bound=1,
                          flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Every fine-tune starts from this seed.", lower_bound=0,

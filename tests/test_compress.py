@@ -446,6 +446,12 @@ def test_bad_data_and_target_metrics_are_one_line(tiny, digits, tmp_path):
         (dict(shortlist=0), "shortlist must be an integer >= 1. Received: shortlist=0"),
         (dict(seed=-1), "seed must be an integer >= 0. Received: seed=-1"),
         (dict(seed=1.5), "seed must be an integer >= 0. Received: seed=1.5"),
+        (dict(epochs=0), "epochs must be an integer >= 1. Received: epochs=0"),
+        (dict(epochs=1.5), "epochs must be an integer >= 1. Received: epochs=1.5"),
+        (dict(learning_rate=0), "learning_rate must be a number between 0 and 1 (Adam's "
+                                "rate, e.g. 1e-3). Received: learning_rate=0"),
+        (dict(learning_rate=float("nan")), "Received: learning_rate=nan"),
+        (dict(learning_rate="1e-3"), "Received: learning_rate='1e-3'"),
         (dict(val_data=(digits.x_test, digits.y_test + 5)), "val_data labels must be whole "
          "class indices 0 to 9 (the model's 10 outputs). Received: val_data y values 5 to 14"),
         (dict(val_data=(digits.x_test, digits.y_test - 1)), "y values -1 to 8"),
@@ -604,3 +610,19 @@ def test_the_rest_of_a_shortlist_is_ranked_only_when_its_first_plan_falls_short(
         assert ranked == [p.key for p in expect_ranked]
         assert tuned == [p.key for p in expect_tuned]
         assert result.report["rounds"][-1]["plan"] == expect_tuned[-1].key
+
+
+def test_a_diverged_fine_tune_says_so(tiny, digits, tmp_path, monkeypatch):
+    from tflite_ext.compress import api
+
+    broken = keras.models.clone_model(tiny)
+    broken.set_weights([np.full_like(w, np.nan) for w in tiny.get_weights()])
+    monkeypatch.setattr(api, "_pipeline", lambda *args, **kwargs: broken)
+    plan = search.Plan((search.Change("prune", "conv1", 0.5, "conv1"),), 0.0, {})
+    with pytest.raises(InputError, match="^The fine-tune of plan prune:conv1=0.5 diverged "
+                                         "\\(its weights are NaN or infinite\\): lower "
+                                         "learning_rate \\(received 0.5\\)$"):
+        api._build(tiny, plan, (digits.x_train, digits.y_train), (digits.x_test, digits.y_test),
+                   get_target("host"), str(tmp_path), None, epochs=1, learning_rate=0.5,
+                   qat=False, round_to=8, layers=None, log=None)
+    assert not list((tmp_path / "runs").iterdir())  # no half-made run kept

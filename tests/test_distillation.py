@@ -96,6 +96,8 @@ def test_distiller_with_pruned_student_round_trips(teacher, digits, tmp_path):
     (dict(temperature=0.0), r"temperature must be a number > 0\. Received: temperature=0\.0"),
     (dict(temperature="hot"), r"temperature must be a number > 0\. Received: temperature='hot'"),
     (dict(alpha=1.5), r"alpha must be a number in \[0, 1\]\. Received: alpha=1\.5"),
+    (dict(temperature=float("nan")), r"temperature must be a number > 0\. Received: "
+                                     r"temperature=nan"),
 ])
 def test_bad_numbers(teacher, kwargs, message):
     with pytest.raises(InputError, match=message):

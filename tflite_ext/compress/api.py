@@ -315,9 +315,9 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
         # the real pipeline (NetAdapt's short-term fine-tune) before theirs. Ranked first,
         # it had won all 7 searches of ResNet-8 and the digits CNN measured on an Intel Xeon
         # with AMX, and the ranking had cost 7-28 s of each.
-        queue, rest = plans[:1], plans[1:]
-        while queue and tuned < max_rounds:
-            plan = queue.pop(0)
+        first = plans[0]
+        while plans and tuned < max_rounds:
+            plan = plans.pop(0)
             if log:
                 log(f"fine-tuning plan {plan.key}")
             small, converted, _, measured, acc = _build(
@@ -337,10 +337,9 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                 break
             rejected.add(plan.key)  # one-shot losses rank plans loosely: try the next best
             margin = _tightened(margin, limits, plan.predicted_cost, measured)
-            if len(rest) > 1 and tuned < max_rounds:  # by a short real fine-tune, not by
-                score = {p.key: search_state.quick_accuracy(p, log=log) for p in rest}
-                rest.sort(key=lambda p: -score[p.key])  # one-shot losses alone
-            queue, rest = queue + rest, []
+            if plan is first and len(plans) > 1 and tuned < max_rounds:  # by a short real
+                score = {p.key: search_state.quick_accuracy(p, log=log) for p in plans}
+                plans.sort(key=lambda p: -score[p.key])  # fine-tune, not one-shot losses
     report = _report(model, budget, target, base, base_accuracy, candidates, tried,
                      time.perf_counter() - start, search_state.recovered)
     _write_outputs(out_dir, report, base, base_accuracy, candidates, tried)

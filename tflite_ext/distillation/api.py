@@ -5,6 +5,7 @@ Example:
     ...                        learning_rate=5e-4, hints={"relu2": "relu2"})
     >>> small = pruning.strip(student)
 """
+import math
 import numbers
 
 import keras
@@ -75,7 +76,9 @@ def _softmax_head(model):
 
 
 def _check_number(name, value, low, high=None, open_low=False):
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    # NaN compares False with every bound, and inf is no rate or weight: both refused here
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        math.isfinite(value)
     if not number or (value <= low if open_low else value < low) or \
             (high is not None and value > high):
         expected = (f"a number > {low}" if open_low else f"a number >= {low}") if high is None \

@@ -626,3 +626,73 @@ def test_a_diverged_fine_tune_says_so(tiny, digits, tmp_path, monkeypatch):
                    get_target("host"), str(tmp_path), None, epochs=1, learning_rate=0.5,
                    qat=False, round_to=8, layers=None, log=None)
     assert not list((tmp_path / "runs").iterdir())  # no half-made run kept
+
+
+def test_a_near_miss_of_a_timed_latency_is_timed_twice_more_and_the_least_kept(monkeypatch):
+    from tflite_ext.compress import api
+    from tflite_ext.compress.targets import Target
+
+    class Timed(Target):
+        def __init__(self, finals):
+            self.finals, self.calls = list(finals), 0
+
+        def measure(self, flatbuffers):  # the base always 100 µs: the ratio is the file's
+            self.calls += 1
+            return {"final": {"latency_us": self.finals.pop(0)}, "base": {"latency_us": 100.0}}
+
+    monkeypatch.setattr(api.time, "sleep", lambda s: None)
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0}, tflite=b"base")
+    budget = Budget(latency_us=50.0)
+    slow_then_fast = Timed([55.0, 49.0, 52.0])
+    assert api.measure_beside(slow_then_fast, b"f", base, budget)["latency_us"] == 49.0
+    assert slow_then_fast.calls == 2                      # it fits: no third timing
+    missing = Timed([58.0, 57.0, 59.0])
+    assert api.measure_beside(missing, b"f", base, budget)["latency_us"] == 57.0
+    assert missing.calls == 3                             # at most twice more
+    far = Timed([61.0])                                   # 22% over: a real miss
+    assert api.measure_beside(far, b"f", base, budget)["latency_us"] == 61.0
+    estimated = Timed([55.0])
+    estimated.timed = False                               # vela: the same file, the same figure
+    assert api.measure_beside(estimated, b"f", base, budget)["latency_us"] == 55.0
+    assert api.measure_beside(Timed([55.0]), b"f", base)["latency_us"] == 55.0  # no budget
+
+
+def test_a_report_with_no_plan_measured_says_so_instead_of_an_empty_table(tmp_path):
+    from tflite_ext.compress import api
+
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0, "flash_bytes": 5000})
+    one = search.Candidate(search.Change("prune", "g0", 0.5, "g0"), 0.8,
+                           {"latency_us": 60.0, "flash_bytes": 3000})
+    report = {"model": "m", "target": "host:1", "budget": {"latency_us": 1.0}, "seconds": 3.0}
+    api._write_outputs(str(tmp_path), report, base, 0.9, [one], [])
+    md = (tmp_path / "report.md").read_text()
+    assert "1 one-change candidates measured" in md and "|" not in md
+    assert "No plan was measured: none was predicted to meet the budget" in md
+    assert (tmp_path / "accuracy_vs_latency.png").stat().st_size > 0
+
+
+def test_a_plan_that_rounds_to_a_model_already_kept_is_not_kept_again(monkeypatch):
+    from tflite_ext.compress import api
+
+    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
+
+    def change(key, setting, acc, latency):
+        return search.Candidate(search.Change("prune", key, setting, key), acc,
+                                {"latency_us": latency})
+
+    # g0 at 3/4 and 7/8 both keep 8 of its 16 channels (round_to 8): one model, two keys
+    candidates = [change("g0", 0.75, 0.9, 40.0), change("g0", 0.875, 0.9, 30.0),
+                  change("g1", 0.5, 0.895, 45.0)]
+
+    def preview(self, plan):
+        sizes = {"conv": [72, 8]} if "g0" in plan.key else {"conv": [144, 16]}
+        self.previewed[plan.key] = (plan, {"latency_us": 40.0}, sizes)
+        return {"latency_us": 40.0}
+
+    monkeypatch.setattr(api._Search, "preview", preview)
+    state = api._Search(None, None, None, None, None, base, Budget(latency_us=50.0), None, 8,
+                        False, candidates)
+    tried, limits = [], {"latency_us": 50.0}
+    plans = api._fitting_plans(state, candidates, limits, dict(limits), set(), 2, tried, None)
+    assert [p.key for p in plans] == ["prune:g0=0.875", "prune:g1=0.5"]
+    assert "prune:g0=0.75" in [t["plan"] for t in tried]  # previewed, then not kept

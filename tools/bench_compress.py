@@ -144,7 +144,8 @@ def main(argv):
         small, _, fb, measured, _ = api._build(model, plan, train, val, target, out, base,
                                                epochs=FLAGS.epochs,
                                                learning_rate=FLAGS.learning_rate, qat=False,
-                                               round_to=16, layers=None, log=log)
+                                               round_to=16, layers=None, log=log,
+                                               budget=budget)  # timed as compress's result
         one_run = time.perf_counter() - began  # ~0 when the hand model was built before
         hand = dict(latency_us=measured["latency_us"], macs=measured["macs"],
                     test=variants.accuracy(fb, *test))

@@ -696,3 +696,25 @@ def test_a_plan_that_rounds_to_a_model_already_kept_is_not_kept_again(monkeypatc
     plans = api._fitting_plans(state, candidates, limits, dict(limits), set(), 2, tried, None)
     assert [p.key for p in plans] == ["prune:g0=0.875", "prune:g1=0.5"]
     assert "prune:g0=0.75" in [t["plan"] for t in tried]  # previewed, then not kept
+
+
+def test_candidates_on_a_timed_target_keep_the_least_of_three_timings(monkeypatch):
+    from tflite_ext.compress import targets
+    from tflite_ext.compress.targets import Target
+
+    class Flipping(Target):  # the VM's two regimes: the base 85 or 108 µs
+        def __init__(self):
+            self.runs = iter([(108.0, 47.0), (85.0, 33.0), (108.0, 46.0)])
+
+        def measure(self, flatbuffers):
+            base, small = next(self.runs)
+            return {"base": {"latency_us": base, "flash_bytes": 9},
+                    "small": {"latency_us": small, "flash_bytes": 5}}
+
+    monkeypatch.setattr(targets.time, "sleep", lambda s: None)
+    costs = Flipping().measure_least({"base": b"b", "small": b"s"})
+    assert costs == {"base": {"latency_us": 85.0, "flash_bytes": 9},
+                     "small": {"latency_us": 33.0, "flash_bytes": 5}}
+    estimate = Flipping()
+    estimate.timed = False  # vela: measured once
+    assert estimate.measure_least({"base": b"b", "small": b"s"})["base"]["latency_us"] == 108.0

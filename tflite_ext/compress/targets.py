@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 
 from tflite_ext.errors import InputError, RunTimeout
 
@@ -53,6 +54,20 @@ class Target:
 
     def measure(self, flatbuffers):
         raise NotImplementedError
+
+    def measure_least(self, flatbuffers, times=3, pause=1.0):
+        """`measure`; on a `timed` target `times` times, `pause` s apart, each file's least
+        latency kept. The one-change candidates and the base every prediction scales from are
+        measured this way: on a 2-core AMD EPYC VM the unpruned ResNet-8 measured 84.7 µs in one
+        search and 108.1 in the next (the VM's timings flip between regimes for seconds), and
+        a budget of "0.4x" followed it."""
+        out = self.measure(flatbuffers)
+        for _ in range(times - 1 if self.timed else 0):
+            time.sleep(pause)
+            for n, cost in self.measure(flatbuffers).items():
+                if "latency_us" in cost:
+                    out[n]["latency_us"] = min(out[n]["latency_us"], cost["latency_us"])
+        return out
 
 
 class Host(Target):

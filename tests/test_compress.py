@@ -1,5 +1,6 @@
 """Compress to a budget: budgets parse, targets measure with the real tools, the search meets
 a budget it can meet, resumes from its cache, and says what it reached when it cannot."""
+import functools
 import json
 import subprocess
 import sys
@@ -255,6 +256,12 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     state.candidates.append(removed)
     assert state.resolve([deep, mild, gone, removed], search.Plan((removed.change,), 0.0, {}))
     assert state.recovered[removed.change] == state.recovered[deep.change] == 0.87
+
+
+def _pruned(key, setting, acc, latency):
+    """A one-change candidate: group `key` pruned by `setting`."""
+    return search.Candidate(search.Change("prune", key, setting, key), acc,
+                            {"latency_us": latency})
 
 
 def _deep_and_mild():
@@ -547,11 +554,7 @@ def test_only_the_first_plan_of_a_shortlist_pays_for_short_runs_of_its_changes(m
 
 
 def test_of_equal_predicted_losses_the_plan_furthest_under_the_budget_goes_first():
-    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
-
-    def change(key, setting, acc, latency):
-        return search.Candidate(search.Change("prune", key, setting, key), acc,
-                                {"latency_us": latency})
+    base, change = search.Candidate(None, 0.9, {"latency_us": 100.0}), _pruned
 
     # g0 at 1/2 and at 3/4 lose nothing; g1 loses a point. Under 70 µs both g0 settings fit.
     candidates = [change("g0", 0.5, 0.9, 60.0), change("g0", 0.75, 0.9, 40.0),
@@ -587,29 +590,37 @@ def test_the_rest_of_a_shortlist_is_ranked_only_when_its_first_plan_falls_short(
     train, val = (digits.x_train, digits.y_train), (digits.x_test, digits.y_test)
     plans = [search.Plan((search.Change("prune", f"g{j}", 0.5, f"g{j}"),), 0.0, {"macs": 1.0})
              for j in range(3)]
-    monkeypatch.setattr(api, "_fitting_plans", lambda *args: list(plans))
+    monkeypatch.setattr(api, "_fitting_plans", lambda state, candidates, limits, margin,
+                        rejected, *rest: [p for p in plans if p.key not in rejected])
     ranked, tuned = [], []
-    short_run = {plans[1].key: 0.5, plans[2].key: 0.9}
+    short_run = {plans[0].key: 0.7, plans[1].key: 0.5, plans[2].key: 0.9}
     monkeypatch.setattr(api._Search, "quick_accuracy",
                         lambda self, plan, log=None: ranked.append(plan.key) or short_run[plan.key])
     converted = convert.to_tflite(tiny, digits.x_train[:64])
 
-    def build(model, plan, *args, **kwargs):  # the full fine-tune: plans[0] may fall short
+    def build(model, plan, *args, **kwargs):  # the full fine-tune: plans in `short` fall short
         tuned.append(plan.key)
-        accuracy = 0.0 if plan.key == plans[0].key and first_falls_short else 1.0
+        accuracy = 0.0 if plan.key in short else 1.0
         return tiny, converted, converted.flatbuffer, {"macs": 10}, accuracy
 
     monkeypatch.setattr(api, "_build", build)
-    for first_falls_short, expect_ranked, expect_tuned in [
-            (False, [], [plans[0]]),
-            (True, [plans[1], plans[2]], [plans[0], plans[2]])]:  # plans[2]: 0.9 > 0.5
+    every = [plans[0], plans[1], plans[2]]
+    for short, expect_ranked, expect_tuned in [
+            ((), [], [plans[0]]),
+            # plans[2] beats the first's short run (0.9 > 0.7); plans[1] (0.5) is not fine-tuned
+            ({plans[0].key}, every, [plans[0], plans[2]]),
+            ({plans[0].key, plans[2].key}, every, [plans[0], plans[2]])]:
         ranked.clear(), tuned.clear()
-        result = compress_module(tiny, train, val, Budget(macs=10**9), target="host",
-                                 out_dir=str(tmp_path / str(first_falls_short)), epochs=1,
-                                 settings=(0.5,), shortlist=3, log=None)
+        run = functools.partial(compress_module, tiny, train, val, Budget(macs=10**9),
+                                target="host", out_dir=str(tmp_path / str(len(short))),
+                                epochs=1, settings=(0.5,), shortlist=3, log=None)
+        if len(short) == 2:  # nothing left that its short run says could do better
+            with pytest.raises(BudgetError):
+                run()
+        else:
+            assert run().report["rounds"][-1]["plan"] == expect_tuned[-1].key
         assert ranked == [p.key for p in expect_ranked]
         assert tuned == [p.key for p in expect_tuned]
-        assert result.report["rounds"][-1]["plan"] == expect_tuned[-1].key
 
 
 def test_a_diverged_fine_tune_says_so(tiny, digits, tmp_path, monkeypatch):
@@ -674,11 +685,7 @@ def test_a_report_with_no_plan_measured_says_so_instead_of_an_empty_table(tmp_pa
 def test_a_plan_that_rounds_to_a_model_already_kept_is_not_kept_again(monkeypatch):
     from tflite_ext.compress import api
 
-    base = search.Candidate(None, 0.9, {"latency_us": 100.0})
-
-    def change(key, setting, acc, latency):
-        return search.Candidate(search.Change("prune", key, setting, key), acc,
-                                {"latency_us": latency})
+    base, change = search.Candidate(None, 0.9, {"latency_us": 100.0}), _pruned
 
     # g0 at 3/4 and 7/8 both keep 8 of its 16 channels (round_to 8): one model, two keys
     candidates = [change("g0", 0.75, 0.9, 40.0), change("g0", 0.875, 0.9, 30.0),

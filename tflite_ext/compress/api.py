@@ -337,7 +337,7 @@ def compress(model, train_data, val_data, budget, target="host", *, max_accuracy
                 break
             rejected.add(plan.key)  # one-shot losses rank plans loosely: try the next best
             margin = _tightened(margin, limits, plan.predicted_cost, measured)
-            if plan is first and len(plans) > 1 and tuned < max_rounds:
+            if plan is first and plans and tuned < max_rounds:  # (one left: ranked too)
                 # Ranked by a short run of the real pipeline, not one-shot losses; a plan whose
                 # short run scores below the one that just fell short would fall shorter: not
                 # fine-tuned (ResNet-8 seed 1 on host: the shortlist's others scored 0.83 and
@@ -500,7 +500,9 @@ class _Search:
     def same_model(self, a, b):
         """Whether previewed plans `a` and `b` build the same layer sizes at the same bits
         (settings that round to the same channel counts)."""
-        sizes = [self.previewed.get(p.key, (None, None, None))[2] for p in (a, b)]
+        # as tuples: a preview read back from cache.jsonl has lists, one just made tuples
+        sizes = [search._sizes(self.previewed.get(p.key, (None, None, None))[2])
+                 for p in (a, b)]
         return sizes[0] is not None and sizes[0] == sizes[1] and \
             search.plan_bits(a) == search.plan_bits(b)
 
@@ -738,7 +740,7 @@ def measure_beside(target, flatbuffer, base, budget=None):
         return cost
 
     cost = timed()
-    bound = getattr(budget, "latency_us", None)
+    bound = None if budget is None else Budget.of_any(budget).latency_us
     for _ in range(2):
         if not (target.timed and bound and "latency_us" in cost
                 and bound < cost["latency_us"] < bound * (1 + RETIME_WITHIN)):

@@ -65,8 +65,10 @@ class Target:
         for _ in range(times - 1 if self.timed else 0):
             time.sleep(pause)
             for n, cost in self.measure(flatbuffers).items():
-                if "latency_us" in cost:
-                    out[n]["latency_us"] = min(out[n]["latency_us"], cost["latency_us"])
+                times = [t for t in (out[n].get("latency_us"), cost.get("latency_us"))
+                         if isinstance(t, (int, float))]
+                if times:
+                    out[n]["latency_us"] = min(times)
         return out
 
 

@@ -65,10 +65,10 @@ class Target:
         for _ in range(times - 1 if self.timed else 0):
             time.sleep(pause)
             for n, cost in self.measure(flatbuffers).items():
-                times = [t for t in (out[n].get("latency_us"), cost.get("latency_us"))
-                         if isinstance(t, (int, float))]
-                if times:
-                    out[n]["latency_us"] = min(times)
+                got = [t for t in (out[n].get("latency_us"), cost.get("latency_us"))
+                       if isinstance(t, (int, float))]
+                if got:
+                    out[n]["latency_us"] = min(got)
         return out
 
 
@@ -93,7 +93,7 @@ class Host(Target):
         # Reference kernels are ~40x slower: fewer rounds, but the same 10 warm-up runs. With
         # 2 warm-ups and 10 rounds, six medians of one ResNet-8 file beside its base spread
         # 4.9% and read 3% high (an AMD EPYC): a plan 1% under its budget in one shot then
-        # "missed" it after the fine-tune, which changes no shape. With 10 and 20: 1.5%.
+        # "missed" it after the fine-tune, which changes no shape. With 10 and 20-50: 1.4-1.5%.
         runs = max(self.runs // 5, 5) if self.reference else self.runs
         # One thread is timed in its CPU time: on a shared machine the scheduler takes slices
         # of a run (measured here under load: 11.3 ms wall, 3.4 ms CPU for one ResNet-8

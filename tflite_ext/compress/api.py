@@ -39,7 +39,7 @@ from tflite_ext.bench import variants
 from tflite_ext.compress import search
 from tflite_ext.compress.budget import Budget
 from tflite_ext.compress.cache import Cache, fingerprint
-from tflite_ext.compress.targets import Target, get_target
+from tflite_ext.compress.targets import RETIME_PAUSE_S, Target, get_target
 from tflite_ext.errors import InputError
 from tflite_ext.files import atomic_write, ensure_writable_dir
 from tflite_ext.functional import as_functional
@@ -438,7 +438,7 @@ class _Search:
                                                    [(p, m) for p, m, _ in done])
         if self.base.flash_fit is not None:
             self.base.flash_fit = search.fit_flash(self.base, self.candidates, [
-                ({n: tuple(v) for n, v in sizes.items()}, search.plan_bits(p), m["flash_bytes"])
+                (self.sizes_of(p), search.plan_bits(p), m["flash_bytes"])
                 for p, m, sizes in done if sizes and "flash_bytes" in m])
         return measured
 
@@ -497,13 +497,16 @@ class _Search:
             out.append((change, proxy))
         return out
 
+    def sizes_of(self, plan):
+        """{layer: (kernel weights, channels)} of a previewed plan's model (None if not
+        previewed), as tuples: a preview read back from cache.jsonl has lists."""
+        return search._sizes(self.previewed.get(plan.key, (None, None, None))[2])
+
     def same_model(self, a, b):
         """Whether previewed plans `a` and `b` build the same layer sizes at the same bits
         (settings that round to the same channel counts)."""
-        # as tuples: a preview read back from cache.jsonl has lists, one just made tuples
-        sizes = [search._sizes(self.previewed.get(p.key, (None, None, None))[2])
-                 for p in (a, b)]
-        return sizes[0] is not None and sizes[0] == sizes[1] and \
+        sizes = self.sizes_of(a)
+        return sizes is not None and sizes == self.sizes_of(b) and \
             search.plan_bits(a) == search.plan_bits(b)
 
     def adjusted(self, candidates):
@@ -745,7 +748,7 @@ def measure_beside(target, flatbuffer, base, budget=None):
         if not (target.timed and bound and isinstance(cost.get("latency_us"), (int, float))
                 and bound < cost["latency_us"] < bound * (1 + RETIME_WITHIN)):
             break
-        time.sleep(1.0)
+        time.sleep(RETIME_PAUSE_S)
         cost["latency_us"] = min(cost["latency_us"], timed()["latency_us"])
     return cost
 

@@ -35,6 +35,11 @@ VELA_CONFIGS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256"
                 "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
 
 
+# Between repeated timings of the same files: the 2-core AMD EPYC VM's timings flip between two
+# regimes that last seconds (`Target.measure_least`, `compress.api.measure_beside`).
+RETIME_PAUSE_S = 1.0
+
+
 class Target:
     """A device or runtime that measures int8 flatbuffers."""
 
@@ -55,7 +60,7 @@ class Target:
     def measure(self, flatbuffers):
         raise NotImplementedError
 
-    def measure_least(self, flatbuffers, times=3, pause=1.0):
+    def measure_least(self, flatbuffers, times=3, pause=RETIME_PAUSE_S):
         """`measure`; on a `timed` target `times` times, `pause` s apart, each file's least
         latency kept. The one-change candidates and the base every prediction scales from are
         measured this way: on a 2-core AMD EPYC VM the unpruned ResNet-8 measured 84.7 µs in one

@@ -8,7 +8,7 @@ import pytest
 
 from tests import pruning_models as pm
 from tflite_ext import models
-from tflite_ext.errors import InputError
+from tflite_ext.errors import InputError, UnsupportedLayerError
 from tflite_ext.pruning import PruningCallback, count_macs, prune, strip
 
 
@@ -493,3 +493,60 @@ def test_a_layer_called_twice_keeps_one_set_of_channels():
     model = keras.Model([a, b], L.Add()([ya, yb]))
     pruned, small = pm.assert_strip_matches(model)
     assert small.get_layer("shared").filters == 4
+
+
+def _hard_swish_model():
+    """Hard-swish written as expressions, as Keras' MobileNetV3 does: x * relu6(x + 3) / 6."""
+    x = inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", name="c1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = x * keras.layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="c2")(x)
+    x = keras.ops.hard_silu(keras.ops.maximum(x, -2.0) - 0.5)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5, name="out")(x))
+
+
+def test_elementwise_keras_ops_pass_channels_through():
+    # MobileNetV3's hard-swish: the ops between c1 and c2 act on each channel alone, so c1's
+    # and c2's channels are pruned and stripped (the graph refused them as unknown ops)
+    _, small = pm.assert_strip_matches(_hard_swish_model(), 0.5)
+    assert _widths(small) == {"c1": 8, "c2": 8, "out": 5}
+
+
+@pytest.mark.parametrize("expression, op", [
+    (lambda x: x * np.linspace(0.5, 1.5, 16).astype("float32"), "multiply"),  # per channel
+    (lambda x: keras.ops.cumsum(x, axis=-1), "cumsum"),                        # mixes channels
+])
+def test_keras_ops_that_are_not_per_channel_stay_refused(expression, op):
+    x = inputs = keras.Input((8, 8, 3))
+    x = expression(keras.layers.Conv2D(16, 3, name="c1")(x))
+    model = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Flatten()(x)))
+    with pytest.raises(UnsupportedLayerError,
+                       match=f"does not see into the Keras op '{op}(_[0-9]+)?'"):
+        prune(model, 0.5)
+
+
+def test_keras_mobilenet_v3_application():
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), alpha=0.75, weights=None, classes=4,
+        include_preprocessing=False, classifier_activation=None)
+    pruned, small = pm.assert_strip_matches(model, 0.3, round_to=4)
+    x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype("float32")
+    assert np.abs(keras.ops.convert_to_numpy(pruned(x))).max() > 1e-3  # the match means something
+    assert count_macs(small) < 0.75 * count_macs(model)
+
+
+def test_keras_mobilenet_v3_block_removed_with_its_hard_swish_ops():
+    # The block's hard-swish expressions (x + 3, * 1/6) go with its removed channels
+    from tflite_ext.compress.search import prunable_groups
+
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), alpha=0.75, weights=None, classes=4,
+        include_preprocessing=False, classifier_activation=None)
+    pattern = dict(prunable_groups(model))["expanded_conv_2_expand"]
+    _, small = pm.assert_strip_matches(model, 0.3, round_to=4,
+                                       group_sparsity={pattern: 1.0, ".*": 0.3})
+    names = {layer.name for layer in small.layers}
+    assert "expanded_conv_2_expand" not in names and "expanded_conv_2_project" not in names
+    assert "expanded_conv_1_expand" in names

@@ -291,7 +291,8 @@ def rebuild(graph, make_layer, then=None, name=None):
     """A new functional model: `make_layer(node) -> (layer, init)` for every node, in order.
 
     Shared layers (one layer, several nodes) get one new layer; Keras ops written as
-    expressions (`x * 0.5`: stateless, no layers) are called as they are. `init(layer)` (or
+    expressions (`x * 0.5`: stateless, no layers) are called as they are (dropped with the
+    node whose output they take). `init(layer)` (or
     None) runs after the new layer is built by its first call, to set its weights.
     `make_layer` may also return None (the node is dropped: nothing may use its outputs) or
     `(layer, init, tid)`
@@ -317,6 +318,9 @@ def rebuild(graph, make_layer, then=None, name=None):
                          else (node.layer, None))
         if made[key] is None:
             continue
+        if not isinstance(node.layer, keras.layers.Layer) and any(
+                t not in tensors for t in node.inputs):
+            continue  # an op on a dropped node's output (a removed branch's `x + 3`): dropped
         layer, init, *only = made[key]
         if only:
             out = tensors[only[0]] if layer is None else layer(tensors[only[0]])

@@ -164,6 +164,10 @@ class DependencyGraph(FunctionalGraph):
             if node.layer.name in self.opaque or node.name in self.opaque:
                 handler = BARRIER
             if handler is None and not isinstance(node.layer, keras.layers.Layer):
+                handler = handlers.op_handler(node.layer, [node.args, node.kwargs],
+                                              [self.shapes.get(t) for t in node.inputs],
+                                              self.shapes.get(node.outputs[0]))
+            if handler is None and not isinstance(node.layer, keras.layers.Layer):
                 raise UnsupportedLayerError(
                     f"The channel graph does not see into the Keras op '{node.name}' "
                     f"({type(node.layer).__name__}, an expression such as x * 0.5 in the "
@@ -315,7 +319,7 @@ class DependencyGraph(FunctionalGraph):
 
 
 def _has_weights(layer):
-    return bool(layer.weights)
+    return bool(getattr(layer, "weights", None))  # a Keras op has none
 
 
 def _same_structure(a, b):

@@ -399,6 +399,49 @@ del L
 
 _RULES = {"pass_through": PASS_THROUGH, "barrier": BARRIER}
 
+# Keras ops written as expressions that act on each element alike (`x + 3.0`, `ops.relu6`):
+# on a tensor and numbers, or on tensors of the output's shape, channel i out depends on
+# channel i in alone. MobileNetV3's hard-swish is `x * relu6(x + 3) * (1 / 6)`.
+ELEMENTWISE_OPS = frozenset((
+    "Absolute", "Add", "Clip", "Elu", "Exp", "Gelu", "HardSigmoid", "HardSilu", "LeakyRelu",
+    "Log", "Maximum", "Minimum", "Multiply", "Negative", "Power", "Relu", "Relu6", "Selu",
+    "Sigmoid", "Silu", "Softplus", "Softsign", "Sqrt", "Square", "Subtract", "Tanh",
+    "TrueDivide"))
+_OP_PASS = _Rule("pass_through")  # an op has no config or weights: its rule alone
+_MERGE = _Rule("merge")
+
+
+def op_handler(op, args, tensor_shapes, out_shape):
+    """The handler of a Keras op (not a layer) called with `args` (its tensors replaced by
+    references), or None: an `ELEMENTWISE_OPS` op whose other arguments are numbers and whose
+    tensors have the output's shape is pass-through (one tensor) or a merge (several). A
+    per-channel constant would need slicing: not handled.
+
+    Example:
+        >>> op_handler(add_op, [{"__tensor__": "x"}, 3.0], [(None, 8, 8, 16)],
+        ...            (None, 8, 8, 16)).rule      # x + 3.0
+        'pass_through'
+    """
+    if type(op).__name__ not in ELEMENTWISE_OPS or not tensor_shapes:
+        return None
+    if out_shape is None or any(shape is None or tuple(shape) != tuple(out_shape)
+                                for shape in tensor_shapes):
+        return None  # broadcast: a tensor of another shape
+    if not all(isinstance(v, (int, float)) for v in _constants(args)):
+        return None
+    return _OP_PASS if len(tensor_shapes) == 1 else _MERGE
+
+
+def _constants(obj):
+    """The non-tensor leaves of call arguments (`functional.Node.args` and kwargs)."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return []
+        return [leaf for v in obj.values() for leaf in _constants(v)]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for v in obj for leaf in _constants(v)]
+    return [obj] if obj is not None else []
+
 
 def register_handler(layer_class, handler):
     """Teaches the library a custom layer type.

@@ -234,11 +234,9 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     deep = change("prune", "g0", 0.875, 0.3, 40.0)    # near chance one shot, recovers
     mild = change("prune", "g1", 0.5, 0.8, 40.0)      # 10 points one shot, does not
     gone = change("prune", "g2", 1.0, 0.2, 40.0)      # a removed block, nothing else of g2
-    short_runs = {"none": 0.88, deep.name: 0.87, mild.name: 0.80}
     state = api._Search(None, None, None, None, None, base, None, None, 8, False,
                         [deep, mild, gone])
-    monkeypatch.setattr(api._Search, "quick_accuracy",
-                        lambda self, plan, log=None: short_runs[plan.key])
+    asked = _short_runs(monkeypatch, {"none": 0.88, deep.name: 0.87, mild.name: 0.80})
     plan = search.solve(base, [deep, mild, gone], {"latency_us": 50.0})
     assert plan.key == mild.name                        # one shot, 10 points beat 60
     assert state.resolve([deep, mild, gone], plan) and not state.resolve([deep, mild], plan)
@@ -246,9 +244,10 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     assert not state.resolve(state.adjusted([deep, mild, gone]), plan)  # g0 not asked yet
     both = search.Plan((deep.change, gone.change), 0.0, {})
     assert state.resolve([deep, mild, gone], both)
-    assert set(state.recovered) == {mild.change, deep.change}  # never the removed block
+    assert asked == [[mild.name], [deep.name]]         # each once, never the removed block
+    assert set(state.recovered) == {mild.change, deep.change}
     adjusted = {c.name: c.accuracy for c in state.adjusted([deep, mild, gone])}
-    # against the same short run of the unchanged model (0.88): g0 loses 1 point, g1 8
+    # against the unchanged model in the same short run (0.88): g0 loses 1 point, g1 8
     assert np.isclose(adjusted[deep.name], 0.89) and np.isclose(adjusted[mild.name], 0.82)
     assert adjusted[gone.name] == 0.2
     assert search.solve(base, state.adjusted([deep, mild, gone]),
@@ -259,6 +258,23 @@ def test_damaging_changes_count_by_their_short_run(monkeypatch):
     state.candidates.append(removed)
     assert state.resolve([deep, mild, gone, removed], search.Plan((removed.change,), 0.0, {}))
     assert state.recovered[removed.change] == state.recovered[deep.change] == 0.87
+    assert len(asked) == 2                              # g0's short run stood for it
+
+
+def test_each_change_is_judged_against_the_unchanged_model_of_its_own_short_run(monkeypatch):
+    from tflite_ext.compress import api
+
+    base, deep, mild = _deep_and_mild()
+    state = api._Search(None, None, None, None, None, base, None, None, 8, False, [deep, mild])
+    # two short runs whose unchanged models scored differently: g0 loses 1 point in its own,
+    # g1 3 in its own, although g1 scored higher than g0
+    runs = {deep.change: (0.80, 0.81), mild.change: (0.85, 0.88)}
+    monkeypatch.setattr(api._Search, "short_runs",
+                        lambda self, changes, log=None: {c: runs[c] for c in changes})
+    state.resolve([deep, mild], search.Plan((deep.change,), 0.0, {}))
+    state.resolve([deep, mild], search.Plan((mild.change,), 0.0, {}))
+    adjusted = {c.name: c.accuracy for c in state.adjusted([deep, mild])}
+    assert np.isclose(adjusted[deep.name], 0.89) and np.isclose(adjusted[mild.name], 0.87)
 
 
 def _pruned(key, setting, acc, latency):
@@ -276,16 +292,17 @@ def _deep_and_mild():
 
 
 def _short_runs(monkeypatch, accuracies):
-    """Short runs that score {plan key: accuracy}; returns the list of the keys asked."""
+    """Short runs that score {change label: accuracy}, the unchanged model `accuracies["none"]`
+    in each; returns the list of the [labels] each call asked."""
     from tflite_ext.compress import api
 
     asked = []
 
-    def short_run(self, plan, log=None):
-        asked.append(plan.key)
-        return accuracies[plan.key]
+    def short_runs(self, changes, log=None):
+        asked.append([c.label for c in changes])
+        return {c: (accuracies[c.label], accuracies["none"]) for c in changes}
 
-    monkeypatch.setattr(api._Search, "quick_accuracy", short_run)
+    monkeypatch.setattr(api._Search, "short_runs", short_runs)
     return asked
 
 
@@ -302,7 +319,7 @@ def test_only_a_plan_that_fits_pays_for_short_runs(monkeypatch):
     tried, limits = [], {"latency_us": 50.0}
     plans = api._fitting_plans(state, [deep, mild], limits, dict(limits), set(), 1, tried, None)
     assert [p.key for p in plans] == [deep.name]
-    assert set(asked) == {deep.name, "none"}  # g0, and the unchanged model's reference
+    assert asked == [[deep.name]]
     assert mild.change not in state.recovered              # it missed: no short run for it
     assert [(t["plan"], t["misses"] != []) for t in tried] == [(mild.name, True),
                                                                (deep.name, False)]
@@ -552,7 +569,7 @@ def test_only_the_first_plan_of_a_shortlist_pays_for_short_runs_of_its_changes(m
     # g1 (10 points one shot, 8 after its short run) first; then g0, banned from nothing but
     # g1, is ranked by its own short run in compress, not resolved here
     assert [p.key for p in plans] == [mild.name, deep.name]
-    assert set(asked) == {mild.name, "none"}
+    assert asked == [[mild.name]]
     assert deep.change not in state.recovered
 
 

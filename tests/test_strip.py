@@ -447,6 +447,24 @@ def test_recalibrate_batch_norm_gives_the_exact_data_statistics():
         recalibrate_batch_norm(model, data, batch_size=0)
 
 
+def test_a_recalibrator_reestimates_again_after_the_weights_change():
+    from tflite_ext.pruning.recalibrate import recalibrator
+
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(5, 1, name="c")(inputs)
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(x))
+    data = np.random.default_rng(0).normal(2.0, 3.0, (64, 4, 4, 3)).astype("float32")
+    again = recalibrator(model, data, batch_size=64)
+    conv, bn = model.get_layer("c"), model.get_layer("bn")
+    for scale in (1.0, 2.0):  # the traced pass sees the kernel as it is now, not as traced
+        conv.kernel.assign(conv.kernel * scale)
+        assert again() == 1
+        feats = keras.ops.convert_to_numpy(conv(data)).reshape(-1, 5)
+        np.testing.assert_allclose(bn.moving_mean.numpy(), feats.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), feats.var(0), rtol=1e-4)
+    assert bn.momentum == 0.99
+
+
 def test_removed_branch_model_takes_qat_and_converts_to_full_integer():
     from tflite_ext import convert, inspect
     from tflite_ext.bench import host
